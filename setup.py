@@ -1,0 +1,34 @@
+"""megatron_bluelm: 3D-parallel training of BlueLM-2.5-3B-style multimodal models on megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_bluelm",
+    version="0.1.0",
+    description="Training codebase for BlueLM-2.5-3B-style models on megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_bluelm*", "kernels*", "tools*"]),
+    package_data={"megatron_bluelm": ["assets/*", "assets/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        # torch is pinned by the Makefile for CPU installs (torch==2.13.0); any 2.x >= 2.6 works here.
+        "torch>=2.6",
+        "megatron-core==0.16.1",
+        "numpy",
+        "sentencepiece",
+        "pyyaml",
+        "tqdm",
+        "pillow",
+        "tensorboard",
+    ],
+    extras_require={
+        "gpu": ["triton"],
+        "hf": ["transformers>=4.45", "safetensors"],
+        "dev": ["pytest", "triton", "transformers>=4.45", "safetensors", "zstandard", "ruff"],
+        "wandb": ["wandb"],
+    },
+    entry_points={
+        "console_scripts": [
+            "bluelm-pretrain=megatron_bluelm.stages.pretrain:main",
+        ]
+    },
+)
