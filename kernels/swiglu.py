@@ -1,0 +1,82 @@
+"""SwiGLU on megatron's fused gate/up layout: x[..., 2F] = [gate, up]  ->  silu(gate) * up.
+
+Forward reads 2F and writes F per row; backward recomputes silu from x (nothing saved but x),
+reads x and dy and writes d[gate, up] in one pass. Math in fp32, I/O in x.dtype.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import tl, triton
+from .dispatch import use_triton
+
+
+def swiglu_ref(x):
+    """Pure-torch reference (and the CPU fallback)."""
+    gate, up = torch.chunk(x, 2, dim=-1)
+    return F.silu(gate) * up
+
+
+@triton.jit
+def _swiglu_fwd_kernel(X, Y, F_, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < F_
+    g = tl.load(X + row * 2 * F_ + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(X + row * 2 * F_ + F_ + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u
+    tl.store(Y + row * F_ + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(X, DY, DX, F_, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < F_
+    g = tl.load(X + row * 2 * F_ + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(X + row * 2 * F_ + F_ + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * F_ + cols, mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    silu = g * sig
+    dg = dy * u * sig * (1.0 + g * (1.0 - sig))  # d silu/dg = sig * (1 + g * (1 - sig))
+    tl.store(DX + row * 2 * F_ + cols, dg.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + row * 2 * F_ + F_ + cols, (dy * silu).to(DX.dtype.element_ty), mask=mask)
+
+
+def _grid(m, f):
+    block = min(1024, triton.next_power_of_2(f))
+    return (m, triton.cdiv(f, block)), block, max(1, min(8, block // 128))
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        f = x.shape[-1] // 2
+        x2 = x.reshape(-1, 2 * f).contiguous()
+        y = torch.empty(x2.shape[0], f, device=x.device, dtype=x.dtype)
+        grid, block, warps = _grid(x2.shape[0], f)
+        if x2.shape[0] > 0:
+            _swiglu_fwd_kernel[grid](x2, y, f, BLOCK=block, num_warps=warps)
+        ctx.save_for_backward(x2)
+        ctx.shape = x.shape
+        return y.view(*x.shape[:-1], f)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x2,) = ctx.saved_tensors
+        f = x2.shape[1] // 2
+        dy2 = dy.reshape(-1, f).contiguous()
+        dx = torch.empty_like(x2)
+        grid, block, warps = _grid(x2.shape[0], f)
+        if x2.shape[0] > 0:
+            _swiglu_bwd_kernel[grid](x2, dy2, dx, f, BLOCK=block, num_warps=warps)
+        return dx.view(ctx.shape)
+
+
+def swiglu(x):
+    """silu(gate) * up for x = [gate, up] along the last dim (even size)."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"swiglu needs an even last dim, got {x.shape[-1]}")
+    if not use_triton(x):
+        return swiglu_ref(x)
+    return _SwiGLU.apply(x)

@@ -1,0 +1,51 @@
+import types
+
+import pytest
+import torch
+from _kernel_check import assert_same, rel_err
+
+from kernels import FusedRMSNorm, rmsnorm, rmsnorm_ref, use_triton
+
+SHAPES = [(5, 96), (3, 7, 100), (2, 1, 400), (1, 257), (33, 64)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_formula(shape):
+    x, w = torch.randn(shape), torch.randn(shape[-1])
+    assert use_triton(x)
+    want = x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * w.double()
+    assert rel_err(rmsnorm(x, w, eps=1e-6), want) < 1e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_forward_backward(shape, with_residual):
+    x, w = torch.randn(shape), torch.rand(shape[-1]) + 0.5
+    if with_residual:
+        r = torch.randn(shape)
+        assert_same(lambda a, b, c: rmsnorm(a, b, residual=c),
+                    lambda a, b, c: rmsnorm_ref(a, b, residual=c), [x, w, r])
+    else:
+        assert_same(rmsnorm, rmsnorm_ref, [x, w])
+
+
+def test_residual_sum_is_returned():
+    x, r, w = torch.randn(4, 100), torch.randn(4, 100), torch.ones(100)
+    _, s = rmsnorm(x, w, residual=r)
+    assert torch.equal(s, x + r)
+
+
+def test_bf16_io():
+    x, w = torch.randn(6, 100, dtype=torch.bfloat16), torch.randn(100, dtype=torch.bfloat16)
+    y = rmsnorm(x, w)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, rmsnorm_ref(x.float(), w.float())) < 1e-2
+
+
+def test_module_convention():
+    cfg = types.SimpleNamespace(sequence_parallel=True)
+    norm = FusedRMSNorm(cfg, 96, eps=1e-5)
+    assert norm.weight.sequence_parallel is True
+    assert torch.equal(norm.weight.detach(), torch.ones(96))
+    x = torch.randn(3, 96)
+    assert rel_err(norm(x), rmsnorm_ref(x, norm.weight)) < 1e-6

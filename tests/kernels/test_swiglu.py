@@ -1,0 +1,26 @@
+import pytest
+import torch
+from _kernel_check import assert_same, rel_err
+
+from kernels import swiglu, swiglu_ref, use_triton
+
+SHAPES = [(5, 2 * 96), (3, 4, 2 * 100), (1, 2 * 1100), (17, 2 * 3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_formula(shape):
+    x = torch.randn(shape)
+    assert use_triton(x)
+    f = shape[-1] // 2
+    g, u = x[..., :f].double(), x[..., f:].double()
+    assert rel_err(swiglu(x), g * torch.sigmoid(g) * u) < 1e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_backward(shape):
+    assert_same(swiglu, swiglu_ref, [torch.randn(shape) * 3])
+
+
+def test_odd_last_dim_rejected():
+    with pytest.raises(ValueError):
+        swiglu(torch.randn(2, 7))
