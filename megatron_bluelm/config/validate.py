@@ -1,0 +1,152 @@
+"""Checks that run before any heavy work: every failure names the field(s) at fault."""
+from __future__ import annotations
+
+from megatron_bluelm.config.errors import ConfigError
+from megatron_bluelm.config.presets import apply_preset
+from megatron_bluelm.config.schema import RunConfig
+
+_CHOICES = {
+    "model.backend": ("auto", "te", "fused", "torch"),
+    "parallel.dist_backend": ("auto", "nccl", "gloo"),
+    "training.precision": ("auto", "bf16", "fp32"),
+    "training.recompute": ("none", "selective", "full"),
+    "schedule.style": ("cosine", "wsd", "linear", "constant"),
+    "schedule.wsd_decay_style": ("linear", "cosine", "exponential", "minus_sqrt"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
+}
+
+
+def _get(cfg, dotted):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _check_choices(cfg: RunConfig) -> None:
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        _require(value in choices, f"{key}: {value!r} is not one of {list(choices)}")
+
+
+def _check_positive(cfg: RunConfig) -> None:
+    for key in (
+        "parallel.tp", "parallel.pp", "parallel.cp", "training.micro_batch_size",
+        "training.global_batch_size", "training.train_steps", "data.seq_length",
+        "model.num_layers", "model.hidden_size", "model.ffn_hidden_size",
+        "model.num_attention_heads", "model.num_query_groups",
+    ):
+        value = _get(cfg, key)
+        _require(isinstance(value, int) and value > 0, f"{key}: must be a positive integer, got {value!r}")
+
+
+def _check_model(cfg: RunConfig) -> None:
+    m, tp = cfg.model, cfg.parallel.tp
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads "
+             f"({m.num_attention_heads})")
+    _require(m.num_attention_heads % m.num_query_groups == 0,
+             f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+             f"model.num_query_groups ({m.num_query_groups})")
+    _require(m.num_attention_heads % tp == 0,
+             f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by "
+             f"parallel.tp ({tp})")
+    _require(m.num_query_groups % tp == 0,
+             f"model.num_query_groups ({m.num_query_groups}) is not divisible by parallel.tp ({tp})")
+    _require(m.ffn_hidden_size % tp == 0,
+             f"model.ffn_hidden_size ({m.ffn_hidden_size}) is not divisible by parallel.tp ({tp})")
+    _require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size: must be positive, got {m.vocab_size}")
+
+
+def pipeline_layer_split(cfg: RunConfig) -> list[int]:
+    """Decoder layers per pipeline stage (before virtual-stage interleaving)."""
+    p, layers = cfg.parallel, cfg.model.num_layers
+    first, last = p.first_stage_layers, p.last_stage_layers
+    if p.pp == 1:
+        _require(first is None and last is None,
+                 "parallel.first_stage_layers / last_stage_layers need parallel.pp > 1")
+        return [layers]
+    fixed = [x for x in (first, last) if x is not None]
+    middle_stages = p.pp - len(fixed)
+    rest = layers - sum(fixed)
+    _require(all(x >= 0 for x in fixed) and rest >= 0,
+             f"parallel.first_stage_layers/last_stage_layers ({first}, {last}) exceed model.num_layers "
+             f"({layers})")
+    if middle_stages == 0:
+        _require(rest == 0, f"parallel.first_stage_layers + last_stage_layers must equal model.num_layers ({layers})")
+        return [first, last]
+    _require(rest % middle_stages == 0,
+             f"model.num_layers ({layers}) is not divisible by parallel.pp ({p.pp})"
+             if not fixed else
+             f"model.num_layers ({layers}) minus first/last stage layers ({rest} left) is not divisible by "
+             f"the {middle_stages} remaining pipeline stages; set parallel.first_stage_layers / "
+             f"parallel.last_stage_layers so it is")
+    per = rest // middle_stages
+    split = [per] * p.pp
+    if first is not None:
+        split[0] = first
+    if last is not None:
+        split[-1] = last
+    return split
+
+
+def _check_parallel(cfg: RunConfig, world_size: int) -> int:
+    p, t = cfg.parallel, cfg.training
+    split = pipeline_layer_split(cfg)
+    if p.vpp is not None:
+        _require(p.pp > 1 and p.vpp >= 2, "parallel.vpp (virtual stages) needs parallel.pp > 1 and vpp >= 2")
+        _require(p.first_stage_layers is None and p.last_stage_layers is None,
+                 "parallel.vpp cannot be combined with first_stage_layers / last_stage_layers")
+        _require(split[0] % p.vpp == 0,
+                 f"layers per pipeline stage ({split[0]}) is not divisible by parallel.vpp ({p.vpp})")
+    model_parallel = p.tp * p.pp * p.cp
+    _require(world_size % model_parallel == 0,
+             f"world size ({world_size}) is not divisible by parallel.tp x parallel.pp x parallel.cp "
+             f"({p.tp} x {p.pp} x {p.cp} = {model_parallel})")
+    dp = world_size // model_parallel
+    _require(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
+    _require(cfg.data.seq_length % p.tp == 0 or not p.sequence_parallel,
+             f"data.seq_length ({cfg.data.seq_length}) must be divisible by parallel.tp ({p.tp}) "
+             f"with sequence_parallel")
+    _require(not p.overlap_param_gather or p.distributed_optimizer,
+             "parallel.overlap_param_gather needs parallel.distributed_optimizer")
+    _require(p.cp == 1, "parallel.cp > 1 needs Transformer Engine attention, which this build does not use")
+    per_step = t.micro_batch_size * dp
+    _require(t.global_batch_size % per_step == 0,
+             f"training.global_batch_size ({t.global_batch_size}) must be divisible by "
+             f"training.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp} = {per_step})")
+    if p.vpp is not None:
+        n_micro = t.global_batch_size // per_step
+        _require(n_micro % p.pp == 0,
+                 f"interleaved pipeline needs micro-batches per step ({n_micro}) divisible by parallel.pp ({p.pp})")
+    return dp
+
+
+def _check_schedule(cfg: RunConfig) -> None:
+    s, o, t = cfg.schedule, cfg.optimizer, cfg.training
+    _require(0 <= s.warmup_steps <= t.train_steps,
+             f"schedule.warmup_steps ({s.warmup_steps}) must be in [0, training.train_steps={t.train_steps}]")
+    _require(0 <= o.min_lr <= o.lr, f"optimizer.min_lr ({o.min_lr}) must be in [0, optimizer.lr={o.lr}]")
+    if s.style == "wsd":
+        _require(s.wsd_decay_steps is not None and s.wsd_decay_steps > 0,
+                 "schedule.wsd_decay_steps: required (> 0) with schedule.style: wsd")
+    _require(cfg.logging.log_interval > 0, "logging.log_interval: must be > 0")
+    _require(t.eval_interval >= 0, "training.eval_interval: must be >= 0")
+
+
+def validate(cfg: RunConfig, world_size: int) -> int:
+    """Resolve the model preset, check everything, return the data-parallel size."""
+    _check_choices(cfg)
+    apply_preset(cfg.model)
+    _check_positive(cfg)
+    _check_model(cfg)
+    dp = _check_parallel(cfg, world_size)
+    _check_schedule(cfg)
+    if hasattr(cfg.data, "validate"):
+        cfg.data.validate()
+    return dp

@@ -1,0 +1,97 @@
+"""Self-attention for the BlueLM decoder: megatron-core's SelfAttention with a lean training path.
+
+megatron-core's local ``DotProductAttention`` materializes the [b, heads, s, s] score matrix and
+repeats K/V for GQA; that is why its no-Transformer-Engine spec runs at ~22% MFU. Here the core is
+``scaled_dot_product_attention`` (flash / cuDNN / memory-efficient backends on GPU), GQA without
+repeating K/V, and the rotary embedding is a swappable function (torch or our fused kernel).
+
+The training forward below is the part of ``SelfAttention.forward`` we use: QKV projection, RoPE,
+core attention, output projection. Inference (KV cache) and THD-packed inputs go through
+megatron-core's own forward unchanged.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import divide
+
+
+def torch_rope(t: torch.Tensor, freqs: torch.Tensor, config) -> torch.Tensor:
+    """megatron-core's unfused rotary embedding; t: [s, b, heads, d], freqs: [s, 1|b, 1, d]."""
+    return apply_rotary_pos_emb(t, freqs, config=config)
+
+
+class BlueLMSelfAttention(SelfAttention):
+    """SelfAttention whose training path applies ``rope_fn`` and calls the core directly."""
+
+    def __init__(self, *args, rope_fn: Optional[Callable] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rope_fn = rope_fn or torch_rope
+
+    def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
+                rotary_pos_cos_sin=None, attention_bias=None, packed_seq_params=None,
+                sequence_len_offset=None, **kwargs):
+        if inference_context is not None or packed_seq_params is not None or attention_bias is not None:
+            return super().forward(
+                hidden_states, attention_mask, key_value_states=key_value_states,
+                inference_context=inference_context, rotary_pos_emb=rotary_pos_emb,
+                rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+                rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
+                packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset, **kwargs,
+            )
+        query, key, value = self.get_query_key_value_tensors(hidden_states, None)  # [s, b, n, d]
+        if rotary_pos_emb is not None:
+            freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
+            query = self.rope_fn(query, freqs, self.config)
+            key = self.rope_fn(key, freqs, self.config)
+        if self.checkpoint_core_attention and self.training:
+            core = self._checkpointed_attention_forward(query, key, value, attention_mask)
+        else:
+            core = self.core_attention(query, key, value, attention_mask, attn_mask_type=self.attn_mask_type)
+        return self.linear_proj(core)
+
+
+class SDPACoreAttention(MegatronModule):
+    """Causal (optionally document-masked) attention through ``F.scaled_dot_product_attention``.
+
+    Same constructor and call signature as megatron-core's ``DotProductAttention``:
+    query [sq, b, heads/tp, d], key/value [sk, b, groups/tp, d] -> [sq, b, heads/tp * d].
+    ``attention_mask`` is megatron's boolean convention (True = masked out), [b, 1, sq, sk], or None
+    for plain causal attention (the fast path: no mask tensor at all).
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+        super().__init__(config=config)
+        tp = config.tensor_model_parallel_size
+        self.heads = divide(config.num_attention_heads, tp)
+        self.groups = divide(config.num_query_groups or config.num_attention_heads, tp)
+        self.scale = softmax_scale  # None: 1/sqrt(d), SDPA's default
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        assert packed_seq_params is None and attention_bias is None, "SDPACoreAttention: bshd only"
+        sq, b = query.shape[0], query.shape[1]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
+        dropout = self.dropout_p if self.training else 0.0
+        mask = None if attention_mask is None else ~attention_mask
+        def attend():
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                scale=self.scale, enable_gqa=self.heads != self.groups,
+            )
+
+        if dropout == 0.0:
+            out = attend()
+        else:  # dropout draws from the model-parallel RNG stream, like megatron-core's attention
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = attend()
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)

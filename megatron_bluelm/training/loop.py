@@ -1,0 +1,180 @@
+"""The training loop shared by every stage: set up, step, log, evaluate, checkpoint.
+
+Read top to bottom: ``setup_run`` builds everything a stage needs; ``train`` runs the steps.
+A stage (``stages/pretrain.py``) supplies how to build a model chunk and the datasets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_bluelm.config.loader import to_dict
+from megatron_bluelm.config.schema import RunConfig
+from megatron_bluelm.config.validate import validate
+from megatron_bluelm.parallel.setup import ParallelInfo, setup_parallel, world_size_from_env
+from megatron_bluelm.training.logging import RunLogger, check_logging_backends, device_peak_tflops
+from megatron_bluelm.training.model_setup import build_model_chunks, build_optimizer, wrap_ddp
+from megatron_bluelm.training.step import StepResult, configure_model_hooks, eval_step, train_step
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; stages and checkpointing read and extend it."""
+
+    cfg: RunConfig
+    info: ParallelInfo
+    model: List[torch.nn.Module]
+    optimizer: object
+    scheduler: object
+    logger: RunLogger
+    flops_per_token: float
+    step: int = 0
+    consumed_samples: int = 0
+    history: list = field(default_factory=list)
+
+    @property
+    def num_microbatches(self) -> int:
+        t = self.cfg.training
+        return t.global_batch_size // (t.micro_batch_size * self.info.dp)
+
+
+def prepare_config(cfg: RunConfig) -> int:
+    """All checks that need no process group; returns the data-parallel size."""
+    dp = validate(cfg, world_size_from_env())
+    check_logging_backends(cfg)
+    return dp
+
+
+def setup_run(cfg: RunConfig, build_chunk: Callable, flops_per_token: float) -> Run:
+    p = cfg.parallel
+    info = setup_parallel(p.tp, p.pp, p.vpp, p.cp, cfg.training.seed, p.dist_backend)
+    chunks = build_model_chunks(cfg, build_chunk, info.device)
+    model = wrap_ddp(cfg, chunks)
+    optimizer, scheduler = build_optimizer(cfg, model)
+    configure_model_hooks(model, optimizer)
+    logger = RunLogger(cfg, enabled=info.is_logging_rank, run_config=to_dict(cfg))
+    return Run(cfg, info, model, optimizer, scheduler, logger, flops_per_token)
+
+
+def _memory_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+class Throughput:
+    """Tokens/s, TFLOP/s per GPU and MFU over the steps since the last report."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.peak = device_peak_tflops(run.cfg.logging.peak_tflops)
+        self.reset()
+
+    def reset(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.t0, self.steps = time.perf_counter(), 0
+
+    def report(self) -> dict:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        t = self.run.cfg.training
+        tokens = self.steps * t.global_batch_size * self.run.cfg.data.seq_length
+        tflops_per_gpu = tokens * self.run.flops_per_token / dt / self.run.info.world_size / 1e12
+        out = {"tokens_per_s": tokens / dt, "tokens_per_s_per_gpu": tokens / dt / self.run.info.world_size,
+               "tflops_per_gpu": tflops_per_gpu, "step_time_s": dt / max(self.steps, 1)}
+        if self.peak:
+            out["mfu"] = tflops_per_gpu / self.peak
+        self.reset()
+        return out
+
+
+def _format(step: int, total: int, metrics: dict) -> str:
+    parts = [f"step {step:>6}/{total}"]
+    for key, fmt in (("loss", "{:.4f}"), ("grad_norm", "{:.3f}"), ("lr", "{:.3e}"),
+                     ("tokens_per_s", "{:,.0f}"), ("tflops_per_gpu", "{:.1f}"), ("mfu", "{:.1%}"),
+                     ("mem_gib", "{:.1f}")):
+        if metrics.get(key) is not None:
+            parts.append(f"{key.replace('_per_', '/')} " + fmt.format(metrics[key]))
+    return " | ".join(parts)
+
+
+def _evaluate(run: Run, make_valid_iterators: Optional[Callable]) -> Optional[float]:
+    if make_valid_iterators is None or run.cfg.training.eval_steps == 0:
+        return None
+    t = run.cfg.training
+    iterators = make_valid_iterators(0)  # the same validation samples at every evaluation
+    total, tokens = 0.0, 0
+    for _ in range(t.eval_steps):
+        res = eval_step(run.model, iterators, num_microbatches=run.num_microbatches,
+                        seq_length=run.cfg.data.seq_length, micro_batch_size=t.micro_batch_size,
+                        device=run.info.device)
+        if res.loss is not None:
+            total += res.loss * res.tokens
+            tokens += res.tokens
+    return total / tokens if tokens else None
+
+
+def train(run: Run, make_train_iterators: Callable, make_valid_iterators: Optional[Callable] = None,
+          on_step_end: Optional[Callable[[Run], None]] = None) -> Run:
+    """Run ``cfg.training.train_steps`` optimizer steps from ``run.step``.
+
+    ``make_*_iterators(consumed_samples)`` return one data iterator per model chunk, positioned at
+    ``consumed_samples`` of the global sample stream (exact resume)."""
+    cfg, t = run.cfg, run.cfg.training
+    iterators = make_train_iterators(run.consumed_samples)
+    meter = Throughput(run)
+    run.logger.print(f"training: {t.train_steps - run.step} steps, {run.num_microbatches} micro-batches of "
+                     f"{t.micro_batch_size} x {cfg.data.seq_length} per step and data-parallel rank "
+                     f"(TP{run.info.tp} PP{run.info.pp} DP{run.info.dp})")
+    while run.step < t.train_steps:
+        res: StepResult = train_step(
+            run.model, run.optimizer, run.scheduler, iterators, num_microbatches=run.num_microbatches,
+            seq_length=cfg.data.seq_length, micro_batch_size=t.micro_batch_size, device=run.info.device)
+        run.step += 1
+        run.consumed_samples += t.global_batch_size
+        meter.steps += 1
+        _check_finite(run, res)
+        record = {"loss": res.loss, "grad_norm": _num(res.grad_norm), "lr": run.scheduler.get_lr(
+            run.optimizer.param_groups[0]), "skipped": res.skipped}
+        run.history.append(record)
+        if run.step % cfg.logging.log_interval == 0 or run.step == t.train_steps:
+            record.update(meter.report(), mem_gib=_memory_gib())
+            run.logger.log(run.step, record)
+            run.logger.print(_format(run.step, t.train_steps, record))
+        if t.eval_interval and (run.step % t.eval_interval == 0 or run.step == t.train_steps):
+            val = _evaluate(run, make_valid_iterators)
+            if val is not None:
+                run.logger.log(run.step, {"loss": val, "ppl": math.exp(min(val, 50))}, prefix="valid")
+                run.logger.print(f"step {run.step:>6}/{t.train_steps} | valid loss {val:.4f}")
+            meter.reset()
+        if on_step_end is not None:
+            on_step_end(run)
+    return run
+
+
+def _num(x) -> Optional[float]:
+    return None if x is None else float(x)
+
+
+def _check_finite(run: Run, res: StepResult) -> None:
+    if not run.cfg.training.exit_on_nan:
+        return
+    bad = torch.tensor([0.0 if res.loss is None or math.isfinite(res.loss) else 1.0])
+    if torch.cuda.is_available():
+        bad = bad.cuda()
+    dist.all_reduce(bad)
+    if bad.item() > 0:
+        raise FloatingPointError(f"loss is not finite at step {run.step}; stopping "
+                                 "(training.exit_on_nan: false continues)")
+
+
+def summary(run: Run) -> dict:
+    return {"step": run.step, "consumed_samples": run.consumed_samples,
+            "losses": [h["loss"] for h in run.history],
+            "parallel": dataclasses.asdict(run.info) | {"device": str(run.info.device)}}

@@ -1,0 +1,97 @@
+"""Build the model chunks of this rank, initialize them, wrap them in megatron-core DDP, and build
+the optimizer and LR scheduler."""
+from __future__ import annotations
+
+from typing import Callable, List
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig as MCoreOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_bluelm.config.schema import RunConfig
+from megatron_bluelm.models.decoder import param_dtype
+from megatron_bluelm.models.init import init_decoder_
+
+
+def build_model_chunks(cfg: RunConfig, build_chunk: Callable, device: torch.device) -> List[torch.nn.Module]:
+    """One chunk per virtual pipeline stage (one without interleaving). ``build_chunk(pre_process,
+    post_process, vp_stage)`` returns an un-wrapped megatron module."""
+    vpp = cfg.parallel.vpp or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        stage = vp_stage if cfg.parallel.vpp else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        chunk = build_chunk(pre_process=pre, post_process=post, vp_stage=stage)
+        chunk.to(device)
+        init_decoder_(chunk, cfg.training.seed, cfg.model.init_std, cfg.model.num_layers)
+        chunks.append(chunk)
+    return chunks
+
+
+def wrap_ddp(cfg: RunConfig, chunks: List[torch.nn.Module]) -> List[DistributedDataParallel]:
+    p = cfg.parallel
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        use_distributed_optimizer=p.distributed_optimizer,
+        check_for_nan_in_grad=False,
+        bucket_size=None if p.overlap_grad_reduce else 0,  # one bucket per chunk when not overlapping
+    )
+    config = chunks[0].config
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=chunk,
+            # Only the first chunk buckets when overlapping: megatron-core's own rule for VPP.
+            disable_bucketing=i > 0,
+        ))
+    for model in wrapped:
+        model.broadcast_params()  # identical already (same seed); cheap insurance for DP replicas
+    return wrapped
+
+
+def build_optimizer(cfg: RunConfig, model: List[torch.nn.Module]):
+    o = cfg.optimizer
+    dtype = param_dtype(cfg)
+    mcore_cfg = MCoreOptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+    )
+    optimizer = get_megatron_optimizer(mcore_cfg, model)
+    return optimizer, build_scheduler(cfg, optimizer)
+
+
+def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
+    s, o, t = cfg.schedule, cfg.optimizer, cfg.training
+    decay_steps = s.decay_steps if s.decay_steps is not None else t.train_steps
+    style = s.style if s.style != "wsd" else "WSD"
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr if s.style != "constant" else o.lr,
+        lr_warmup_steps=s.warmup_steps,
+        lr_decay_steps=max(decay_steps, s.warmup_steps + 1),
+        lr_decay_style=style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=t.train_steps,
+        wd_incr_style="constant",
+        wsd_decay_steps=s.wsd_decay_steps,
+        lr_wsd_decay_style=s.wsd_decay_style,
+    )

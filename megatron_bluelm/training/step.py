@@ -1,0 +1,127 @@
+"""One optimizer step (and one evaluation pass) through megatron-core's pipeline schedules.
+
+The loss is the token-level mean over the whole global batch: each micro-batch returns its loss *sum*
+and token count, megatron-core's ``finalize_model_grads`` divides the gradients by the global token
+count (all-reduced over data parallel). This makes the step independent of how the batch is split
+into micro-batches and data-parallel ranks, which the layout tests rely on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+_BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None) for k in _BATCH_KEYS}
+
+
+def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Per-token losses [b, s] -> (loss sum, token count, report) as megatron-core expects."""
+    mask = loss_mask.float()
+    loss = torch.sum(output.float() * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss.detach(), num_tokens.float()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def make_forward_step(device: torch.device):
+    def forward_step(data_iterator: Iterator, model):
+        batch = batch_to_device(next(data_iterator), device)
+        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+        return output, partial(loss_func, batch["loss_mask"])
+
+    return forward_step
+
+
+@dataclass
+class StepResult:
+    loss: Optional[float]  # mean token loss of the global batch (None off the last stage)
+    tokens: int  # loss tokens in the global batch
+    grad_norm: Optional[float] = None
+    skipped: bool = False
+
+
+def configure_model_hooks(model: List[torch.nn.Module], optimizer) -> None:
+    """Wire megatron-core's schedule hooks: loss scaling, DDP no-sync, grad finalization."""
+    config = model[0].config
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    if model[0].ddp_config.overlap_grad_reduce:
+        no_sync = [m.no_sync for m in model]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if len(model) > 1:
+            config.grad_sync_func = [m.start_grad_sync for m in model]
+    if model[0].ddp_config.overlap_param_gather:
+        config.param_sync_func = [m.start_param_sync for m in model]
+        if len(model) == 1:
+            config.param_sync_func = config.param_sync_func[0]
+
+
+def _reduce_loss(losses_reduced: list) -> tuple[Optional[float], int]:
+    """Sum the micro-batch reports, then over data parallel; the last pipeline stage has them."""
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None, 0
+    total = torch.zeros(2, dtype=torch.float64)
+    for report in losses_reduced:
+        total += report["lm loss"].detach().double().cpu()
+    device = losses_reduced[0]["lm loss"].device if losses_reduced else torch.device("cpu")
+    total = total.to(device)
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    loss_sum, tokens = total.tolist()
+    return loss_sum / max(tokens, 1.0), int(tokens)
+
+
+def _data_arg(iterators: List[Iterator]):
+    return iterators if len(iterators) > 1 else iterators[0]
+
+
+def train_step(model, optimizer, scheduler, iterators: List[Iterator], *, num_microbatches: int,
+               seq_length: int, micro_batch_size: int, device: torch.device) -> StepResult:
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=make_forward_step(device),
+        data_iterator=_data_arg(iterators),
+        model=model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    ok, grad_norm, _ = optimizer.step()
+    if ok:
+        scheduler.step(increment=1)
+    loss, tokens = _reduce_loss(losses)
+    return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, skipped=not ok)
+
+
+@torch.no_grad()
+def eval_step(model, iterators: List[Iterator], *, num_microbatches: int, seq_length: int,
+              micro_batch_size: int, device: torch.device) -> StepResult:
+    for chunk in model:
+        chunk.eval()
+    try:
+        losses = get_forward_backward_func()(
+            forward_step_func=make_forward_step(device),
+            data_iterator=_data_arg(iterators),
+            model=model,
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+        )
+    finally:
+        for chunk in model:
+            chunk.train()
+    loss, tokens = _reduce_loss(losses)
+    return StepResult(loss=loss, tokens=tokens)
