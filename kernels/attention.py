@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _doc_mask(document_ids, causal):
+def document_mask(document_ids, causal):
     """Boolean [b, 1, s, s]: True where query i may attend key j."""
     same = document_ids[:, :, None] == document_ids[:, None, :]
     if causal:
@@ -33,7 +33,7 @@ def attention_ref(q, k, v, *, causal=True, document_ids=None, scale=None):
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     s = q.shape[2]
     if document_ids is not None:
-        allowed = _doc_mask(document_ids, causal)
+        allowed = document_mask(document_ids, causal)
     elif causal:
         allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
     else:
@@ -73,5 +73,5 @@ def attention(q, k, v, *, causal=True, document_ids=None, scale=None):
     if q.is_cuda:
         block_mask = _flex_block_mask(document_ids, causal)
         return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
-    mask = _doc_mask(document_ids, causal)
+    mask = document_mask(document_ids, causal)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

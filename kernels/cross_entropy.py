@@ -186,12 +186,11 @@ class _Chunks:
         else:
             _grad_torch_(logits, labels - self.v_start, lse, g)
 
-    def forward_stats(self, hidden, weight, labels):
-        """Per-token lse and target logit (all-reduced over TP), fp32 [N] each."""
-        n = hidden.shape[0]
-        m, s, t = (torch.empty(n, device=hidden.device, dtype=torch.float32) for _ in range(3))
-        for a, b in self.bounds:
-            self.stats(hidden[a:b] @ weight.t(), labels[a:b], m[a:b], s[a:b], t[a:b])
+    def chunk_lse(self, logits, labels):
+        """lse and target logit of one chunk, fp32, all-reduced over TP."""
+        c = logits.shape[0]
+        m, s, t = (torch.empty(c, device=logits.device, dtype=torch.float32) for _ in range(3))
+        self.stats(logits, labels, m, s, t)
         if self.tp_group is not None:
             m_glob = m.clone()
             dist.all_reduce(m_glob, op=dist.ReduceOp.MAX, group=self.tp_group)
@@ -201,18 +200,45 @@ class _Chunks:
             m = m_glob
         return m + torch.log(s), t
 
+    def forward_stats(self, hidden, weight, labels):
+        """Per-token lse and target logit, fp32 [N] each (logits dropped chunk by chunk)."""
+        lse, tgt = (torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+                    for _ in range(2))
+        for a, b in self.bounds:
+            lse[a:b], tgt[a:b] = self.chunk_lse(hidden[a:b] @ weight.t(), labels[a:b])
+        return lse, tgt
+
+    def _grads_(self, dlogits, hidden_c, weight, grad_h_c, grad_w):
+        torch.mm(dlogits, weight, out=grad_h_c)
+        grad_w.addmm_(dlogits.t(), hidden_c)
+
     def backward(self, hidden, weight, labels, lse, g):
-        """grad_h (all-reduced over TP) and grad_W for per-token upstream grads g (0 = ignored)."""
-        grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros_like(weight)
+        """Recompute mode: grad_h (all-reduced over TP) and grad_W for per-token grads g."""
+        grad_h, grad_w = torch.empty_like(hidden), torch.zeros_like(weight)
         for a, b in self.bounds:
             dlogits = hidden[a:b] @ weight.t()
             self.grad_(dlogits, labels[a:b], lse[a:b], g[a:b])
-            torch.mm(dlogits, weight, out=grad_h[a:b])
-            grad_w.addmm_(dlogits.t(), hidden[a:b])
+            self._grads_(dlogits, hidden[a:b], weight, grad_h[a:b], grad_w)
         if self.tp_group is not None:
             dist.all_reduce(grad_h, group=self.tp_group)
         return grad_h, grad_w
+
+    def forward_with_grads(self, hidden, weight, labels, g_scale, need_grads):
+        """Scalar-loss mode: one logits matmul per chunk serves the loss and the gradients."""
+        lse, tgt = (torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+                    for _ in range(2))
+        grad_h = torch.empty_like(hidden) if need_grads else None
+        grad_w = torch.zeros_like(weight) if need_grads else None
+        for a, b in self.bounds:
+            logits = hidden[a:b] @ weight.t()
+            lse[a:b], tgt[a:b] = self.chunk_lse(logits, labels[a:b])
+            if need_grads:
+                g = (labels[a:b] != self.ignore_index).float() * g_scale
+                self.grad_(logits, labels[a:b], lse[a:b], g)
+                self._grads_(logits, hidden[a:b], weight, grad_h[a:b], grad_w)
+        if need_grads and self.tp_group is not None:
+            dist.all_reduce(grad_h, group=self.tp_group)
+        return lse, tgt, grad_h, grad_w
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -220,19 +246,19 @@ class _FusedLinearCE(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, ignore_index, tp_group, chunk_size, reduction):
         hidden, labels = hidden.contiguous(), labels.contiguous()
         ch = _Chunks(hidden, weight, labels, ignore_index, tp_group, chunk_size)
-        lse, tgt = ch.forward_stats(hidden, weight, labels)
         valid = labels != ignore_index
-        loss = torch.where(valid, lse - tgt, torch.zeros_like(lse))
         ctx.reduction = reduction
         if reduction == "none":
+            lse, tgt = ch.forward_stats(hidden, weight, labels)
             ctx.ch = ch
             ctx.save_for_backward(hidden, weight, labels, lse)
-            return loss
+            return torch.where(valid, lse - tgt, 0.0)
         scale = 1.0 if reduction == "sum" else 1.0 / valid.sum().clamp(min=1)
-        if any(ctx.needs_input_grad[:2]):  # no gradient work under no_grad / for frozen inputs
-            grad_h, grad_w = ch.backward(hidden, weight, labels, lse, valid.float() * scale)
-            ctx.save_for_backward(grad_h, grad_w)
-        return loss.sum() * scale
+        # No gradient work under no_grad or for frozen inputs.
+        lse, tgt, grad_h, grad_w = ch.forward_with_grads(
+            hidden, weight, labels, scale, need_grads=any(ctx.needs_input_grad[:2]))
+        ctx.save_for_backward(grad_h, grad_w)
+        return torch.where(valid, lse - tgt, 0.0).sum() * scale
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -25,60 +25,76 @@ def rmsnorm_ref(x, weight, eps=1e-5, residual=None):
 
 @triton.jit
 def _rmsnorm_fwd_kernel(
-    X, R, S, Y, W, RSTD, stride_x, stride_r, stride_s, stride_y, H, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    X, R, S, Y, W, RSTD, stride_x, stride_r, stride_s, stride_y, M, H, eps,
+    HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < H
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    # A [BLOCK_M, H] tile of rows per program: more bytes in flight per program.
+    rows1 = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rows = rows1[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    mask = (rows < M) & (cols < H)
+    xf = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        # Round the sum to the I/O dtype first: the norm must see the `s` we return.
-        x = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
-        tl.store(S + row * stride_s + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (xf * rstd * w).to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
+        # Add in fp32, round once to the I/O dtype (= torch's x + r); the norm must see the
+        # rounded `s` that we return.
+        s = (xf + tl.load(R + rows * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
+        s = s.to(S.dtype.element_ty)
+        tl.store(S + rows * stride_s + cols, s, mask=mask)
+        xf = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / H + eps)
+    w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
+    y = xf * rstd[:, None] * w
+    tl.store(Y + rows * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows1, rstd, mask=rows1 < M)
 
 
 @triton.jit
 def _rmsnorm_bwd_kernel(
     S, DY, DS_OUT, DX, W, RSTD, DW_PART, stride_s, stride_dy, stride_dso, stride_dx,
-    M, H, HAS_DS_OUT: tl.constexpr, BLOCK: tl.constexpr,
+    M, H, HAS_DS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # Each program walks rows pid, pid+P, ... and keeps its share of dW in registers.
+    # Each program walks row tiles pid, pid+P, ... and keeps its share of dW in registers
+    # (summed over programs on the host): no [M, H] fp32 partials through memory.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < H
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK], dtype=tl.float32)
-    for row in range(pid, M, nprog):
-        row = tl.cast(row, tl.int64)
-        s = tl.load(S + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
+    cols = tl.arange(0, BLOCK)[None, :]
+    w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
+    for blk in range(pid, tl.cdiv(M, BLOCK_M), nprog):
+        rows = (blk * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+        mask = (rows < M) & (cols < H)
+        s = tl.load(S + rows * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
         shat = s * rstd
         dyw = dy * w
-        dx = rstd * (dyw - shat * (tl.sum(dyw * shat, axis=0) / H))
+        dx = rstd * (dyw - shat * (tl.sum(dyw * shat, axis=1)[:, None] / H))
         if HAS_DS_OUT:  # gradient that reached `s` directly (the residual stream)
-            dx += tl.load(DS_OUT + row * stride_dso + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dx += tl.load(DS_OUT + rows * stride_dso + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * shat
-    tl.store(DW_PART + pid.to(tl.int64) * H + cols, dw, mask=mask)
+    tl.store(DW_PART + pid.to(tl.int64) * H + cols, tl.sum(dw, axis=0)[None, :], mask=cols < H)
 
 
-def _launch_cfg(h):
-    block = triton.next_power_of_2(h)
-    return block, min(16, max(1, block // 256))
+# Launch shape, chosen by kernels/bench (see docs/KERNELS.md); keys: rows per tile, warps,
+# backward programs per SM.
+TUNE = {"fwd_rows": 1, "fwd_warps": 8, "bwd_rows": 1, "bwd_warps": 8, "bwd_per_sm": 4}
+
+
+def _block(h):
+    return triton.next_power_of_2(h)
+
+
+def _warps(h, key):
+    return max(1, min(TUNE[key], _block(h) // 128))
 
 
 def _bwd_programs(m, device):
+    tiles = triton.cdiv(m, TUNE["bwd_rows"])
     if device.type == "cuda":
-        return min(m, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(m, 4)  # interpreter: few programs, each loops over rows
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return min(tiles, TUNE["bwd_per_sm"] * sms)
+    return min(tiles, 4)  # interpreter: few programs, each loops over rows
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -91,10 +107,11 @@ class _RMSNorm(torch.autograd.Function):
         y = torch.empty_like(x2)
         s = torch.empty_like(x2) if residual is not None else x2
         rstd = torch.empty(m, device=x.device, dtype=torch.float32)
-        block, warps = _launch_cfg(h)
-        _rmsnorm_fwd_kernel[(m,)](
+        bm = TUNE["fwd_rows"]
+        _rmsnorm_fwd_kernel[(triton.cdiv(m, bm),)](
             x2, r2, s, y, weight, rstd, x2.stride(0), r2.stride(0), s.stride(0), y.stride(0),
-            h, eps, HAS_RES=residual is not None, BLOCK=block, num_warps=warps,
+            m, h, eps, HAS_RES=residual is not None, BLOCK_M=bm, BLOCK=_block(h),
+            num_warps=_warps(h, "fwd_warps"),
         )
         ctx.save_for_backward(s, weight, rstd)
         ctx.has_res, ctx.shape = residual is not None, shape
@@ -111,10 +128,10 @@ class _RMSNorm(torch.autograd.Function):
         dx = torch.empty_like(s)
         nprog = _bwd_programs(m, s.device)
         dw_part = torch.empty(nprog, h, device=s.device, dtype=torch.float32)
-        block, warps = _launch_cfg(h)
         _rmsnorm_bwd_kernel[(nprog,)](
             s, dy2, dso, dx, weight, rstd, dw_part, s.stride(0), dy2.stride(0), dso.stride(0),
-            dx.stride(0), m, h, HAS_DS_OUT=ds_out is not None, BLOCK=block, num_warps=warps,
+            dx.stride(0), m, h, HAS_DS_OUT=ds_out is not None, BLOCK_M=TUNE["bwd_rows"],
+            BLOCK=_block(h), num_warps=_warps(h, "bwd_warps"),
         )
         dw = dw_part.sum(0).to(weight.dtype)
         dx = dx.view(ctx.shape)

@@ -31,12 +31,13 @@ def apply_rope_ref(t, freqs):
 
 
 @triton.jit
-def _rope_tile(IN, OUT, ss_i, sb_i, sh_i, ss_o, sb_o, sh_o, s_i, b_i, NH, c1, s1, c2, s2,
+def _rope_tile(IN, OUT, ss_i, sb_i, sh_i, ss_o, sb_o, sh_o, s_i, b_i, tmask, NH, c1, s1, c2, s2,
                HALF, ROT, D, INVERSE: tl.constexpr, COPY_TAIL: tl.constexpr,
                BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr):
-    h = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (h < NH) & (d < HALF)
+    # Tile [tokens, heads, half]; s_i, b_i, tmask: [T, 1, 1]; c*/s*: [T, 1, HALF].
+    h = tl.arange(0, BLOCK_H)[None, :, None]
+    d = tl.arange(0, BLOCK_HALF)[None, None, :]
+    mask = tmask & (h < NH) & (d < HALF)
     pin = IN + s_i * ss_i + b_i * sb_i + h * sh_i
     pout = OUT + s_i * ss_o + b_i * sb_o + h * sh_o
     x1 = tl.load(pin + d, mask=mask, other=0.0).to(tl.float32)
@@ -50,35 +51,43 @@ def _rope_tile(IN, OUT, ss_i, sb_i, sh_i, ss_o, sb_o, sh_o, s_i, b_i, NH, c1, s1
     tl.store(pout + d, o1.to(OUT.dtype.element_ty), mask=mask)
     tl.store(pout + HALF + d, o2.to(OUT.dtype.element_ty), mask=mask)
     if COPY_TAIL:
-        dt = ROT + tl.arange(0, BLOCK_TAIL)[None, :]
-        mt = (h < NH) & (dt < D)
+        dt = ROT + tl.arange(0, BLOCK_TAIL)[None, None, :]
+        mt = tmask & (h < NH) & (dt < D)
         tl.store(pout + dt, tl.load(pin + dt, mask=mt, other=0.0), mask=mt)
 
 
 @triton.jit
 def _rope_kernel(
-    Q_IN, Q_OUT, K_IN, K_OUT, FREQS, B, NQ, NK, HALF, ROT, D, sf_s, sf_b,
+    Q_IN, Q_OUT, K_IN, K_OUT, FREQS, T, B, NQ, NK, HALF, ROT, D, sf_s, sf_b,
     sqs_i, sqb_i, sqh_i, sqs_o, sqb_o, sqh_o, sks_i, skb_i, skh_i, sks_o, skb_o, skh_o,
-    INVERSE: tl.constexpr, COPY_TAIL: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    HAS_K: tl.constexpr, INVERSE: tl.constexpr, COPY_TAIL: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr,
 ):
-    # One program per (token, tensor): cos/sin are computed once and reused for every head.
-    tok = tl.program_id(0)
+    # BLOCK_T tokens per program, q and k together: cos/sin are computed once per token and
+    # reused for every head of both.
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None, None]
+    tmask = tok < T
     s_i = (tok // B).to(tl.int64)
     b_i = (tok % B).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)[None, :]
+    d = tl.arange(0, BLOCK_HALF)[None, None, :]
     fp = FREQS + s_i * sf_s + b_i * sf_b
-    f1 = tl.load(fp + d, mask=d < HALF, other=0.0).to(tl.float32)
-    f2 = tl.load(fp + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+    fmask = tmask & (d < HALF)
+    f1 = tl.load(fp + d, mask=fmask, other=0.0).to(tl.float32)
+    f2 = tl.load(fp + HALF + d, mask=fmask, other=0.0).to(tl.float32)
     c1, s1, c2, s2 = tl.cos(f1), tl.sin(f1), tl.cos(f2), tl.sin(f2)
-    if tl.program_id(1) == 0:
-        _rope_tile(Q_IN, Q_OUT, sqs_i, sqb_i, sqh_i, sqs_o, sqb_o, sqh_o, s_i, b_i, NQ,
-                   c1, s1, c2, s2, HALF, ROT, D, INVERSE, COPY_TAIL, BLOCK_HQ, BLOCK_HALF,
-                   BLOCK_TAIL)
-    else:
-        _rope_tile(K_IN, K_OUT, sks_i, skb_i, skh_i, sks_o, skb_o, skh_o, s_i, b_i, NK,
+    _rope_tile(Q_IN, Q_OUT, sqs_i, sqb_i, sqh_i, sqs_o, sqb_o, sqh_o, s_i, b_i, tmask, NQ,
+               c1, s1, c2, s2, HALF, ROT, D, INVERSE, COPY_TAIL, BLOCK_HQ, BLOCK_HALF,
+               BLOCK_TAIL)
+    if HAS_K:
+        _rope_tile(K_IN, K_OUT, sks_i, skb_i, skh_i, sks_o, skb_o, skh_o, s_i, b_i, tmask, NK,
                    c1, s1, c2, s2, HALF, ROT, D, INVERSE, COPY_TAIL, BLOCK_HK, BLOCK_HALF,
                    BLOCK_TAIL)
+
+
+# Launch shape, chosen by kernels/bench (see docs/KERNELS.md): elements per (half-)tile of a
+# program (sets tokens per program) and warps.
+TUNE = {"tile": 4096, "warps": 8}
 
 
 def _unit_last(t):
@@ -92,17 +101,19 @@ def _launch(pairs, freqs, inverse, copy_tail):
     rot = freqs.shape[-1]
     if rot % 2 or rot > d:
         raise ValueError(f"rotary dim {rot} must be even and <= head dim {d}")
+    if s * b == 0:
+        return
     sf_b = freqs.stride(1) if freqs.shape[1] == b and b > 1 else 0
     half = rot // 2
     bq, bk = triton.next_power_of_2(nq), triton.next_power_of_2(ki.shape[2])
-    warps = max(1, min(8, bq * triton.next_power_of_2(half) // 256))
-    if s * b == 0:
-        return
-    _rope_kernel[(s * b, len(pairs))](
-        qi, qo, ki, ko, freqs, b, nq, ki.shape[2], half, rot, d, freqs.stride(0), sf_b,
+    bhalf = triton.next_power_of_2(half)
+    bt = max(1, TUNE["tile"] // (bq * bhalf))
+    warps = max(1, min(TUNE["warps"], bt * bq * bhalf // 256))
+    _rope_kernel[(triton.cdiv(s * b, bt),)](
+        qi, qo, ki, ko, freqs, s * b, b, nq, ki.shape[2], half, rot, d, freqs.stride(0), sf_b,
         *qi.stride()[:3], *qo.stride()[:3], *ki.stride()[:3], *ko.stride()[:3],
-        INVERSE=inverse, COPY_TAIL=copy_tail and rot < d, BLOCK_HQ=bq, BLOCK_HK=bk,
-        BLOCK_HALF=triton.next_power_of_2(half),
+        HAS_K=len(pairs) > 1, INVERSE=inverse, COPY_TAIL=copy_tail and rot < d, BLOCK_T=bt,
+        BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_HALF=bhalf,
         BLOCK_TAIL=triton.next_power_of_2(max(d - rot, 1)), num_warps=warps,
     )
 

@@ -43,9 +43,14 @@ def _swiglu_bwd_kernel(X, DY, DX, F_, BLOCK: tl.constexpr):
     tl.store(DX + row * 2 * F_ + F_ + cols, (dy * silu).to(DX.dtype.element_ty), mask=mask)
 
 
+# Launch shape, chosen by kernels/bench (see docs/KERNELS.md): columns per program and warps
+# (block / (32 * warps) elements per thread: 8 bf16 = one 16-byte access).
+TUNE = {"block": 1024, "warps": 4}
+
+
 def _grid(m, f):
-    block = min(1024, triton.next_power_of_2(f))
-    return (m, triton.cdiv(f, block)), block, max(1, min(8, block // 128))
+    block = min(TUNE["block"], triton.next_power_of_2(f))
+    return (m, triton.cdiv(f, block)), block, max(1, min(TUNE["warps"], block // 32))
 
 
 class _SwiGLU(torch.autograd.Function):

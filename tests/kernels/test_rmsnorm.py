@@ -49,3 +49,23 @@ def test_module_convention():
     assert torch.equal(norm.weight.detach(), torch.ones(96))
     x = torch.randn(3, 96)
     assert rel_err(norm(x), rmsnorm_ref(x, norm.weight)) < 1e-6
+
+
+def test_bf16_residual():
+    x, r = torch.randn(5, 100, dtype=torch.bfloat16), torch.randn(5, 100, dtype=torch.bfloat16)
+    w = torch.randn(100, dtype=torch.bfloat16)
+    y, s = rmsnorm(x, w, residual=r)
+    # The interpreter rounds fp32 -> bf16 differently from torch (GPUs round to nearest even).
+    torch.testing.assert_close(s, x + r)
+    assert rel_err(y, rmsnorm_ref(x, w, residual=r)[0]) < 1e-2
+
+
+@pytest.mark.parametrize("tune", [{"fwd_rows": 4, "bwd_rows": 2}, {"fwd_rows": 2, "bwd_rows": 4}])
+def test_multi_row_tiles(monkeypatch, tune):
+    from kernels.rmsnorm import TUNE
+
+    monkeypatch.setitem(TUNE, "fwd_rows", tune["fwd_rows"])
+    monkeypatch.setitem(TUNE, "bwd_rows", tune["bwd_rows"])
+    x, w, r = torch.randn(7, 100), torch.randn(100), torch.randn(7, 100)
+    assert_same(lambda a, b, c: rmsnorm(a, b, residual=c),
+                lambda a, b, c: rmsnorm_ref(a, b, residual=c), [x, w, r])

@@ -78,3 +78,17 @@ def test_qk_inplace_strided_views():
     want_q, want_k = apply_rope_ref(q, _freqs(s, b, d, False)), apply_rope_ref(k, _freqs(s, b, d, False))
     apply_rope_qk_(q, k, _freqs(s, b, d, False))
     assert rel_err(buf[:, :, :4], want_q) < 1e-6 and rel_err(buf[:, :, 4:], want_k) < 1e-6
+
+
+def test_small_tiles_many_programs(monkeypatch):
+    from kernels.rope import TUNE
+
+    monkeypatch.setitem(TUNE, "tile", 64)  # 2 tokens a program: token masks and tails
+    s, b = 7, 3
+    q0, k0 = torch.randn(s, b, 4, 16), torch.randn(s, b, 1, 16)
+    f = _freqs(s, b, 12, True)
+
+    def fused(q, k):
+        return apply_rope_qk_(q * 1.0, k * 1.0, f)
+
+    assert_same(fused, lambda q, k: (apply_rope_ref(q, f), apply_rope_ref(k, f)), [q0, k0])

@@ -24,3 +24,10 @@ def test_forward_backward(shape):
 def test_odd_last_dim_rejected():
     with pytest.raises(ValueError):
         swiglu(torch.randn(2, 7))
+
+
+def test_small_blocks(monkeypatch):
+    from kernels.swiglu import TUNE
+
+    monkeypatch.setitem(TUNE, "block", 32)
+    assert_same(swiglu, swiglu_ref, [torch.randn(3, 2 * 100)])

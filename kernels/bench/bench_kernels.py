@@ -1,0 +1,424 @@
+"""Check (bf16) and time the kernels against torch eager, torch.compile and Liger-Kernel.
+
+    python -m kernels.bench.bench_kernels            # on a CUDA machine; JSON under $OUT or ./
+    TRITON_INTERPRET=1 python -m kernels.bench.bench_kernels --smoke   # CPU: tiny shapes, no timing claims
+
+Shapes are the bluelm-2.5-3b decoder's (hidden 2560, 20 heads, 4 KV groups, head dim 128,
+FFN 6912, vocab 100352), 8192 tokens (4096 for the loss). Per op and implementation it reports
+forward and backward time (median of triton.testing.do_bench, which flushes L2 before each
+run), the fewest bytes the op must move, GB/s and % of a measured device-to-device copy. The
+fused linear-CE also reports the peak memory of one loss forward+backward.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kernels import (
+    apply_rope_qk_,
+    apply_rope_ref,
+    attention,
+    attention_ref,
+    fused_linear_cross_entropy,
+    rmsnorm,
+    rmsnorm_ref,
+    swiglu,
+    swiglu_ref,
+)
+from kernels.attention import document_mask
+
+RESULTS = {"env": {}, "ops": [], "checks": [], "memory": []}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ---------------------------------------------------------------- timing helpers
+
+
+def bench_ms(fn, grad_to_none=None):
+    if not torch.cuda.is_available():  # smoke mode: one timed call, numbers meaningless
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
+                                   return_mode="median")
+
+
+def copy_bandwidth(dev):
+    n = 2**29 if dev == "cuda" else 2**20  # 1 GiB of bf16
+    src = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * 2 / ms / 1e6  # GB/s, bytes read + written
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def poison_allocator(dev):
+    """Fill free cached blocks with NaN so an output element nobody writes cannot pass a check."""
+    if dev == "cuda":
+        free = torch.cuda.mem_get_info()[0]
+        big = torch.full((min(free // 4, 2**30),), float("nan"), device=dev, dtype=torch.float32)
+        del big
+
+
+def record_check(op, impl, name, err, tol):
+    ok = bool(err < tol)  # NaN compares False: fails
+    RESULTS["checks"].append({"op": op, "impl": impl, "tensor": name, "rel_err": err, "tol": tol, "ok": ok})
+    if not ok:
+        log(f"CHECK FAILED {op}/{impl}/{name}: rel err {err:.3e} (tol {tol})")
+
+
+# ---------------------------------------------------------------- generic op benchmark
+
+
+def run_op(op, impls, make_inputs, ref32, fwd_bytes, bwd_bytes, copy_gbs, tol=2e-2):
+    """impls: {name: fn(*inputs) -> tensor | tuple}. Inputs: bf16 leaves (float ones need grad).
+
+    Each impl is checked against ref32 on fp32 copies of the same inputs (outputs and the grads
+    of every float input under the same random upstream grads), then timed fwd and bwd."""
+    inputs = make_inputs()
+    leaves32 = [t.detach().float().requires_grad_(t.requires_grad) for t in inputs]
+    outs32 = _as_tuple(ref32(*leaves32))
+    ups = [torch.randn_like(o) for o in outs32]
+    want = torch.autograd.grad(outs32, [t for t in leaves32 if t.requires_grad], ups)
+    for name, fn in impls.items():
+        try:
+            poison_allocator(inputs[0].device.type)
+            outs = _as_tuple(fn(*inputs))
+            grads = torch.autograd.grad(outs, [t for t in inputs if t.requires_grad],
+                                        [u.to(o.dtype) for u, o in zip(ups, outs)],
+                                        retain_graph=True)
+            for i, (o, w) in enumerate(zip(outs, outs32)):
+                record_check(op, name, f"out{i}", rel_err(o, w), tol)
+            for i, (g, w) in enumerate(zip(grads, want)):
+                record_check(op, name, f"grad{i}", rel_err(g, w), tol)
+            f_ms = bench_ms(lambda fn=fn: fn(*inputs))
+            b_ms = bench_ms(lambda outs=outs: torch.autograd.grad(
+                outs, [t for t in inputs if t.requires_grad],
+                [u.to(o.dtype) for u, o in zip(ups, outs)], retain_graph=True))
+        except Exception as e:  # noqa: BLE001  # keep going: one broken baseline must not lose the rest
+            log(f"{op}/{name} failed: {type(e).__name__}: {e}")
+            continue
+        for phase, ms, nbytes in (("fwd", f_ms, fwd_bytes), ("bwd", b_ms, bwd_bytes)):
+            gbs = nbytes / ms / 1e6
+            RESULTS["ops"].append({"op": op, "impl": name, "phase": phase, "ms": ms, "bytes": nbytes,
+                                       "gbs": gbs, "pct_copy": 100 * gbs / copy_gbs})
+        log(f"{op:<16} {name:<8} fwd {f_ms:8.4f} ms  bwd {b_ms:8.4f} ms")
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def compiled(fn):
+    return torch.compile(fn, dynamic=False) if torch.cuda.is_available() else fn
+
+
+def liger():
+    try:
+        import liger_kernel  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+# ---------------------------------------------------------------- per-op cases
+
+
+def _only(impls, tag):
+    """Sweep mode: keep our implementation only, named by its launch shape."""
+    return {f"ours[{tag}]": impls["ours"]} if tag else impls
+
+
+def bench_rmsnorm(dev, m, h, copy_gbs, residual, only_ours=""):
+    def make():
+        x = torch.randn(m, h, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        w = (torch.rand(h, device=dev) + 0.5).to(torch.bfloat16).requires_grad_()
+        if residual:
+            r = torch.randn(m, h, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            return [x, w, r]
+        return [x, w]
+
+    if residual:
+        impls = {"ours": lambda x, w, r: rmsnorm(x, w, residual=r),
+                 "eager": lambda x, w, r: rmsnorm_ref(x, w, residual=r),
+                 "compile": compiled(lambda x, w, r: rmsnorm_ref(x, w, residual=r))}
+        nb_f, nb_b = 4 * m * h * 2, 4 * m * h * 2  # fwd: x, r -> y, s; bwd: s, dy, ds -> dx
+    else:
+        impls = {"ours": rmsnorm, "eager": rmsnorm_ref, "compile": compiled(rmsnorm_ref)}
+        nb_f, nb_b = 2 * m * h * 2, 3 * m * h * 2  # fwd: x -> y; bwd: x, dy -> dx
+        if liger():
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+            impls["liger"] = lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-5, 0.0, "llama",
+                                                                      False)
+    run_op("rmsnorm+res" if residual else "rmsnorm", _only(impls, only_ours), make,
+           lambda *a: rmsnorm_ref(a[0], a[1], residual=a[2] if residual else None),
+           nb_f, nb_b, copy_gbs)
+
+
+def bench_swiglu(dev, m, f, copy_gbs, only_ours=""):
+    def make():
+        return [torch.randn(m, 2 * f, device=dev, dtype=torch.bfloat16, requires_grad=True)]
+
+    impls = {"ours": swiglu, "eager": swiglu_ref, "compile": compiled(swiglu_ref)}
+    if liger():
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        impls["liger"] = lambda x: LigerSiLUMulFunction.apply(*torch.chunk(x, 2, dim=-1))
+    # fwd: read 2F, write F; bwd: read 2F + F, write 2F
+    run_op("swiglu", _only(impls, only_ours), make, swiglu_ref, 3 * m * f * 2, 5 * m * f * 2, copy_gbs)
+
+
+def bench_rope(dev, s, b, nq, nkv, d, copy_gbs, only_ours=""):
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=dev).float() / d))
+    fr = torch.arange(s, device=dev).float()[:, None] * inv
+    freqs = torch.cat([fr, fr], -1)[:, None, None, :]
+
+    def make():
+        return [torch.randn(s, b, nq, d, device=dev, dtype=torch.bfloat16, requires_grad=True),
+                torch.randn(s, b, nkv, d, device=dev, dtype=torch.bfloat16, requires_grad=True)]
+
+    def ours(q, k):  # in place on fresh non-leaf copies; the clones are timed too (see note)
+        return apply_rope_qk_(q.clone(), k.clone(), freqs)
+
+    def ref(q, k):
+        return apply_rope_ref(q, freqs), apply_rope_ref(k, freqs)
+
+    impls = {"ours": ours, "eager": ref, "compile": compiled(ref)}
+    nbytes = 2 * s * b * (nq + nkv) * d * 2  # read + write q and k
+    run_op("rope_qk", _only(impls, only_ours), make, ref, nbytes, nbytes, copy_gbs)
+    # The in-place launch alone, without the clones of the autograd-safe wrapper above:
+    q, k = make()
+    with torch.no_grad():
+        ms = bench_ms(lambda: apply_rope_qk_(q.detach(), k.detach(), freqs))
+    gbs = nbytes / ms / 1e6
+    RESULTS["ops"].append({"op": "rope_qk", "impl": f"ours_inplace{only_ours}", "phase": "fwd",
+                           "ms": ms,
+                               "bytes": nbytes, "gbs": gbs, "pct_copy": 100 * gbs / copy_gbs})
+    log(f"rope_qk          inplace  fwd {ms:8.4f} ms")
+
+
+def bench_attention(dev, b, s, nq, nkv, d, copy_gbs):
+    def make():
+        return [torch.randn(b, n, s, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                for n in (nq, nkv, nkv)]
+
+    rep = nq // nkv
+
+    def sdpa_repeat(q, k, v):  # the usual GQA baseline: K/V repeated in memory
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1),
+                                              v.repeat_interleave(rep, 1), is_causal=True)
+
+    impls = {"ours": lambda q, k, v: attention(q, k, v, causal=True), "eager": sdpa_repeat}
+    run_op("attn_causal", impls, make, attention_ref, 0, 0, copy_gbs)
+    ids = torch.arange(s, device=dev)[None].expand(b, s) // (s // 8)  # 8 documents a row
+    impls = {"ours": lambda q, k, v: attention(q, k, v, document_ids=ids),
+             "eager": lambda q, k, v: F.scaled_dot_product_attention(
+                 q, k, v, attn_mask=document_mask(ids, True), enable_gqa=True)}
+    run_op("attn_docs", impls, make, lambda q, k, v: attention_ref(q, k, v, document_ids=ids),
+           0, 0, copy_gbs)
+
+
+def bench_cross_entropy(dev, n, h, v, chunks=(None,)):
+    torch.manual_seed(0)
+    hidden = (torch.randn(n, h, device=dev) * 0.5).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(v, h, device=dev) * 0.02).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, v, (n,), device=dev)
+    labels[torch.rand(n, device=dev) < 0.1] = -100
+
+    def materialized(hh, ww):
+        return F.cross_entropy((hh @ ww.t()).float(), labels, reduction="mean")
+
+    impls = {}
+    for c in chunks:
+        tag = "" if c is None else f"_c{c}"
+        impls["ours_none" + tag] = lambda hh, ww, c=c: fused_linear_cross_entropy(
+            hh, ww, labels, chunk_size=c).sum() / (labels != -100).sum()
+        impls["ours_mean" + tag] = lambda hh, ww, c=c: fused_linear_cross_entropy(
+            hh, ww, labels, reduction="mean", chunk_size=c)
+    impls.update(eager=materialized, compile=compiled(materialized))
+    if liger():
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        lf = LigerFusedLinearCrossEntropyLoss(reduction="mean")
+        impls["liger"] = lambda hh, ww: lf(ww, hh, labels)
+
+    h32, w32 = (t.detach().float().requires_grad_() for t in (hidden, weight))
+    want = F.cross_entropy(h32 @ w32.t(), labels)
+    want_g = torch.autograd.grad(want, [h32, w32])
+    del h32, w32
+    for name, fn in impls.items():
+        try:
+            hidden.grad = weight.grad = None
+            poison_allocator(dev)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() if dev == "cuda" else 0
+            loss = fn(hidden, weight)
+            loss.backward()
+            peak = (torch.cuda.max_memory_allocated() - base) if dev == "cuda" else 0
+            record_check("linear_ce", name, "loss", rel_err(loss, want), 1e-2)
+            record_check("linear_ce", name, "grad_hidden", rel_err(hidden.grad, want_g[0]), 2e-2)
+            record_check("linear_ce", name, "grad_weight", rel_err(weight.grad, want_g[1]), 2e-2)
+
+            def step(fn=fn):
+                fn(hidden, weight).backward()
+
+            ms = bench_ms(step, grad_to_none=[hidden, weight])
+        except Exception as e:  # noqa: BLE001
+            log(f"linear_ce/{name} failed: {type(e).__name__}: {e}")
+            continue
+        RESULTS["memory"].append({"op": "linear_ce", "impl": name, "peak_bytes": peak, "ms": ms})
+        log(f"linear_ce        {name:<10} fwd+bwd {ms:8.3f} ms  peak {peak / 2**20:9.1f} MiB")
+        hidden.grad = weight.grad = None
+
+
+# ---------------------------------------------------------------- tuning sweep
+
+
+def sweep(dev, copy_gbs):
+    """Time our kernels under several launch shapes (each checked in bf16 first)."""
+    mods = {k: sys.modules[f"kernels.{k}"] for k in ("rmsnorm", "swiglu", "rope")}
+    variants = {
+        "rmsnorm": [{"fwd_rows": r, "fwd_warps": w, "bwd_rows": br, "bwd_warps": bw, "bwd_per_sm": ps}
+                    for r, w, br, bw, ps in [(1, 8, 1, 8, 4), (1, 4, 2, 8, 4), (2, 8, 4, 8, 2),
+                                             (4, 8, 1, 4, 8), (2, 4, 2, 4, 8), (1, 16, 1, 16, 2)]],
+        "swiglu": [{"block": b, "warps": w} for b, w in [(1024, 4), (1024, 8), (2048, 8),
+                                                       (4096, 8), (512, 2)]],
+        "rope": [{"tile": t, "warps": w} for t, w in [(2048, 4), (4096, 8), (8192, 8),
+                                                    (16384, 16), (4096, 4)]],
+    }
+    for name, vs in variants.items():
+        base = dict(mods[name].TUNE)
+        for v in vs:
+            mods[name].TUNE.update(v)
+            tag = ",".join(f"{k}={x}" for k, x in v.items())
+            if name == "rmsnorm":
+                bench_rmsnorm(dev, 8192, 2560, copy_gbs, False, only_ours=tag)
+                bench_rmsnorm(dev, 8192, 2560, copy_gbs, True, only_ours=tag)
+            elif name == "swiglu":
+                bench_swiglu(dev, 8192, 6912, copy_gbs, only_ours=tag)
+            else:
+                bench_rope(dev, 4096, 2, 20, 4, 128, copy_gbs, only_ours=tag)
+        mods[name].TUNE.clear()
+        mods[name].TUNE.update(base)
+
+
+def _ce_chunk_times(dev, w, c):
+    from kernels.cross_entropy import _Chunks
+
+    v, h = w.shape
+    hid = (torch.randn(c, h, device=dev) * 0.5).to(torch.bfloat16)
+    lab = torch.randint(0, v, (c,), device=dev)
+    ch = _Chunks(hid, w, lab, -100, None, c)
+    logits = hid @ w.t()
+    lse, g = torch.randn(c, device=dev), torch.ones(c, device=dev)
+    m_, s_, t_ = (torch.empty(c, device=dev) for _ in range(3))
+    gh, gw = torch.empty_like(hid), torch.zeros_like(w)
+    return {"chunk": c, "logits_bytes": logits.numel() * 2,
+            "logits_mm": bench_ms(lambda: hid @ w.t()),
+            "stats_kernel": bench_ms(lambda: ch.stats(logits, lab, m_, s_, t_)),
+            "grad_kernel": bench_ms(lambda: ch.grad_(logits, lab, lse, g)),
+            "grad_h_mm": bench_ms(lambda: torch.mm(logits, w, out=gh)),
+            "grad_w_addmm": bench_ms(lambda: gw.addmm_(logits.t(), hid))}
+
+
+def ce_breakdown(dev, h=2560, v=100352):
+    """Time the pieces of one fused-CE chunk: which part is slow?"""
+    w = (torch.randn(v, h, device=dev) * 0.02).to(torch.bfloat16)
+    for c in (1024, 2048, 4096):
+        row = _ce_chunk_times(dev, w, c)
+        RESULTS.setdefault("ce_breakdown", []).append(row)
+        log("ce chunk", {k: round(x, 4) if isinstance(x, float) else x for k, x in row.items()})
+
+
+# ---------------------------------------------------------------- main
+
+
+def table():
+    head = f"{'op':<13}{'impl':<13}{'ph':<4}{'ms':>9}{'GB/s':>9}{'%copy':>7}"
+    lines = [f"copy bandwidth: {RESULTS['env']['copy_gbs']:.0f} GB/s (read+write)",
+             head + f"{'x eager':>8}{'x comp':>8}"]
+    by = {(r["op"], r["impl"], r["phase"]): r for r in RESULTS["ops"]}
+    for r in RESULTS["ops"]:
+        e = by.get((r["op"], "eager", r["phase"]))
+        c = by.get((r["op"], "compile", r["phase"]))
+        sp_e = f"{e['ms'] / r['ms']:8.2f}" if e else " " * 8
+        sp_c = f"{c['ms'] / r['ms']:8.2f}" if c else " " * 8
+        lines.append(f"{r['op']:<13}{r['impl']:<13}{r['phase']:<4}{r['ms']:9.4f}{r['gbs']:9.0f}"
+                     f"{r['pct_copy']:7.1f}{sp_e}{sp_c}")
+    lines.append(f"{'linear_ce':<13}{'impl':<13}{'fwd+bwd ms':>11}{'peak MiB':>10}")
+    for r in RESULTS["memory"]:
+        lines.append(f"{'':<13}{r['impl']:<13}{r['ms']:11.3f}{r['peak_bytes'] / 2**20:10.1f}")
+    bad = [c for c in RESULTS["checks"] if not c["ok"]]
+    lines.append(f"checks: {len(RESULTS['checks']) - len(bad)}/{len(RESULTS['checks'])} passed")
+    lines += [f"  FAILED {c['op']}/{c['impl']}/{c['tensor']} rel {c['rel_err']:.2e}" for c in bad]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter)")
+    ap.add_argument("--only", default="", help="comma list: rmsnorm,swiglu,rope,attn,ce")
+    ap.add_argument("--sweep", action="store_true", help="also time launch-shape variants")
+    ap.add_argument("--ce-chunks", default="", help="comma list of extra chunk sizes to time")
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    only = set(args.only.split(",")) if args.only else {"rmsnorm", "swiglu", "rope", "attn", "ce"}
+    sm = args.smoke
+    tokens, hid, ffn = (64, 96, 80) if sm else (8192, 2560, 6912)
+    RESULTS["env"] = {"torch": torch.__version__, "device": torch.cuda.get_device_name()
+                          if dev == "cuda" else "cpu", "smoke": sm, "liger": liger()}
+    try:
+        import triton
+
+        RESULTS["env"]["triton"] = triton.__version__
+    except ImportError:
+        pass
+    RESULTS["env"]["copy_gbs"] = cgb = copy_bandwidth(dev)
+    log(RESULTS["env"])
+    out = os.environ.get("OUT", ".")
+    steps = [("rmsnorm", lambda: bench_rmsnorm(dev, tokens, hid, cgb, False)),
+             ("rmsnorm", lambda: bench_rmsnorm(dev, tokens, hid, cgb, True)),
+             ("swiglu", lambda: bench_swiglu(dev, tokens, ffn, cgb)),
+             ("rope", lambda: bench_rope(dev, tokens // 2, 2, 20 if not sm else 5,
+                                         4 if not sm else 1, 128 if not sm else 16, cgb)),
+             ("attn", lambda: bench_attention(dev, 2, 4096 if not sm else 32, 20 if not sm else 4,
+                                              4 if not sm else 1, 128 if not sm else 16, cgb)),
+             ("ce", lambda: bench_cross_entropy(dev, 4096 if not sm else 40, hid,
+                                                100352 if not sm else 300))]
+    if args.sweep and dev == "cuda":
+        steps = [("sweep", lambda: sweep(dev, cgb)), ("ce", lambda: ce_breakdown(dev))] + steps
+        only |= {"sweep"}
+    if args.ce_chunks:
+        extra = tuple(int(c) for c in args.ce_chunks.split(","))
+        steps[-1] = ("ce", lambda: bench_cross_entropy(dev, 4096 if not sm else 40, hid,
+                                                       100352 if not sm else 300,
+                                                       (None, *extra)))
+    for key, step in steps:
+        if key in only:
+            step()
+            with open(os.path.join(out, "bench_kernels.json"), "w") as f:
+                json.dump(RESULTS, f, indent=1)
+    log(table())
+    return 0 if all(c["ok"] for c in RESULTS["checks"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
