@@ -87,6 +87,22 @@ def train_split_tokens(prefix: str, split: str) -> int:
     return int(np.sum(lengths[round(beg * n) : round(end * n)], dtype=np.int64))
 
 
+def _drop_empty_splits(config, prefixes: list[str]) -> None:
+    """A split with no documents in some source becomes None (megatron-core would loop forever
+    looking for tokens); the other splits keep their exact document ranges."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for p in prefixes:
+        n = len(IndexedDataset(p).sequence_lengths)
+        for i, bounds in enumerate(config.split_matrix):
+            if bounds is not None and round(bounds[0] * n) >= round(bounds[1] * n):
+                logging.getLogger(__name__).warning(
+                    "data.split '%s': split %d of '%s' (%d documents) is empty; it is disabled",
+                    config.split, i, p, n,
+                )
+                config.split_matrix[i] = None
+
+
 def plan_mixture(sources: list[MixtureSource], split: str, seq_length: int, train_samples: int):
     """Exact per-source training sample counts (see data/mixture.py for the rules)."""
     tokens = [train_split_tokens(s.prefix, split) for s in sources]
@@ -122,6 +138,7 @@ def build_megatron_datasets(cfg: DataConfig, tok, *, seq_length: int, num_sample
         plan = plan_mixture(sources, cfg.split, seq_length, num_samples[0])
         blend = (prefixes, exact_blend_weights([p.samples for p in plan]))
     config = _gpt_config(cfg, tok, seq_length, seed, blend, cache)
+    _drop_empty_splits(config, prefixes)
     try:
         datasets = _Builder.make(GPTDataset, num_samples, config).build()
     except OSError as e:
