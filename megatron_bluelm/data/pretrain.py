@@ -81,7 +81,8 @@ def train_split_tokens(prefix: str, split: str) -> int:
     )
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    lengths = IndexedDataset(prefix).sequence_lengths
+    ds = IndexedDataset(prefix)  # keep it alive: sequence_lengths is a view of its mmap
+    lengths = ds.sequence_lengths
     beg, end = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[0] or (0.0, 0.0)
     n = len(lengths)
     return int(np.sum(lengths[round(beg * n) : round(end * n)], dtype=np.int64))
@@ -93,7 +94,8 @@ def _drop_empty_splits(config, prefixes: list[str]) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     for p in prefixes:
-        n = len(IndexedDataset(p).sequence_lengths)
+        ds = IndexedDataset(p)
+        n = len(ds.sequence_lengths)
         for i, bounds in enumerate(config.split_matrix):
             if bounds is not None and round(bounds[0] * n) >= round(bounds[1] * n):
                 logging.getLogger(__name__).warning(

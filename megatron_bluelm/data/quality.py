@@ -2,8 +2,8 @@
 
 A source's `quality:` block in the mixture YAML:
     quality: {scores: PATH.npy, min: 0.3, upsample: [[0.8, 2], [0.95, 3]]}
-`scores` is a float array with one score per document of the prefix (default PREFIX.scores.npy,
-as written by `tools/preprocess_data.py --score-key`). Documents scoring below `min` are dropped;
+`scores` is a .npy float array with one score per document of the prefix (default PREFIX.scores.npy),
+written by your scoring job in document order. Documents scoring below `min` are dropped;
 a document scoring >= t is repeated by the largest factor whose threshold t it reaches.
 The filtered dataset is materialized once as a new indexed dataset under cache_dir/quality
 (keyed by the inputs' sizes/mtimes and the rule), so megatron-core sees an ordinary prefix.

@@ -4,7 +4,12 @@ import torch
 
 from megatron_bluelm.config.data import DataConfig
 from megatron_bluelm.config.errors import ConfigError
-from megatron_bluelm.data import DataExhaustedError, build_data_iterator, build_pretrain_datasets, load_tokenizer
+from megatron_bluelm.data import (
+    DataExhaustedError,
+    build_data_iterator,
+    build_pretrain_datasets,
+    load_tokenizer,
+)
 
 SEQ = 64
 
