@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from functools import partial
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from megatron_bluelm.config.errors import ConfigError
 from megatron_bluelm.config.loader import load_config
@@ -24,12 +24,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
     return load_config(args.config, overrides)
 
 
-def run_pretrain(cfg: RunConfig) -> dict:
-    """Validate, build, train; returns the run summary (losses per step) on every rank."""
+def run_pretrain(cfg: RunConfig, collect: Optional[Callable] = None) -> dict:
+    """Validate, build, train; returns the run summary (losses per step) on every rank.
+
+    ``collect(run)``, if given, runs after training (before teardown); its result is returned under
+    ``"collected"`` (tests use it to gather the trained parameters)."""
     from megatron_bluelm.data import build_data_iterator, build_pretrain_datasets, load_tokenizer
     from megatron_bluelm.models.counting import DecoderShape, train_flops_per_token
     from megatron_bluelm.models.decoder import build_decoder
-    from megatron_bluelm.training.checkpointing import Checkpointer
+    from megatron_bluelm.training.checkpointing import Checkpointer, Preempted
     from megatron_bluelm.training.loop import prepare_config, setup_run, summary, train
     from megatron_bluelm.parallel.setup import teardown
 
@@ -53,11 +56,17 @@ def run_pretrain(cfg: RunConfig) -> dict:
 
         checkpointer = Checkpointer(run)
         checkpointer.maybe_resume()
-        train(run, partial(iterators, train_ds),
-              partial(iterators, valid_ds) if valid_ds is not None else None,
-              on_step_end=checkpointer.on_step_end)
+        try:
+            train(run, partial(iterators, train_ds),
+                  partial(iterators, valid_ds) if valid_ds is not None else None,
+                  on_step_end=checkpointer.on_step_end)
+        except Preempted as stop:  # saved at a preemption signal: leave cleanly
+            run.logger.print(str(stop))
         checkpointer.finish()
-        return summary(run)
+        result = summary(run)
+        if collect is not None:
+            result["collected"] = collect(run)
+        return result
     finally:
         run.logger.close()
         teardown()

@@ -1,0 +1,60 @@
+"""Run a function on N gloo ranks (separate processes) and collect what each rank returns.
+
+    results = run_distributed(fn, 4, arg1, arg2)   # results[rank] = fn(arg1, arg2) on that rank
+
+``fn`` must be importable (module-level). Each rank gets the torchrun environment variables, one
+OpenMP thread, and a free port; an exception on any rank fails the call with that rank's traceback.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, queue):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        # Plain pickle copies tensors into the message; torch's shared-memory passing would break
+        # when this process exits before the parent has read the result.
+        queue.put((rank, "ok", pickle.dumps(fn(*args))))
+    except BaseException:  # report every failure to the parent, then exit
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, errors = [None] * world_size, []
+    try:
+        for _ in range(world_size):
+            rank, status, value = queue.get(timeout=timeout)
+            if status == "error":
+                errors.append(f"--- rank {rank} ---\n{value}")
+                break  # the others may now hang on a collective: stop them below
+            results[rank] = pickle.loads(value)
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else timeout)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("distributed run failed:\n" + "\n".join(errors))
+    return results

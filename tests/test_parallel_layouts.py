@@ -1,0 +1,89 @@
+"""The parallel layouts are the same model: losses of the first steps and the parameters after a few
+optimizer steps match the 1-rank run (fp32, gloo ranks on CPU)."""
+import pytest
+import torch
+
+from distributed import run_distributed
+
+STEPS = 3
+TOL = dict(rtol=1e-5, atol=2e-5)
+
+
+def _overrides(prefix, out_dir, extra):
+    return [
+        "--data.prefix", prefix, "--data.seq_length", "64",
+        "--training.train_steps", str(STEPS), "--training.micro_batch_size", "1",
+        "--training.global_batch_size", "8", "--training.eval_interval", "0",
+        "--optimizer.lr", "1e-3", "--schedule.warmup_steps", "1",
+        "--logging.output_dir", out_dir, "--logging.tensorboard", "false",
+        "--logging.log_interval", "100",
+    ] + list(extra)
+
+
+def train_and_gather(overrides):
+    """Worker: train, then return the per-step losses and the full trained parameters."""
+    from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.parallel.gather import full_state_dict
+    from megatron_bluelm.stages.pretrain import run_pretrain
+
+    cfg = load_config(None, overrides)
+    result = run_pretrain(cfg, collect=lambda run: full_state_dict(run.model))
+    return {"losses": result["losses"], "params": result["collected"]}
+
+
+@pytest.fixture(scope="module")
+def baseline(demo_prefix, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("base"))
+    return run_distributed(train_and_gather, 1, _overrides(demo_prefix, out, []))[0]
+
+
+def _last_rank_losses(results):
+    return results[-1]["losses"]  # the last rank holds the last pipeline stage
+
+
+def _assert_same(baseline, results):
+    losses = _last_rank_losses(results)
+    assert len(losses) == STEPS and all(loss is not None for loss in losses)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(baseline["losses"]), **TOL)
+    assert losses[-1] < losses[0], "training did not reduce the loss"
+    for rank_result in results:  # every rank gathered the same complete model
+        params = rank_result["params"]
+        assert params.keys() == baseline["params"].keys()
+        for name, ref in baseline["params"].items():
+            torch.testing.assert_close(params[name], ref, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+LAYOUTS = {
+    "tp2_pp2": (4, ["--parallel.tp", "2", "--parallel.pp", "2"]),
+    "tp2_dp2": (4, ["--parallel.tp", "2"]),
+    "pp2_dp2": (4, ["--parallel.pp", "2"]),
+    "tp2_sp_dp2_distopt": (4, ["--parallel.tp", "2", "--parallel.sequence_parallel", "true",
+                               "--parallel.distributed_optimizer", "true"]),
+    "pp2_vpp2_tp2": (4, ["--parallel.tp", "2", "--parallel.pp", "2", "--parallel.vpp", "2"]),
+    "dp2_distopt_overlap": (2, ["--parallel.distributed_optimizer", "true",
+                                "--parallel.overlap_grad_reduce", "true"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_layout_matches_single_rank(layout, baseline, demo_prefix, tmp_path):
+    world, extra = LAYOUTS[layout]
+    results = run_distributed(train_and_gather, world, _overrides(demo_prefix, str(tmp_path), extra))
+    _assert_same(baseline, results)
+
+
+@pytest.mark.slow
+def test_tp2_pp2_dp2_eight_ranks(baseline, demo_prefix, tmp_path):
+    extra = ["--parallel.tp", "2", "--parallel.pp", "2", "--parallel.distributed_optimizer", "true"]
+    results = run_distributed(train_and_gather, 8, _overrides(demo_prefix, str(tmp_path), extra))
+    _assert_same(baseline, results)
+
+
+@pytest.mark.slow
+def test_recompute_matches(baseline, demo_prefix, tmp_path):
+    """Selective and full activation recomputation change memory, not the math."""
+    for mode in ("selective", "full"):
+        results = run_distributed(train_and_gather, 1,
+                                  _overrides(demo_prefix, str(tmp_path / mode), ["--training.recompute", mode]))
+        _assert_same(baseline, results)
