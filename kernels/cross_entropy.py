@@ -18,7 +18,7 @@ Gradients, two modes:
   weight.dtype) is then held from forward to backward.
 
 Tensor parallel (tp_group given): W is this rank's vocab shard, rows [r*V_local, (r+1)*V_local).
-Max, sum-exp and target logit are all-reduced once per call (over all tokens). In backward
+Max, sum-exp and target logit are all-reduced per chunk ([c] fp32 each). In backward
 grad_hidden is all-reduced over the group: exactly what megatron's column-parallel output layer
 (`copy_to_tensor_model_parallel_region`: identity forward, all-reduce backward) followed by
 `vocab_parallel_cross_entropy` produces. So pass the same `hidden` on every rank, not wrapped
@@ -164,8 +164,8 @@ class _Chunks:
         self.ignore_index, self.tp_group = ignore_index, tp_group
         self.triton = use_triton(hidden)
         n = hidden.shape[0]
-        if chunk_size is None:  # ~2^27 logits (256 MiB bf16) per chunk, a multiple of 128 rows
-            chunk_size = max(128, (2**27 // max(self.v_local, 1)) // 128 * 128)
+        if chunk_size is None:  # rows: a power of two, <= 2^28 logits (512 MiB bf16) a chunk
+            chunk_size = max(128, 1 << ((2**28 // max(self.v_local, 1)).bit_length() - 1))
         self.bounds = [(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
         self.block_v = min(4096 if hidden.is_cuda else 64, triton.next_power_of_2(self.v_local))
 

@@ -87,7 +87,7 @@ def _rope_kernel(
 
 # Launch shape, chosen by kernels/bench (see docs/KERNELS.md): elements per (half-)tile of a
 # program (sets tokens per program) and warps.
-TUNE = {"tile": 4096, "warps": 8}
+TUNE = {"tile": 8192, "warps": 8, "bwd_tile": 8192, "bwd_warps": 8}
 
 
 def _unit_last(t):
@@ -107,8 +107,9 @@ def _launch(pairs, freqs, inverse, copy_tail):
     half = rot // 2
     bq, bk = triton.next_power_of_2(nq), triton.next_power_of_2(ki.shape[2])
     bhalf = triton.next_power_of_2(half)
-    bt = max(1, TUNE["tile"] // (bq * bhalf))
-    warps = max(1, min(TUNE["warps"], bt * bq * bhalf // 256))
+    pre = "bwd_" if inverse else ""
+    bt = max(1, TUNE[pre + "tile"] // (bq * bhalf))
+    warps = max(1, min(TUNE[pre + "warps"], bt * bq * bhalf // 256))
     _rope_kernel[(triton.cdiv(s * b, bt),)](
         qi, qo, ki, ko, freqs, s * b, b, nq, ki.shape[2], half, rot, d, freqs.stride(0), sf_b,
         *qi.stride()[:3], *qo.stride()[:3], *ki.stride()[:3], *ko.stride()[:3],

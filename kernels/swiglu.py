@@ -45,12 +45,12 @@ def _swiglu_bwd_kernel(X, DY, DX, F_, BLOCK: tl.constexpr):
 
 # Launch shape, chosen by kernels/bench (see docs/KERNELS.md): columns per program and warps
 # (block / (32 * warps) elements per thread: 8 bf16 = one 16-byte access).
-TUNE = {"block": 1024, "warps": 4}
+TUNE = {"block": 1024, "warps": 4, "bwd_block": 1024, "bwd_warps": 8}
 
 
-def _grid(m, f):
-    block = min(TUNE["block"], triton.next_power_of_2(f))
-    return (m, triton.cdiv(f, block)), block, max(1, min(TUNE["warps"], block // 32))
+def _grid(m, f, pre=""):
+    block = min(TUNE[pre + "block"], triton.next_power_of_2(f))
+    return (m, triton.cdiv(f, block)), block, max(1, min(TUNE[pre + "warps"], block // 32))
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -72,7 +72,7 @@ class _SwiGLU(torch.autograd.Function):
         f = x2.shape[1] // 2
         dy2 = dy.reshape(-1, f).contiguous()
         dx = torch.empty_like(x2)
-        grid, block, warps = _grid(x2.shape[0], f)
+        grid, block, warps = _grid(x2.shape[0], f, "bwd_")
         if x2.shape[0] > 0:
             _swiglu_bwd_kernel[grid](x2, dy2, dx, f, BLOCK=block, num_warps=warps)
         return dx.view(ctx.shape)

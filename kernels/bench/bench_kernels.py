@@ -53,6 +53,31 @@ def bench_ms(fn, grad_to_none=None):
                                    return_mode="median")
 
 
+def bench_graph_ms(fn):
+    """GPU time of fn without host launch overhead: capture it in a CUDA graph, time replays.
+
+    Small kernels (tens of microseconds) are otherwise timed as Python + launcher overhead;
+    in training the host runs ahead of the GPU, so the GPU time is what matters. Falls back
+    to plain timing when capture fails."""
+    if not torch.cuda.is_available():
+        return bench_ms(fn)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return bench_ms(graph.replay)
+    except Exception as e:  # noqa: BLE001
+        log(f"graph capture failed ({type(e).__name__}: {e}); timing eagerly")
+        torch.cuda.synchronize()
+        return bench_ms(fn)
+
+
 def copy_bandwidth(dev):
     n = 2**29 if dev == "cuda" else 2**20  # 1 GiB of bf16
     src = torch.randn(n, device=dev, dtype=torch.bfloat16)
@@ -105,8 +130,8 @@ def run_op(op, impls, make_inputs, ref32, fwd_bytes, bwd_bytes, copy_gbs, tol=2e
                 record_check(op, name, f"out{i}", rel_err(o, w), tol)
             for i, (g, w) in enumerate(zip(grads, want)):
                 record_check(op, name, f"grad{i}", rel_err(g, w), tol)
-            f_ms = bench_ms(lambda fn=fn: fn(*inputs))
-            b_ms = bench_ms(lambda outs=outs: torch.autograd.grad(
+            f_ms = bench_graph_ms(lambda fn=fn: fn(*inputs))
+            b_ms = bench_graph_ms(lambda outs=outs: torch.autograd.grad(
                 outs, [t for t in inputs if t.requires_grad],
                 [u.to(o.dtype) for u, o in zip(ups, outs)], retain_graph=True))
         except Exception as e:  # noqa: BLE001  # keep going: one broken baseline must not lose the rest
@@ -205,7 +230,7 @@ def bench_rope(dev, s, b, nq, nkv, d, copy_gbs, only_ours=""):
     # The in-place launch alone, without the clones of the autograd-safe wrapper above:
     q, k = make()
     with torch.no_grad():
-        ms = bench_ms(lambda: apply_rope_qk_(q.detach(), k.detach(), freqs))
+        ms = bench_graph_ms(lambda: apply_rope_qk_(q.detach(), k.detach(), freqs))
     gbs = nbytes / ms / 1e6
     RESULTS["ops"].append({"op": "rope_qk", "impl": f"ours_inplace{only_ours}", "phase": "fwd",
                            "ms": ms,
@@ -297,15 +322,14 @@ def sweep(dev, copy_gbs):
     mods = {k: sys.modules[f"kernels.{k}"] for k in ("rmsnorm", "swiglu", "rope")}
     variants = {
         "rmsnorm": [{"fwd_rows": r, "fwd_warps": w, "bwd_rows": br, "bwd_warps": bw, "bwd_per_sm": ps}
-                    for r, w, br, bw, ps in [(1, 8, 1, 8, 4), (1, 4, 2, 8, 4), (2, 8, 4, 8, 2),
-                                             (4, 8, 1, 4, 8), (2, 4, 2, 4, 8), (1, 16, 1, 16, 2)]],
-        "swiglu": [{"block": b, "warps": w} for b, w in [(1024, 4), (1024, 8), (2048, 8),
-                                                       (4096, 8), (512, 2)]],
-        "rope": [{"tile": t, "warps": w} for t, w in [(2048, 4), (4096, 8), (8192, 8),
-                                                    (16384, 16), (4096, 4)]],
+                    for r, w, br, bw, ps in [(1, 4, 1, 8, 4), (1, 8, 1, 16, 2), (1, 16, 2, 8, 4),
+                                             (2, 4, 4, 8, 2), (2, 8, 2, 4, 8), (4, 8, 1, 4, 8)]],
+        "swiglu": [{"block": b, "warps": w, "bwd_block": b, "bwd_warps": w}
+                   for b, w in [(1024, 4), (1024, 8), (2048, 8), (4096, 8), (512, 2)]],
+        "rope": [{"tile": t, "warps": w, "bwd_tile": t, "bwd_warps": w}
+                 for t, w in [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 16)]],
     }
     for name, vs in variants.items():
-        base = dict(mods[name].TUNE)
         for v in vs:
             mods[name].TUNE.update(v)
             tag = ",".join(f"{k}={x}" for k, x in v.items())
@@ -316,8 +340,27 @@ def sweep(dev, copy_gbs):
                 bench_swiglu(dev, 8192, 6912, copy_gbs, only_ours=tag)
             else:
                 bench_rope(dev, 4096, 2, 20, 4, 128, copy_gbs, only_ours=tag)
-        mods[name].TUNE.clear()
-        mods[name].TUNE.update(base)
+        choose(name, vs, mods[name].TUNE)
+
+
+def choose(name, variants, tune):
+    """Set the fastest launch shape per phase (summed over the op's cases) into tune."""
+    ops = {"rmsnorm": ("rmsnorm", "rmsnorm+res"), "swiglu": ("swiglu",), "rope": ("rope_qk",)}
+    chosen = {}
+    for phase in ("fwd", "bwd"):
+        def total(v, phase=phase):
+            tag = ",".join(f"{k}={x}" for k, x in v.items())
+            impls = ({f"ours_inplace{tag}"} if name == "rope" and phase == "fwd"
+                     else {f"ours[{tag}]"})
+            rows = [r["ms"] for r in RESULTS["ops"] if r["op"] in ops[name]
+                    and r["impl"] in impls and r["phase"] == phase]
+            return sum(rows) if rows else float("inf")
+        best = min(variants, key=total)
+        keys = [k for k in best if k.startswith("bwd_") == (phase == "bwd")]
+        chosen.update({k: best[k] for k in keys})
+    tune.update(chosen)
+    RESULTS.setdefault("chosen", {})[name] = dict(tune)
+    log(f"chosen {name}: {tune}")
 
 
 def _ce_chunk_times(dev, w, c):
@@ -352,7 +395,7 @@ def ce_breakdown(dev, h=2560, v=100352):
 
 
 def table():
-    head = f"{'op':<13}{'impl':<13}{'ph':<4}{'ms':>9}{'GB/s':>9}{'%copy':>7}"
+    head = f"{'op':<13}{'impl':<36}{'ph':<4}{'ms':>9}{'GB/s':>9}{'%copy':>7}"
     lines = [f"copy bandwidth: {RESULTS['env']['copy_gbs']:.0f} GB/s (read+write)",
              head + f"{'x eager':>8}{'x comp':>8}"]
     by = {(r["op"], r["impl"], r["phase"]): r for r in RESULTS["ops"]}
@@ -361,11 +404,11 @@ def table():
         c = by.get((r["op"], "compile", r["phase"]))
         sp_e = f"{e['ms'] / r['ms']:8.2f}" if e else " " * 8
         sp_c = f"{c['ms'] / r['ms']:8.2f}" if c else " " * 8
-        lines.append(f"{r['op']:<13}{r['impl']:<13}{r['phase']:<4}{r['ms']:9.4f}{r['gbs']:9.0f}"
+        lines.append(f"{r['op']:<13}{r['impl']:<36}{r['phase']:<4}{r['ms']:9.4f}{r['gbs']:9.0f}"
                      f"{r['pct_copy']:7.1f}{sp_e}{sp_c}")
-    lines.append(f"{'linear_ce':<13}{'impl':<13}{'fwd+bwd ms':>11}{'peak MiB':>10}")
+    lines.append(f"{'linear_ce':<13}{'impl':<36}{'fwd+bwd ms':>11}{'peak MiB':>10}")
     for r in RESULTS["memory"]:
-        lines.append(f"{'':<13}{r['impl']:<13}{r['ms']:11.3f}{r['peak_bytes'] / 2**20:10.1f}")
+        lines.append(f"{'':<13}{r['impl']:<36}{r['ms']:11.3f}{r['peak_bytes'] / 2**20:10.1f}")
     bad = [c for c in RESULTS["checks"] if not c["ok"]]
     lines.append(f"checks: {len(RESULTS['checks']) - len(bad)}/{len(RESULTS['checks'])} passed")
     lines += [f"  FAILED {c['op']}/{c['impl']}/{c['tensor']} rel {c['rel_err']:.2e}" for c in bad]
@@ -376,7 +419,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter)")
     ap.add_argument("--only", default="", help="comma list: rmsnorm,swiglu,rope,attn,ce")
-    ap.add_argument("--sweep", action="store_true", help="also time launch-shape variants")
+    ap.add_argument("--sweep", action="store_true", help="time launch-shape variants, keep the best")
+    ap.add_argument("--ce-breakdown", action="store_true", help="time the pieces of one CE chunk")
     ap.add_argument("--ce-chunks", default="", help="comma list of extra chunk sizes to time")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -404,7 +448,9 @@ def main():
              ("ce", lambda: bench_cross_entropy(dev, 4096 if not sm else 40, hid,
                                                 100352 if not sm else 300))]
     if args.sweep and dev == "cuda":
-        steps = [("sweep", lambda: sweep(dev, cgb)), ("ce", lambda: ce_breakdown(dev))] + steps
+        steps = [("sweep", lambda: sweep(dev, cgb))] + steps
+        if args.ce_breakdown:
+            steps.insert(1, ("ce", lambda: ce_breakdown(dev)))
         only |= {"sweep"}
     if args.ce_chunks:
         extra = tuple(int(c) for c in args.ce_chunks.split(","))

@@ -84,6 +84,7 @@ def test_small_tiles_many_programs(monkeypatch):
     from kernels.rope import TUNE
 
     monkeypatch.setitem(TUNE, "tile", 64)  # 2 tokens a program: token masks and tails
+    monkeypatch.setitem(TUNE, "bwd_tile", 128)
     s, b = 7, 3
     q0, k0 = torch.randn(s, b, 4, 16), torch.randn(s, b, 1, 16)
     f = _freqs(s, b, 12, True)

@@ -30,4 +30,5 @@ def test_small_blocks(monkeypatch):
     from kernels.swiglu import TUNE
 
     monkeypatch.setitem(TUNE, "block", 32)
+    monkeypatch.setitem(TUNE, "bwd_block", 64)
     assert_same(swiglu, swiglu_ref, [torch.randn(3, 2 * 100)])
