@@ -11,10 +11,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_bluelm.config.data import DataConfig, load_mixture_yaml  # noqa: E402
-from megatron_bluelm.config.errors import ConfigError  # noqa: E402
-from megatron_bluelm.data.mixture import format_report  # noqa: E402
-from megatron_bluelm.data.pretrain import plan_mixture  # noqa: E402
+from megatron_bluelm.config.data import DataConfig, load_mixture_yaml
+from megatron_bluelm.config.errors import ConfigError
+from megatron_bluelm.data.mixture import format_report
+from megatron_bluelm.data.pretrain import plan_mixture
 
 
 def main(argv=None) -> int:
