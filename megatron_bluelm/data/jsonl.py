@@ -94,7 +94,7 @@ def parse_line(raw: bytes, keys: list[str], lineno: int = 0) -> list[str] | BadL
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        return BadLine(lineno, "malformed JSON", f"{e.msg} at column {e.colno}")
+        return BadLine(lineno, "malformed JSON", f"{e.msg} (column {e.colno})")
     if not isinstance(obj, dict):
         return BadLine(lineno, "not a JSON object", type(obj).__name__)
     texts = []
