@@ -39,6 +39,9 @@ def run_pretrain(cfg: RunConfig, collect: Optional[Callable] = None) -> dict:
     dp = prepare_config(cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size}, data.tokenizer_model={cfg.data.tokenizer_model})")
     flops = train_flops_per_token(DecoderShape.from_model_config(cfg.model, vocab), cfg.data.seq_length)
     run = setup_run(cfg, partial(build_decoder, cfg, vocab), flops)
     try:

@@ -1,0 +1,37 @@
+# megatron_bluelm: `make demo` trains the tiny model on the bundled corpus (CPU, 4 gloo ranks);
+# `make test` runs the test suite. Both install what they need first.
+PY ?= python3
+NPROC ?= 4
+STAMP := .install.stamp
+
+.PHONY: install data demo test test-fast lint bench-preprocess clean
+
+$(STAMP): setup.py
+	@# CPU machines: the pinned CPU wheel. A GPU image keeps the torch it ships.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data: $(STAMP)
+	$(PY) -m megatron_bluelm.data.demo
+
+demo: data
+	$(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) \
+		-m megatron_bluelm.stages.pretrain --config examples/pretrain_tiny.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint:
+	$(PY) -m ruff check megatron_bluelm kernels tools tests
+
+bench-preprocess: $(STAMP)
+	$(PY) tools/bench/preprocess_bench.py
+
+clean:
+	rm -rf outputs $(STAMP)
