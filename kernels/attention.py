@@ -50,7 +50,10 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex_block_mask(document_ids, causal):
+def document_block_mask(document_ids, causal=True):
+    """flex_attention BlockMask for packed documents (CUDA). Build it once per micro-batch and
+    pass it to every layer's `attention(..., block_mask=...)`: building it costs more than a
+    layer's attention (see docs/KERNELS.md)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -62,8 +65,10 @@ def _flex_block_mask(document_ids, causal):
     return create_block_mask(mask_mod, b, None, s, s, device=document_ids.device)
 
 
-def attention(q, k, v, *, causal=True, document_ids=None, scale=None):
-    """Scaled dot-product attention, [b, heads, s, d] layout; see the module docstring."""
+def attention(q, k, v, *, causal=True, document_ids=None, scale=None, block_mask=None):
+    """Scaled dot-product attention, [b, heads, s, d] layout; see the module docstring.
+
+    block_mask: optional prebuilt `document_block_mask(document_ids, causal)` (CUDA path only)."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"nq={q.shape[1]} must be a multiple of nkv={k.shape[1]}")
     gqa = q.shape[1] != k.shape[1]
@@ -71,7 +76,8 @@ def attention(q, k, v, *, causal=True, document_ids=None, scale=None):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                               enable_gqa=gqa)
     if q.is_cuda:
-        block_mask = _flex_block_mask(document_ids, causal)
+        if block_mask is None:
+            block_mask = document_block_mask(document_ids, causal)
         return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     mask = document_mask(document_ids, causal)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

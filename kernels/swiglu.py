@@ -45,7 +45,7 @@ def _swiglu_bwd_kernel(X, DY, DX, F_, BLOCK: tl.constexpr):
 
 # Launch shape, chosen by kernels/bench (see docs/KERNELS.md): columns per program and warps
 # (block / (32 * warps) elements per thread: 8 bf16 = one 16-byte access).
-TUNE = {"block": 1024, "warps": 4, "bwd_block": 1024, "bwd_warps": 8}
+TUNE = {"block": 1024, "warps": 4, "bwd_block": 1024, "bwd_warps": 4}
 
 
 def _grid(m, f, pre=""):

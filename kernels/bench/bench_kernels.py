@@ -53,31 +53,6 @@ def bench_ms(fn, grad_to_none=None):
                                    return_mode="median")
 
 
-def bench_graph_ms(fn):
-    """GPU time of fn without host launch overhead: capture it in a CUDA graph, time replays.
-
-    Small kernels (tens of microseconds) are otherwise timed as Python + launcher overhead;
-    in training the host runs ahead of the GPU, so the GPU time is what matters. Falls back
-    to plain timing when capture fails."""
-    if not torch.cuda.is_available():
-        return bench_ms(fn)
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return bench_ms(graph.replay)
-    except Exception as e:  # noqa: BLE001
-        log(f"graph capture failed ({type(e).__name__}: {e}); timing eagerly")
-        torch.cuda.synchronize()
-        return bench_ms(fn)
-
-
 def copy_bandwidth(dev):
     n = 2**29 if dev == "cuda" else 2**20  # 1 GiB of bf16
     src = torch.randn(n, device=dev, dtype=torch.bfloat16)
@@ -130,8 +105,8 @@ def run_op(op, impls, make_inputs, ref32, fwd_bytes, bwd_bytes, copy_gbs, tol=2e
                 record_check(op, name, f"out{i}", rel_err(o, w), tol)
             for i, (g, w) in enumerate(zip(grads, want)):
                 record_check(op, name, f"grad{i}", rel_err(g, w), tol)
-            f_ms = bench_graph_ms(lambda fn=fn: fn(*inputs))
-            b_ms = bench_graph_ms(lambda outs=outs: torch.autograd.grad(
+            f_ms = bench_ms(lambda fn=fn: fn(*inputs))
+            b_ms = bench_ms(lambda outs=outs: torch.autograd.grad(
                 outs, [t for t in inputs if t.requires_grad],
                 [u.to(o.dtype) for u, o in zip(ups, outs)], retain_graph=True))
         except Exception as e:  # noqa: BLE001  # keep going: one broken baseline must not lose the rest
@@ -230,7 +205,7 @@ def bench_rope(dev, s, b, nq, nkv, d, copy_gbs, only_ours=""):
     # The in-place launch alone, without the clones of the autograd-safe wrapper above:
     q, k = make()
     with torch.no_grad():
-        ms = bench_graph_ms(lambda: apply_rope_qk_(q.detach(), k.detach(), freqs))
+        ms = bench_ms(lambda: apply_rope_qk_(q.detach(), k.detach(), freqs))
     gbs = nbytes / ms / 1e6
     RESULTS["ops"].append({"op": "rope_qk", "impl": f"ours_inplace{only_ours}", "phase": "fwd",
                            "ms": ms,
