@@ -117,11 +117,12 @@ class BlueLMModel(GPTModel):
         return torch.cat((angles, angles), dim=-1)[:, :, None, :]
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
-        if not (self.fused_loss and self.post_process and labels is not None and self.training):
+        """With the fused loss and a loss mask: the masked loss *sum* (a scalar), else as GPTModel."""
+        if not (self.fused_loss and self.post_process and labels is not None):
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
         from megatron_bluelm.models.fused_loss import fused_output_loss
 
-        return fused_output_loss(self.output_layer, hidden_states, labels)
+        return fused_output_loss(self.output_layer, hidden_states, labels, kwargs.get("loss_mask"))
 
 
 def build_decoder(cfg: RunConfig, vocab_size: int, *, pre_process: bool = True, post_process: bool = True,

@@ -25,9 +25,10 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
 
 
 def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Per-token losses [b, s] -> (loss sum, token count, report) as megatron-core expects."""
+    """Per-token losses [b, s] (or their masked sum, from the fused loss) -> (loss sum, token count,
+    report) as megatron-core expects."""
     mask = loss_mask.float()
-    loss = torch.sum(output.float() * mask)
+    loss = output.float() if output.dim() == 0 else torch.sum(output.float() * mask)
     num_tokens = mask.sum().to(torch.int)
     report = torch.stack([loss.detach(), num_tokens.float()])
     return loss, num_tokens, {"lm loss": report}
@@ -36,7 +37,8 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 def make_forward_step(device: torch.device):
     def forward_step(data_iterator: Iterator, model):
         batch = batch_to_device(next(data_iterator), device)
-        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
+                       loss_mask=batch["loss_mask"])
         return output, partial(loss_func, batch["loss_mask"])
 
     return forward_step
