@@ -1,0 +1,81 @@
+"""Text-level generation: tokenizer + chat template + thinking budget around ``generate_ids``.
+
+    gen = TextGenerator(inference_model, tokenizer)
+    outs = gen.chat([[{"role": "user", "content": "reverse: a b c"}]], thinking_budget=64)
+
+The chat template lives in ``megatron_bluelm.data.chat_template`` (one source of truth, also exported
+to the HF tokenizer); a budget of 0 renders the non-thinking prompt (empty think block).
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import replace
+
+from megatron_bluelm.inference.errors import GenerationError
+from megatron_bluelm.inference.generate import (
+    GenerationOutput,
+    GenerationRequest,
+    SpecialIds,
+    generate_ids,
+)
+from megatron_bluelm.inference.runner import ModelRunner
+
+END_TOKENS = ("</s>", "<|end|>")  # default stop tokens: end of document, end of turn
+
+
+def render_prompt(messages: list, thinking: bool) -> str:
+    """The chat prompt up to the open assistant turn, from the project's one chat template."""
+    from megatron_bluelm.data.chat_template import render_chat
+
+    params = inspect.signature(render_chat).parameters
+    if "add_generation_prompt" in params:
+        return render_chat(messages, thinking=thinking, add_generation_prompt=True)
+    return render_chat(messages, thinking=thinking)
+
+
+class TextGenerator:
+    def __init__(self, inference_model, tokenizer):
+        self.im, self.tok = inference_model, tokenizer
+        embedding_rows = _embedding_rows(inference_model)
+        if embedding_rows is not None and tokenizer.vocab_size > embedding_rows:
+            raise GenerationError(f"tokenizer '{tokenizer.model_path}' has {tokenizer.vocab_size} tokens but the "
+                                  f"model's embedding only {embedding_rows}: checkpoint/tokenizer mismatch")
+        self.runner = ModelRunner(inference_model.model, inference_model.info.device)
+        s = tokenizer.special_ids
+        self.ids = SpecialIds(pad=tokenizer.pad, think=s["<think>"], end_think=s["</think>"])
+        self.default_stops = [s[t] for t in END_TOKENS]
+
+    def request(self, bridge_text: str = "", stop_tokens: Sequence[int] | None = None,
+                **kwargs) -> GenerationRequest:
+        req = GenerationRequest(**kwargs)
+        req.stop_token_ids = list(self.default_stops if stop_tokens is None else stop_tokens)
+        if bridge_text:
+            req.bridge_ids = self.tok.encode(bridge_text)
+        return req
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], req: GenerationRequest) -> list[GenerationOutput]:
+        return generate_ids(self.runner, prompts, req, ids=self.ids, vocab_size=self.im.vocab_size,
+                            max_context=self.im.max_context)
+
+    def generate(self, texts: Sequence[str], req: GenerationRequest) -> list[GenerationOutput]:
+        return self.generate_ids([self.tok.encode(t) for t in texts], req)
+
+    def chat(self, conversations: Sequence[list], req: GenerationRequest) -> list[GenerationOutput]:
+        """Budget None: thinking, unlimited; 0: non-thinking; N: thinking, closed after N tokens."""
+        budgets = req.thinking_budget
+        if not isinstance(budgets, (list, tuple)):
+            budgets = [budgets] * len(conversations)
+        prompts = [self.tok.encode(render_prompt(m, thinking=b != 0)) for m, b in zip(conversations, budgets)]
+        return self.generate_ids(prompts, replace(req, thinking_budget=list(budgets)))
+
+    def decode(self, out: GenerationOutput) -> str:
+        tokens = out.tokens[:-1] if out.finish_reason == "stop" else out.tokens
+        return self.tok.decode(tokens)
+
+
+def _embedding_rows(im) -> int | None:
+    emb = getattr(im.model, "embedding", None)
+    if emb is None:
+        return None
+    return emb.word_embeddings.num_embeddings
