@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Tokenize JSONL into megatron-core indexed datasets (PREFIX_text_document.bin/.idx).
 
+SFT conversations (tokens + assistant-only loss mask, thinking / non-thinking mix): add --chat,
+see `python tools/preprocess_data.py --chat --help` and docs/SFT_AND_GENERATION.md.
+
 Demo (bundled corpus and tokenizer):
   python tools/preprocess_data.py \
       --input megatron_bluelm/assets/corpus/python_docs.jsonl.gz \
@@ -46,6 +49,11 @@ def parse_args(argv=None) -> Options:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--chat" in argv:  # SFT conversations: tokens + loss mask (megatron_bluelm/data/sft.py)
+        from megatron_bluelm.data.sft import chat_main
+
+        return chat_main(argv)
     opts = parse_args(argv)
     try:
         summary = preprocess(opts)
