@@ -2,7 +2,6 @@
 optimizer steps match the 1-rank run (fp32, gloo ranks on CPU)."""
 import pytest
 import torch
-
 from distributed import run_distributed
 
 STEPS = 3
@@ -50,7 +49,7 @@ def _assert_same(baseline, results):
         params = rank_result["params"]
         assert params.keys() == baseline["params"].keys()
         for name, ref in baseline["params"].items():
-            torch.testing.assert_close(params[name], ref, **TOL, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(params[name], ref, **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 LAYOUTS = {

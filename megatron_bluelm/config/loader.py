@@ -45,7 +45,9 @@ def _unwrap_optional(tp):
 def _coerce(value: Any, tp, where: str) -> Any:
     """Convert a YAML or command-line value to the field's declared type, or fail naming ``where``."""
     base, optional = _unwrap_optional(tp)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+    # "none"/"null" on the command line mean None only where None is allowed ("none" is also a
+    # legitimate string value, e.g. training.recompute: none).
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
         raise ConfigError(f"{where}: may not be null")

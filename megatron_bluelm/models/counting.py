@@ -75,7 +75,8 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description="Parameter count and FLOPs of a decoder preset")
     ap.add_argument("preset", choices=sorted(PRESETS))
-    ap.add_argument("--vocab-size", type=int, default=None, help="needed for presets whose vocab comes from the tokenizer")
+    ap.add_argument("--vocab-size", type=int, default=None,
+                    help="needed for presets whose vocab comes from the tokenizer")
     ap.add_argument("--seq-length", type=int, default=4096)
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]

@@ -71,7 +71,10 @@ def _parts(backend: str):
     """(norm, column linear, row linear, core attention, rope function, MLP activation module)."""
     if backend == "te":
         from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear, TEDotProductAttention, TENorm, TERowParallelLinear,
+            TEColumnParallelLinear,
+            TEDotProductAttention,
+            TENorm,
+            TERowParallelLinear,
         )
 
         return TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, torch_rope, None

@@ -32,9 +32,9 @@ def run_pretrain(cfg: RunConfig, collect: Optional[Callable] = None) -> dict:
     from megatron_bluelm.data import build_data_iterator, build_pretrain_datasets, load_tokenizer
     from megatron_bluelm.models.counting import DecoderShape, train_flops_per_token
     from megatron_bluelm.models.decoder import build_decoder
+    from megatron_bluelm.parallel.setup import teardown
     from megatron_bluelm.training.checkpointing import Checkpointer, Preempted
     from megatron_bluelm.training.loop import prepare_config, setup_run, summary, train
-    from megatron_bluelm.parallel.setup import teardown
 
     dp = prepare_config(cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
