@@ -99,3 +99,8 @@ def test_cli_reports_config_errors_quickly(tmp_path):
     assert proc.returncode == 2
     assert "model.num_attention_heads (4) is not divisible by parallel.tp (3)" in proc.stderr
     assert time.perf_counter() - start < 30
+
+
+def test_none_is_a_string_where_null_is_not_allowed():
+    cfg = _cfg("--training.recompute", "none", "--parallel.vpp", "none", "--model.vocab_size", "null")
+    assert cfg.training.recompute == "none" and cfg.parallel.vpp is None and cfg.model.vocab_size is None

@@ -5,8 +5,8 @@ letting a CUDA call slip through on CPU machines."""
 import importlib
 
 import torch
-
 from distributed import run_distributed
+
 from megatron_bluelm.parallel import cpu
 
 
