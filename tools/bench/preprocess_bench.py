@@ -25,8 +25,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from megatron_bluelm.config.data import BUNDLED_TOKENIZER
-from megatron_bluelm.data.demo import DOCSTRINGS, PYTHON_DOCS
+from megatron_bluelm.config.data import BUNDLED_TOKENIZER  # noqa: E402
+from megatron_bluelm.data.demo import DOCSTRINGS, PYTHON_DOCS  # noqa: E402
 
 
 def make_input(path: str, mb: float) -> None:

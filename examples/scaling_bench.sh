@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Scaling benchmark of the bluelm-2.5-3b decoder on this node's GPUs (weak scaling, seq 4096):
+#   examples/scaling_bench.sh                 # all default layouts that fit the visible GPUs
+#   examples/scaling_bench.sh --layouts dp2,tp2,pp2-vpp2 --microbatches 16
+set -euo pipefail
+mkdir -p outputs
+exec python3 tools/bench/scaling_bench.py --preset bluelm-2.5-3b --seq 4096 --out outputs/scaling.json "$@"

@@ -1,0 +1,37 @@
+"""The scaling benchmark's layout grammar and the overrides it hands to the trainer."""
+import importlib.util
+import os
+
+import pytest
+
+from megatron_bluelm.config.loader import load_config
+from megatron_bluelm.config.validate import validate
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "tools", "bench", "scaling_bench.py")
+_spec = importlib.util.spec_from_file_location("scaling_bench", _PATH)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+@pytest.mark.parametrize("name,world,tp,pp,vpp", [
+    ("1gpu", 1, 1, 1, None), ("dp4", 4, 1, 1, None), ("tp2-pp2", 4, 2, 2, None),
+    ("pp4-vpp7", 4, 1, 4, 7), ("tp2-dp2+sp", 4, 2, 1, None),
+])
+def test_layouts_validate_as_configs(name, world, tp, pp, vpp):
+    layout = bench.parse_layout(name)
+    assert bench.world_size(layout) == world
+    args = bench.argparse.Namespace(preset="bluelm-2.5-3b", seq=4096, mbs=1, microbatches=8, steps=4,
+                                    recompute="none", vocab=100_000)
+    cfg = load_config(None, bench.overrides(layout, args))
+    dp = validate(cfg, world_size=world)
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp) == (tp, pp, vpp)
+    assert cfg.training.global_batch_size == cfg.training.micro_batch_size * dp * (8 * (pp if vpp else 1))
+    assert cfg.parallel.sequence_parallel == name.endswith("+sp")
+    assert cfg.parallel.distributed_optimizer == (dp > 1)
+
+
+def test_invalid_layout_is_reported_not_launched():
+    args = bench.argparse.Namespace(preset="bluelm-2.5-3b", seq=4096, mbs=1, microbatches=8, steps=4,
+                                    recompute="none", vocab=100_000, timeout=1)
+    r = bench.run_layout("pp4-vpp2", args)
+    assert "not divisible by parallel.vpp (2)" in r["skipped"]

@@ -1,0 +1,153 @@
+"""Scaling benchmark: the same model under a list of parallel layouts, one torchrun per layout.
+
+    python tools/bench/scaling_bench.py --gpus 4 --preset bluelm-2.5-3b --seq 4096
+    python tools/bench/scaling_bench.py --gpus 2 --layouts dp2,tp2,pp2-vpp2 --steps 8
+    python tools/bench/scaling_bench.py --cpu --gpus 4 --preset tiny --seq 128   # gloo, a smoke run
+
+Weak scaling: every data-parallel rank keeps the same micro-batch and micro-batch count, so the
+global batch grows with DP. Per layout it prints tokens/s per GPU, model TFLOP/s per GPU, MFU (vs the
+datasheet peak), peak memory per GPU (max over ranks) and the efficiency = tokens/s per GPU relative
+to the 1-GPU run of the same call. Layouts needing more GPUs than --gpus are skipped.
+
+Layout names: dpN, tpN, ppN, ppN-vppV, tpA-ppB, tpA-dpB (dp is implied: world / (tp*pp)); suffixes
+``+sp`` (sequence parallel), ``+do`` (distributed optimizer; on by default when dp > 1),
+``+ov`` (overlap grad reduce / param gather).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+DEFAULT_LAYOUTS = ("1gpu,dp2,dp4,tp2,tp4,pp2,pp4,pp2-vpp2,pp4-vpp7,tp2-pp2,tp2-dp2,"
+                   "dp2+ov,dp4+ov,tp2+sp,tp4+sp")
+
+
+def parse_layout(name: str) -> dict:
+    """'tp2-pp2+sp' -> {'tp': 2, 'pp': 2, 'vpp': None, 'dp': None, 'sp': True, ...}."""
+    base, *flags = name.split("+")
+    out = {"tp": 1, "pp": 1, "vpp": None, "dp": None, "sp": "sp" in flags, "ov": "ov" in flags,
+           "do": "do" in flags}
+    if base == "1gpu":
+        out["dp"] = 1
+        return out
+    for key, value in re.findall(r"(tp|pp|vpp|dp)(\d+)", base):
+        out[key] = int(value)
+    return out
+
+
+def world_size(layout: dict) -> int:
+    return layout["tp"] * layout["pp"] * (layout["dp"] or 1)
+
+
+def overrides(layout: dict, args) -> list[str]:
+    dp = layout["dp"] or 1
+    micro = args.microbatches * (layout["pp"] if layout["vpp"] else 1)  # interleaving needs n % pp == 0
+    o = ["--model.preset", args.preset, "--data.mock", "true", "--data.seq_length", str(args.seq),
+         "--training.micro_batch_size", str(args.mbs), "--training.global_batch_size", str(args.mbs * micro * dp),
+         "--training.train_steps", str(args.steps), "--training.eval_interval", "0",
+         "--schedule.warmup_steps", "1", "--logging.log_interval", str(max(args.steps // 2, 1)),
+         "--logging.tensorboard", "false", "--training.recompute", args.recompute,
+         "--parallel.tp", str(layout["tp"]), "--parallel.pp", str(layout["pp"]),
+         "--parallel.distributed_optimizer", str(layout["do"] or dp > 1).lower(),
+         "--parallel.sequence_parallel", str(layout["sp"]).lower(),
+         "--parallel.overlap_grad_reduce", str(layout["ov"]).lower(),
+         "--parallel.overlap_param_gather", str(layout["ov"] and (layout["do"] or dp > 1)).lower()]
+    if layout["vpp"]:
+        o += ["--parallel.vpp", str(layout["vpp"])]
+    if args.vocab:
+        o += ["--model.vocab_size", str(args.vocab)]
+    return o
+
+
+def check_layout(layout: dict, args) -> str | None:
+    """The trainer's own config validation, before spending a launch: None or the error."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+    from megatron_bluelm.config.errors import ConfigError
+    from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.config.validate import validate
+
+    try:
+        validate(load_config(None, overrides(layout, args) + ["--data.mock", "true"]), world_size(layout))
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def run_layout(name: str, args) -> dict:
+    layout = parse_layout(name)
+    world = world_size(layout)
+    problem = check_layout(layout, args)
+    if problem:
+        return {"layout": name, "world": world, "skipped": f"invalid layout: {problem}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+               os.path.join(os.path.dirname(os.path.abspath(__file__)), "scaling_worker.py"), result_path,
+               *overrides(layout, args), "--logging.output_dir", tmp]
+        env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+        if proc.returncode != 0 or not os.path.exists(result_path):
+            tail = (proc.stderr or proc.stdout)[-1500:]
+            return {"layout": name, "world": world, "error": tail.strip().splitlines()[-1] if tail else "failed",
+                    "log_tail": tail}
+        with open(result_path) as f:
+            return {"layout": name, "world": world, **json.load(f)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpus", type=int, default=None, help="GPUs available (default: all visible)")
+    ap.add_argument("--cpu", action="store_true", help="run on gloo CPU ranks (a functional smoke run)")
+    ap.add_argument("--layouts", default=DEFAULT_LAYOUTS)
+    ap.add_argument("--preset", default="bluelm-2.5-3b")
+    ap.add_argument("--vocab", type=int, default=100_000)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--mbs", type=int, default=1)
+    ap.add_argument("--microbatches", type=int, default=8, help="micro-batches per step and DP rank")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--recompute", default="none")
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not args.cpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA device: pass --cpu for a gloo smoke run")
+        args.gpus = args.gpus or torch.cuda.device_count()
+    args.gpus = args.gpus or 1
+    names = [n.strip() for n in args.layouts.split(",") if n.strip()]
+    if "1gpu" not in names:
+        names.insert(0, "1gpu")
+    results = []
+    for name in names:
+        if world_size(parse_layout(name)) > args.gpus:
+            results.append({"layout": name, "world": world_size(parse_layout(name)), "skipped": "needs more GPUs"})
+            continue
+        r = run_layout(name, args)
+        results.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}), flush=True)
+    base = next((r for r in results if r["layout"] == "1gpu" and "tokens_per_s_per_gpu" in r), None)
+    print(f"\n{args.preset}, seq {args.seq}, micro-batch {args.mbs} x {args.microbatches} per DP rank, "
+          f"{args.steps} steps (weak scaling)")
+    print(f"{'layout':<14}{'GPUs':>5}{'tok/s/GPU':>12}{'TFLOP/s/GPU':>13}{'MFU':>8}{'mem GiB':>9}{'eff.':>8}")
+    for r in results:
+        if "tokens_per_s_per_gpu" not in r:
+            print(f"{r['layout']:<14}{r['world']:>5}  {r.get('skipped') or r.get('error')}")
+            continue
+        eff = f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.0%}" if base else "-"
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+        print(f"{r['layout']:<14}{r['world']:>5}{r['tokens_per_s_per_gpu']:>12,.0f}{r['tflops_per_gpu']:>13.1f}"
+              f"{mfu:>8}{r['peak_mem_gib']:>9.1f}{eff:>8}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
