@@ -64,6 +64,12 @@ def overrides(layout: dict, args) -> list[str]:
     return o
 
 
+def _error_line(log: str) -> str:
+    """The exception line of a failed run (torchrun's own banner comes after it)."""
+    lines = [ln.strip() for ln in log.splitlines() if re.search(r"(Error|Exception)\b.*:", ln)]
+    return lines[-1][:300] if lines else "failed (no exception in the log)"
+
+
 def check_layout(layout: dict, args) -> str | None:
     """The trainer's own config validation, before spending a launch: None or the error."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -92,9 +98,8 @@ def run_layout(name: str, args) -> dict:
         env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
         if proc.returncode != 0 or not os.path.exists(result_path):
-            tail = (proc.stderr or proc.stdout)[-1500:]
-            return {"layout": name, "world": world, "error": tail.strip().splitlines()[-1] if tail else "failed",
-                    "log_tail": tail}
+            return {"layout": name, "world": world, "error": _error_line(proc.stderr + proc.stdout),
+                    "log_tail": (proc.stderr or proc.stdout)[-3000:]}
         with open(result_path) as f:
             return {"layout": name, "world": world, **json.load(f)}
 
