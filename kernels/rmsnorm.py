@@ -5,7 +5,8 @@
 Statistics in fp32, outputs in x.dtype. With a residual the kernel also writes `s` (the new
 residual stream), so the pre-norm block reads x and residual once instead of three passes
 (add, then norm reading s twice). Backward reads s, dy (and the grad of s) once and writes ds;
-the weight gradient is reduced per program in fp32 and summed on the host.
+the weight gradient is accumulated per program over many rows in fp32 registers, written as
+one [programs, H] fp32 row each, and summed by a second small kernel (no atomics).
 """
 
 import torch
@@ -49,36 +50,78 @@ def _rmsnorm_fwd_kernel(
 
 
 @triton.jit
+def _rmsnorm_bwd_load(S, DY, DS_OUT, RSTD, rows, cols, stride_s, stride_dy, stride_dso, M, H,
+                      HAS_DS_OUT: tl.constexpr):
+    mask = (rows < M) & (cols < H)
+    s = tl.load(S + rows * stride_s + cols, mask=mask, other=0.0)
+    dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0)
+    if HAS_DS_OUT:
+        ds = tl.load(DS_OUT + rows * stride_dso + cols, mask=mask, other=0.0)
+    else:
+        ds = dy
+    rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
+    return s, dy, ds, rstd
+
+
+@triton.jit
 def _rmsnorm_bwd_kernel(
     S, DY, DS_OUT, DX, W, RSTD, DW_PART, stride_s, stride_dy, stride_dso, stride_dx,
     M, H, HAS_DS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    # Each program walks row tiles pid, pid+P, ... and keeps its share of dW in registers
-    # (summed over programs on the host): no [M, H] fp32 partials through memory.
+    # Program p walks the row tiles p, p + P, p + 2P, ... (grid-stride, P = programs) and keeps
+    # its share of dW in fp32 registers; one [P, H] fp32 row of partial sums per program is
+    # reduced afterwards by _sum_rows_kernel (no atomics). With PREFETCH the next tile's loads
+    # are issued before this tile's arithmetic and stores (software pipelining by hand), so
+    # each program keeps two tiles of loads in flight.
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
+    step = tl.num_programs(0) * BLOCK_M
     cols = tl.arange(0, BLOCK)[None, :]
     w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
-    for blk in range(pid, tl.cdiv(M, BLOCK_M), nprog):
-        rows = (blk * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
-        mask = (rows < M) & (cols < H)
-        s = tl.load(S + rows * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
-        shat = s * rstd
-        dyw = dy * w
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    s, dy, ds, rstd = _rmsnorm_bwd_load(S, DY, DS_OUT, RSTD, rows, cols, stride_s, stride_dy,
+                                        stride_dso, M, H, HAS_DS_OUT)
+    for _ in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        if PREFETCH:
+            s_n, dy_n, ds_n, rstd_n = _rmsnorm_bwd_load(S, DY, DS_OUT, RSTD, rows + step, cols,
+                                                        stride_s, stride_dy, stride_dso, M, H,
+                                                        HAS_DS_OUT)
+        shat = s.to(tl.float32) * rstd
+        dyf = dy.to(tl.float32)
+        dyw = dyf * w
         dx = rstd * (dyw - shat * (tl.sum(dyw * shat, axis=1)[:, None] / H))
         if HAS_DS_OUT:  # gradient that reached `s` directly (the residual stream)
-            dx += tl.load(DS_OUT + rows * stride_dso + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        dw += dy * shat
+            dx += ds.to(tl.float32)
+        tl.store(DX + rows * stride_dx + cols, dx.to(DX.dtype.element_ty),
+                 mask=(rows < M) & (cols < H))
+        dw += dyf * shat
+        if PREFETCH:
+            s, dy, ds, rstd = s_n, dy_n, ds_n, rstd_n
+            rows += step
+        else:
+            rows += step
+            s, dy, ds, rstd = _rmsnorm_bwd_load(S, DY, DS_OUT, RSTD, rows, cols, stride_s,
+                                                stride_dy, stride_dso, M, H, HAS_DS_OUT)
     tl.store(DW_PART + pid.to(tl.int64) * H + cols, tl.sum(dw, axis=0)[None, :], mask=cols < H)
 
 
+@triton.jit
+def _sum_rows_kernel(P, OUT, N, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    # OUT[h] = sum_n P[n, h] (fp32 accumulation), cast to OUT's dtype: the dW partials -> dW.
+    cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    for r in range(0, N, BLOCK_N):
+        rows = r + tl.arange(0, BLOCK_N)[:, None]
+        acc += tl.load(P + rows * H + cols, mask=(rows < N) & (cols < H), other=0.0)
+    out = tl.sum(acc, axis=0)[None, :]
+    tl.store(OUT + cols, out.to(OUT.dtype.element_ty), mask=cols < H)
+
+
 # Launch shape, chosen by kernels/bench (see docs/KERNELS.md); keys: rows per tile, warps,
-# backward programs per SM.
-TUNE = {"fwd_rows": 1, "fwd_warps": 8, "bwd_rows": 1, "bwd_warps": 8, "bwd_per_sm": 4}
+# backward programs per SM, backward prefetch of the next tile.
+TUNE = {"fwd_rows": 1, "fwd_warps": 8, "bwd_rows": 1, "bwd_warps": 8, "bwd_per_sm": 4,
+        "bwd_prefetch": 1, "bwd_programs_cpu": 4}
 
 
 def _block(h):
@@ -93,8 +136,20 @@ def _bwd_programs(m, device):
     tiles = triton.cdiv(m, TUNE["bwd_rows"])
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return min(tiles, TUNE["bwd_per_sm"] * sms)
-    return min(tiles, 4)  # interpreter: few programs, each loops over rows
+        return max(1, min(tiles, TUNE["bwd_per_sm"] * sms))
+    return max(1, min(tiles, TUNE["bwd_programs_cpu"]))  # interpreter: few programs
+
+
+def _sum_rows(part, dtype):
+    n, h = part.shape
+    out = torch.empty(h, device=part.device, dtype=dtype)
+    # Narrow column blocks (16 fp32 = 64 B a row) and tall row blocks: ~160 programs at
+    # H = 2560, each with <= 4 dependent load steps for <= 1056 partial rows.
+    bh = min(16, triton.next_power_of_2(h))
+    bn = min(256, triton.next_power_of_2(n))
+    _sum_rows_kernel[(triton.cdiv(h, bh),)](part, out, n, h, BLOCK_N=bn, BLOCK_H=bh,
+                                            num_warps=4)
+    return out
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -131,9 +186,10 @@ class _RMSNorm(torch.autograd.Function):
         _rmsnorm_bwd_kernel[(nprog,)](
             s, dy2, dso, dx, weight, rstd, dw_part, s.stride(0), dy2.stride(0), dso.stride(0),
             dx.stride(0), m, h, HAS_DS_OUT=ds_out is not None, BLOCK_M=TUNE["bwd_rows"],
-            BLOCK=_block(h), num_warps=_warps(h, "bwd_warps"),
+            BLOCK=_block(h), PREFETCH=bool(TUNE["bwd_prefetch"]),
+            num_warps=_warps(h, "bwd_warps"),
         )
-        dw = dw_part.sum(0).to(weight.dtype)
+        dw = _sum_rows(dw_part, weight.dtype)
         dx = dx.view(ctx.shape)
         # x and residual get the same gradient (s = x + residual); autograd copies on accumulate.
         return dx, dw, (dx if ctx.has_res else None), None

@@ -31,29 +31,33 @@ def apply_rope_ref(t, freqs):
 
 
 @triton.jit
-def _rope_tile(IN, OUT, ss_i, sb_i, sh_i, ss_o, sb_o, sh_o, s_i, b_i, tmask, NH, c1, s1, c2, s2,
-               HALF, ROT, D, INVERSE: tl.constexpr, COPY_TAIL: tl.constexpr,
-               BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr):
-    # Tile [tokens, heads, half]; s_i, b_i, tmask: [T, 1, 1]; c*/s*: [T, 1, HALF].
-    h = tl.arange(0, BLOCK_H)[None, :, None]
+def _rope_heads(IN, OUT, ss_i, sb_i, sh_i, ss_o, sb_o, sh_o, s_i, b_i, tmask, NH, c1, s1, c2,
+                s2, HALF, ROT, D, INVERSE: tl.constexpr, COPY_TAIL: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr):
+    # All NH heads of a [tokens] tile, BLOCK_H heads at a time (BLOCK_H divides NH in the usual
+    # cases, so no lanes idle on padded heads); s_i, b_i, tmask: [T, 1, 1]; c*/s*: [T, 1, HALF].
     d = tl.arange(0, BLOCK_HALF)[None, None, :]
-    mask = tmask & (h < NH) & (d < HALF)
-    pin = IN + s_i * ss_i + b_i * sb_i + h * sh_i
-    pout = OUT + s_i * ss_o + b_i * sb_o + h * sh_o
-    x1 = tl.load(pin + d, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(pin + HALF + d, mask=mask, other=0.0).to(tl.float32)
-    if INVERSE:  # transpose of the forward map, for the gradient
-        o1 = x1 * c1 + x2 * s2
-        o2 = x2 * c2 - x1 * s1
-    else:
-        o1 = x1 * c1 - x2 * s1
-        o2 = x2 * c2 + x1 * s2
-    tl.store(pout + d, o1.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(pout + HALF + d, o2.to(OUT.dtype.element_ty), mask=mask)
-    if COPY_TAIL:
-        dt = ROT + tl.arange(0, BLOCK_TAIL)[None, None, :]
-        mt = tmask & (h < NH) & (dt < D)
-        tl.store(pout + dt, tl.load(pin + dt, mask=mt, other=0.0), mask=mt)
+    pin0 = IN + s_i * ss_i + b_i * sb_i
+    pout0 = OUT + s_i * ss_o + b_i * sb_o
+    for h0 in range(0, NH, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)[None, :, None]
+        mask = tmask & (h < NH) & (d < HALF)
+        pin = pin0 + h * sh_i
+        pout = pout0 + h * sh_o
+        x1 = tl.load(pin + d, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(pin + HALF + d, mask=mask, other=0.0).to(tl.float32)
+        if INVERSE:  # transpose of the forward map, for the gradient
+            o1 = x1 * c1 + x2 * s2
+            o2 = x2 * c2 - x1 * s1
+        else:
+            o1 = x1 * c1 - x2 * s1
+            o2 = x2 * c2 + x1 * s2
+        tl.store(pout + d, o1.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(pout + HALF + d, o2.to(OUT.dtype.element_ty), mask=mask)
+        if COPY_TAIL:
+            dt = ROT + tl.arange(0, BLOCK_TAIL)[None, None, :]
+            mt = tmask & (h < NH) & (dt < D)
+            tl.store(pout + dt, tl.load(pin + dt, mask=mt, other=0.0), mask=mt)
 
 
 @triton.jit
@@ -61,11 +65,10 @@ def _rope_kernel(
     Q_IN, Q_OUT, K_IN, K_OUT, FREQS, T, B, NQ, NK, HALF, ROT, D, sf_s, sf_b,
     sqs_i, sqb_i, sqh_i, sqs_o, sqb_o, sqh_o, sks_i, skb_i, skh_i, sks_o, skb_o, skh_o,
     HAS_K: tl.constexpr, INVERSE: tl.constexpr, COPY_TAIL: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_TAIL: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
 ):
-    # BLOCK_T tokens per program, q and k together: cos/sin are computed once per token and
-    # reused for every head of both.
+    # BLOCK_T tokens per program, every head of q and k: cos/sin are computed once per token
+    # (fp32, accurate) and reused for all heads of both.
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None, None]
     tmask = tok < T
     s_i = (tok // B).to(tl.int64)
@@ -76,28 +79,33 @@ def _rope_kernel(
     f1 = tl.load(fp + d, mask=fmask, other=0.0).to(tl.float32)
     f2 = tl.load(fp + HALF + d, mask=fmask, other=0.0).to(tl.float32)
     c1, s1, c2, s2 = tl.cos(f1), tl.sin(f1), tl.cos(f2), tl.sin(f2)
-    _rope_tile(Q_IN, Q_OUT, sqs_i, sqb_i, sqh_i, sqs_o, sqb_o, sqh_o, s_i, b_i, tmask, NQ,
-               c1, s1, c2, s2, HALF, ROT, D, INVERSE, COPY_TAIL, BLOCK_HQ, BLOCK_HALF,
-               BLOCK_TAIL)
+    _rope_heads(Q_IN, Q_OUT, sqs_i, sqb_i, sqh_i, sqs_o, sqb_o, sqh_o, s_i, b_i, tmask, NQ,
+                c1, s1, c2, s2, HALF, ROT, D, INVERSE, COPY_TAIL, BLOCK_H, BLOCK_HALF,
+                BLOCK_TAIL)
     if HAS_K:
-        _rope_tile(K_IN, K_OUT, sks_i, skb_i, skh_i, sks_o, skb_o, skh_o, s_i, b_i, tmask, NK,
-                   c1, s1, c2, s2, HALF, ROT, D, INVERSE, COPY_TAIL, BLOCK_HK, BLOCK_HALF,
-                   BLOCK_TAIL)
+        _rope_heads(K_IN, K_OUT, sks_i, skb_i, skh_i, sks_o, skb_o, skh_o, s_i, b_i, tmask, NK,
+                    c1, s1, c2, s2, HALF, ROT, D, INVERSE, COPY_TAIL, BLOCK_H, BLOCK_HALF,
+                    BLOCK_TAIL)
 
 
-# Launch shape, chosen by kernels/bench (see docs/KERNELS.md): elements per (half-)tile of a
-# program (sets tokens per program) and warps.
-TUNE = {"tile": 8192, "warps": 8, "bwd_tile": 8192, "bwd_warps": 8}
+# Launch shape, chosen by kernels/bench (see docs/KERNELS.md): tokens per program, heads per
+# inner step (capped by the largest power of two dividing the head counts) and warps.
+TUNE = {"tokens": 8, "heads": 4, "warps": 4, "bwd_tokens": 8, "bwd_heads": 4, "bwd_warps": 4}
 
 
 def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _pow2_divisor(n):
+    return n & -n if n > 0 else 1
+
+
 def _launch(pairs, freqs, inverse, copy_tail):
     """pairs: [(in, out)] for q (and k); every tensor [s, b, h, d] with unit last stride."""
     (qi, qo), (ki, ko) = pairs[0], pairs[-1]
     s, b, nq, d = qi.shape
+    nk = ki.shape[2]
     rot = freqs.shape[-1]
     if rot % 2 or rot > d:
         raise ValueError(f"rotary dim {rot} must be even and <= head dim {d}")
@@ -105,17 +113,17 @@ def _launch(pairs, freqs, inverse, copy_tail):
         return
     sf_b = freqs.stride(1) if freqs.shape[1] == b and b > 1 else 0
     half = rot // 2
-    bq, bk = triton.next_power_of_2(nq), triton.next_power_of_2(ki.shape[2])
     bhalf = triton.next_power_of_2(half)
     pre = "bwd_" if inverse else ""
-    bt = max(1, TUNE[pre + "tile"] // (bq * bhalf))
-    warps = max(1, min(TUNE[pre + "warps"], bt * bq * bhalf // 256))
+    bh = min(TUNE[pre + "heads"], _pow2_divisor(nq), _pow2_divisor(nk))
+    bt = TUNE[pre + "tokens"]
+    warps = max(1, min(TUNE[pre + "warps"], bt * bh * bhalf // 256))
     _rope_kernel[(triton.cdiv(s * b, bt),)](
-        qi, qo, ki, ko, freqs, s * b, b, nq, ki.shape[2], half, rot, d, freqs.stride(0), sf_b,
+        qi, qo, ki, ko, freqs, s * b, b, nq, nk, half, rot, d, freqs.stride(0), sf_b,
         *qi.stride()[:3], *qo.stride()[:3], *ki.stride()[:3], *ko.stride()[:3],
         HAS_K=len(pairs) > 1, INVERSE=inverse, COPY_TAIL=copy_tail and rot < d, BLOCK_T=bt,
-        BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_HALF=bhalf,
-        BLOCK_TAIL=triton.next_power_of_2(max(d - rot, 1)), num_warps=warps,
+        BLOCK_H=bh, BLOCK_HALF=bhalf, BLOCK_TAIL=triton.next_power_of_2(max(d - rot, 1)),
+        num_warps=warps,
     )
 
 

@@ -1,7 +1,7 @@
 """SwiGLU on megatron's fused gate/up layout: x[..., 2F] = [gate, up]  ->  silu(gate) * up.
 
 Forward reads 2F and writes F per row; backward recomputes silu from x (nothing saved but x),
-reads x and dy and writes d[gate, up] in one pass. Math in fp32, I/O in x.dtype.
+reads x and dy once and writes d[gate, up] once, in one pass. Math in fp32, I/O in x.dtype.
 """
 
 import torch
@@ -18,39 +18,53 @@ def swiglu_ref(x):
 
 
 @triton.jit
-def _swiglu_fwd_kernel(X, Y, F_, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < F_
-    g = tl.load(X + row * 2 * F_ + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(X + row * 2 * F_ + F_ + cols, mask=mask, other=0.0).to(tl.float32)
-    y = g / (1.0 + tl.exp(-g)) * u
-    tl.store(Y + row * F_ + cols, y.to(Y.dtype.element_ty), mask=mask)
+def _tile(NCB, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    # 1-D grid, row-major over [row tiles, column blocks]: consecutive programs sweep a row
+    # (contiguous addresses) and the row count has no grid-dimension limit.
+    pid = tl.program_id(0)
+    rows = ((pid // NCB) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    cols = ((pid % NCB) * BLOCK + tl.arange(0, BLOCK))[None, :]
+    return rows, cols
 
 
 @triton.jit
-def _swiglu_bwd_kernel(X, DY, DX, F_, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < F_
-    g = tl.load(X + row * 2 * F_ + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(X + row * 2 * F_ + F_ + cols, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + row * F_ + cols, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_fwd_kernel(X, Y, M, F_, NCB, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    rows, cols = _tile(NCB, BLOCK_M, BLOCK)
+    mask = (rows < M) & (cols < F_)
+    g = tl.load(X + rows * 2 * F_ + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(X + rows * 2 * F_ + F_ + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u
+    tl.store(Y + rows * F_ + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(X, DY, DX, M, F_, NCB, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    rows, cols = _tile(NCB, BLOCK_M, BLOCK)
+    mask = (rows < M) & (cols < F_)
+    g = tl.load(X + rows * 2 * F_ + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(X + rows * 2 * F_ + F_ + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows * F_ + cols, mask=mask, other=0.0).to(tl.float32)
     sig = 1.0 / (1.0 + tl.exp(-g))
     silu = g * sig
     dg = dy * u * sig * (1.0 + g * (1.0 - sig))  # d silu/dg = sig * (1 + g * (1 - sig))
-    tl.store(DX + row * 2 * F_ + cols, dg.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DX + row * 2 * F_ + F_ + cols, (dy * silu).to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + rows * 2 * F_ + cols, dg.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + rows * 2 * F_ + F_ + cols, (dy * silu).to(DX.dtype.element_ty), mask=mask)
 
 
-# Launch shape, chosen by kernels/bench (see docs/KERNELS.md): columns per program and warps
-# (block / (32 * warps) elements per thread: 8 bf16 = one 16-byte access).
-TUNE = {"block": 1024, "warps": 4, "bwd_block": 1024, "bwd_warps": 4}
+# Launch shape, chosen by kernels/bench (see docs/KERNELS.md): columns and rows per program and
+# warps (block * rows / (32 * warps) elements per thread; 8 bf16 = one 16-byte access).
+TUNE = {"block": 1024, "rows": 1, "warps": 4, "bwd_block": 1024, "bwd_rows": 1, "bwd_warps": 4}
 
 
-def _grid(m, f, pre=""):
+def _launch(kernel, m, f, pre, *tensors):
+    if m == 0:
+        return
     block = min(TUNE[pre + "block"], triton.next_power_of_2(f))
-    return (m, triton.cdiv(f, block)), block, max(1, min(TUNE[pre + "warps"], block // 32))
+    rows = TUNE[pre + "rows"]
+    ncb = triton.cdiv(f, block)
+    warps = max(1, min(TUNE[pre + "warps"], block * rows // 256))
+    kernel[(triton.cdiv(m, rows) * ncb,)](*tensors, m, f, ncb, BLOCK_M=rows, BLOCK=block,
+                                          num_warps=warps)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -59,9 +73,7 @@ class _SwiGLU(torch.autograd.Function):
         f = x.shape[-1] // 2
         x2 = x.reshape(-1, 2 * f).contiguous()
         y = torch.empty(x2.shape[0], f, device=x.device, dtype=x.dtype)
-        grid, block, warps = _grid(x2.shape[0], f)
-        if x2.shape[0] > 0:
-            _swiglu_fwd_kernel[grid](x2, y, f, BLOCK=block, num_warps=warps)
+        _launch(_swiglu_fwd_kernel, x2.shape[0], f, "", x2, y)
         ctx.save_for_backward(x2)
         ctx.shape = x.shape
         return y.view(*x.shape[:-1], f)
@@ -72,9 +84,7 @@ class _SwiGLU(torch.autograd.Function):
         f = x2.shape[1] // 2
         dy2 = dy.reshape(-1, f).contiguous()
         dx = torch.empty_like(x2)
-        grid, block, warps = _grid(x2.shape[0], f, "bwd_")
-        if x2.shape[0] > 0:
-            _swiglu_bwd_kernel[grid](x2, dy2, dx, f, BLOCK=block, num_warps=warps)
+        _launch(_swiglu_bwd_kernel, x2.shape[0], f, "bwd_", x2, dy2, dx)
         return dx.view(ctx.shape)
 
 

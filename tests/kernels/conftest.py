@@ -29,8 +29,8 @@ if _previous is None:
 else:
     os.environ["TRITON_INTERPRET"] = _previous
 
-import pytest
-import torch
+import pytest  # noqa: E402  (after the interpreter switch above)
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

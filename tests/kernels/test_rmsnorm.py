@@ -69,3 +69,20 @@ def test_multi_row_tiles(monkeypatch, tune):
     x, w, r = torch.randn(7, 100), torch.randn(100), torch.randn(7, 100)
     assert_same(lambda a, b, c: rmsnorm(a, b, residual=c),
                 lambda a, b, c: rmsnorm_ref(a, b, residual=c), [x, w, r])
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("m,rows,programs", [(37, 4, 3), (100, 2, 40), (5, 4, 1), (9, 1, 9)])
+def test_backward_partial_sums(monkeypatch, prefetch, m, rows, programs):
+    # Several row tiles per program (grid-stride), rows not a multiple of the tile, programs
+    # with unequal tile counts, > 32 partial rows (several steps of the dW reduction) and
+    # H > 64 (several column blocks of it); with and without the prefetch of the next tile.
+    from kernels.rmsnorm import TUNE
+
+    monkeypatch.setitem(TUNE, "bwd_rows", rows)
+    monkeypatch.setitem(TUNE, "bwd_prefetch", prefetch)
+    monkeypatch.setitem(TUNE, "bwd_programs_cpu", programs)
+    x, w, r = torch.randn(m, 100), torch.rand(100) + 0.5, torch.randn(m, 100)
+    assert_same(lambda a, b, c: rmsnorm(a, b, residual=c),
+                lambda a, b, c: rmsnorm_ref(a, b, residual=c), [x, w, r])
+    assert_same(rmsnorm, rmsnorm_ref, [x, w])

@@ -83,8 +83,8 @@ def test_qk_inplace_strided_views():
 def test_small_tiles_many_programs(monkeypatch):
     from kernels.rope import TUNE
 
-    monkeypatch.setitem(TUNE, "tile", 64)  # 2 tokens a program: token masks and tails
-    monkeypatch.setitem(TUNE, "bwd_tile", 128)
+    monkeypatch.setitem(TUNE, "tokens", 2)  # 2 tokens a program: token masks and tails
+    monkeypatch.setitem(TUNE, "bwd_tokens", 4)
     s, b = 7, 3
     q0, k0 = torch.randn(s, b, 4, 16), torch.randn(s, b, 1, 16)
     f = _freqs(s, b, 12, True)
@@ -93,3 +93,24 @@ def test_small_tiles_many_programs(monkeypatch):
         return apply_rope_qk_(q * 1.0, k * 1.0, f)
 
     assert_same(fused, lambda q, k: (apply_rope_ref(q, f), apply_rope_ref(k, f)), [q0, k0])
+
+
+@pytest.mark.parametrize("nq,nk", [(6, 2), (5, 1), (8, 4), (12, 4)])
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_head_steps(monkeypatch, nq, nk, heads):
+    # Heads are rotated `heads` at a time (capped by the power of two dividing nq and nk):
+    # several steps per program, steps of 1 for odd counts, token tails, rot < d.
+    from kernels.rope import TUNE
+
+    for pre in ("", "bwd_"):
+        monkeypatch.setitem(TUNE, pre + "heads", heads)
+        monkeypatch.setitem(TUNE, pre + "tokens", 4)
+    s, b = 5, 3
+    q0, k0 = torch.randn(s, b, nq, 16), torch.randn(s, b, nk, 16)
+    f = _freqs(s, b, 12, True)
+
+    def fused(q, k):
+        return apply_rope_qk_(q * 1.0, k * 1.0, f)
+
+    assert_same(fused, lambda q, k: (apply_rope_ref(q, f), apply_rope_ref(k, f)), [q0, k0])
+    assert_same(lambda a: apply_rope(a, f), lambda a: apply_rope_ref(a, f), [q0])

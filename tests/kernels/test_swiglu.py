@@ -32,3 +32,14 @@ def test_small_blocks(monkeypatch):
     monkeypatch.setitem(TUNE, "block", 32)
     monkeypatch.setitem(TUNE, "bwd_block", 64)
     assert_same(swiglu, swiglu_ref, [torch.randn(3, 2 * 100)])
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+def test_multi_row_tiles(monkeypatch, rows):
+    # Row tiles with a row count that is not a multiple of the tile, and a column tail.
+    from kernels.swiglu import TUNE
+
+    for pre in ("", "bwd_"):
+        monkeypatch.setitem(TUNE, pre + "block", 32)
+        monkeypatch.setitem(TUNE, pre + "rows", rows)
+    assert_same(swiglu, swiglu_ref, [torch.randn(7, 2 * 100) * 3])
