@@ -90,7 +90,7 @@ def _rope_kernel(
 
 # Launch shape, chosen by kernels/bench (see docs/KERNELS.md): tokens per program, heads per
 # inner step (capped by the largest power of two dividing the head counts) and warps.
-TUNE = {"tokens": 8, "heads": 4, "warps": 4, "bwd_tokens": 8, "bwd_heads": 4, "bwd_warps": 4}
+TUNE = {"tokens": 4, "heads": 4, "warps": 4, "bwd_tokens": 4, "bwd_heads": 4, "bwd_warps": 4}
 
 
 def _unit_last(t):

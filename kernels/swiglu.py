@@ -53,7 +53,7 @@ def _swiglu_bwd_kernel(X, DY, DX, M, F_, NCB, BLOCK_M: tl.constexpr, BLOCK: tl.c
 
 # Launch shape, chosen by kernels/bench (see docs/KERNELS.md): columns and rows per program and
 # warps (block * rows / (32 * warps) elements per thread; 8 bf16 = one 16-byte access).
-TUNE = {"block": 1024, "rows": 1, "warps": 4, "bwd_block": 1024, "bwd_rows": 1, "bwd_warps": 4}
+TUNE = {"block": 2048, "rows": 1, "warps": 8, "bwd_block": 1024, "bwd_rows": 2, "bwd_warps": 8}
 
 
 def _launch(kernel, m, f, pre, *tensors):
