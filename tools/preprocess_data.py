@@ -3,6 +3,7 @@
 
 SFT conversations (tokens + assistant-only loss mask, thinking / non-thinking mix): add --chat,
 see `python tools/preprocess_data.py --chat --help` and docs/SFT_AND_GENERATION.md.
+Image-text records ({"images": [...], "text" | "messages": ...}): add --multimodal, see docs/MULTIMODAL.md.
 
 Demo (bundled corpus and tokenizer):
   python tools/preprocess_data.py \
@@ -54,6 +55,10 @@ def main(argv=None) -> int:
         from megatron_bluelm.data.sft import chat_main
 
         return chat_main(argv)
+    if "--multimodal" in argv:  # image-text records: tokens + loss mask + image bytes (data/multimodal.py)
+        from megatron_bluelm.data.multimodal import multimodal_main
+
+        return multimodal_main(argv)
     opts = parse_args(argv)
     try:
         summary = preprocess(opts)

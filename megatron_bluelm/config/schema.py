@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_bluelm.config.data import DataConfig
+from megatron_bluelm.config.vision import VisionConfig
 
 
 @dataclass
@@ -111,3 +112,4 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)  # multimodal runs only (preset: none = text)

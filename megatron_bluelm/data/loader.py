@@ -54,6 +54,7 @@ def build_data_iterator(
     dp_rank: int,
     dp_size: int,
     num_workers: int = 0,
+    collate_fn=None,  # None: torch's default (stacks); multimodal batches concatenate their tiles
 ):
     """An endless-until-exhausted iterator of batches (dicts of CPU tensors) for this DP rank."""
     if dataset is None:
@@ -63,6 +64,7 @@ def build_data_iterator(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
+        collate_fn=collate_fn,
         pin_memory=False,
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
@@ -64,7 +65,8 @@ class SDPACoreAttention(MegatronModule):
     Same constructor and call signature as megatron-core's ``DotProductAttention``:
     query [sq, b, heads/tp, d], key/value [sk, b, groups/tp, d] -> [sq, b, heads/tp * d].
     ``attention_mask`` is megatron's boolean convention (True = masked out), [b, 1, sq, sk], or None
-    for plain causal attention (the fast path: no mask tensor at all).
+    for plain causal attention (the fast path: no mask tensor at all). ``attn_mask_type=no_mask``
+    with no mask tensor is full bidirectional attention (the vision encoder, models/vision.py).
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
@@ -83,9 +85,10 @@ class SDPACoreAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
         dropout = self.dropout_p if self.training else 0.0
         mask = None if attention_mask is None else ~attention_mask
+        causal = mask is None and attn_mask_type != AttnMaskType.no_mask
         def attend():
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
                 scale=self.scale, enable_gqa=self.heads != self.groups,
             )
 

@@ -19,19 +19,28 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.transformer_block import TransformerBlock
 
-_LAYER_RE = re.compile(r"(decoder\.layers\.)(\d+)(\.)")
+_LAYER_RE = re.compile(r"(decoder\.layers\.)(\d+)(\.)")  # first match: the block's own layer
 _SCALED = ("linear_proj.weight", "linear_fc2.weight")
 
 
 def global_param_names(model: torch.nn.Module) -> dict[str, str]:
-    """Local parameter name -> name with the *global* decoder layer index (pipeline-invariant)."""
-    offsets = {}
-    for local_idx, layer in enumerate(model.decoder.layers):
-        offsets[str(local_idx)] = str(layer.layer_number - 1)  # layer_number is global, 1-based
+    """Local parameter name -> name with *global* layer indices (pipeline-invariant).
+
+    Every TransformerBlock of the model is renumbered by its layers' global ``layer_number``: the
+    decoder's, and in the multimodal model the vision encoder's too (``vision_model.decoder``)."""
+    offsets = {}  # "<block>.layers.<local>." -> "<block>.layers.<global>."
+    for block_name, block in model.named_modules():
+        if isinstance(block, TransformerBlock):
+            prefix = f"{block_name}.layers." if block_name else "layers."
+            for local_idx, layer in enumerate(block.layers):  # layer_number is global, 1-based
+                offsets[f"{prefix}{local_idx}."] = f"{prefix}{layer.layer_number - 1}."
     names = {}
     for name, _ in model.named_parameters():
-        names[name] = _LAYER_RE.sub(lambda m: m.group(1) + offsets[m.group(2)] + m.group(3), name, count=1)
+        m = _LAYER_RE.search(name)
+        key = m and name[: m.start()] + m.group(1) + m.group(2) + m.group(3)
+        names[name] = offsets[key] + name[len(key):] if key in offsets else name
     return names
 
 
@@ -41,6 +50,12 @@ def _draw(shape, std, seed, name, device, dtype):
     return torch.empty(shape, device=device, dtype=torch.float32).normal_(0.0, std, generator=gen).to(dtype)
 
 
+def is_glu_weight(param, name: str) -> bool:
+    """A gated MLP's fused [gate; up] weight. Non-gated MLPs (the vision encoder) mark their fc1
+    weight ``glu = False``: it is one matrix, drawn and sharded as such."""
+    return name.endswith("linear_fc1.weight") and getattr(param, "glu", True)
+
+
 def _local_shard(param, name, std, seed, tp_rank, tp_size):
     """This rank's slice of the full tensor named ``name``."""
     sharded = getattr(param, "tensor_model_parallel", False) and tp_size > 1
@@ -48,7 +63,7 @@ def _local_shard(param, name, std, seed, tp_rank, tp_size):
     parts = tp_size if sharded else 1
     full_shape = list(param.shape)
     full_shape[dim] *= parts
-    if name.endswith("linear_fc1.weight"):
+    if is_glu_weight(param, name):
         # GLU: the local shard is [gate_i; up_i], so gate and up are drawn (and sharded) separately.
         half = [full_shape[0] // 2] + full_shape[1:]
         gate_up = [_draw(half, std, seed, f"{name}:{p}", param.device, param.dtype) for p in ("gate", "up")]
@@ -82,10 +97,12 @@ def init_decoder_(model: torch.nn.Module, seed: int, std: float, num_layers: int
     scaled_std = std / math.sqrt(2.0 * num_layers)
     for local_name, param in model.named_parameters():
         name = names[local_name]
-        if "layernorm" in name or name.endswith("norm.weight"):
+        if name.endswith(".bias"):
+            param.zero_()  # biases (none in the BlueLM decoder; the vision encoder's and adapter's)
+        elif "layernorm" in name or name.endswith("norm.weight"):
             param.fill_(1.0)
         elif param.dim() == 1:
-            param.zero_()  # biases (none in the BlueLM decoder, kept for completeness)
+            param.zero_()
         else:
             s = scaled_std if name.endswith(_SCALED) else std
             param.copy_(_local_shard(param, name, s, seed, tp_rank, tp_size))

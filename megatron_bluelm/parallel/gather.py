@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_bluelm.models.init import global_param_names
+from megatron_bluelm.models.init import global_param_names, is_glu_weight
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -25,7 +25,7 @@ def _gather_tp(param: torch.nn.Parameter, name: str) -> torch.Tensor:
         return param.detach()
     parts = [torch.empty_like(param) for _ in range(tp)]
     dist.all_gather(parts, param.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-    if name.endswith("linear_fc1.weight"):
+    if is_glu_weight(param, name):
         halves = [p.chunk(2, dim=0) for p in parts]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
     return torch.cat(parts, dim=param.partition_dim)

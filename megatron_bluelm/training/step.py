@@ -18,10 +18,12 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
+_OPTIONAL_INPUTS = ("pixel_values",)  # passed to the model only when the batch has them (multimodal)
 
 
 def batch_to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None) for k in _BATCH_KEYS}
+    keys = _BATCH_KEYS + tuple(k for k in _OPTIONAL_INPUTS if k in batch)
+    return {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None) for k in keys}
 
 
 def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -37,8 +39,9 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 def make_forward_step(device: torch.device):
     def forward_step(data_iterator: Iterator, model):
         batch = batch_to_device(next(data_iterator), device)
+        extra = {k: batch[k] for k in _OPTIONAL_INPUTS if k in batch}
         output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
-                       loss_mask=batch["loss_mask"])
+                       loss_mask=batch["loss_mask"], **extra)
         return output, partial(loss_func, batch["loss_mask"])
 
     return forward_step

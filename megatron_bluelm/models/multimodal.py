@@ -1,0 +1,149 @@
+"""The multimodal model: ViT -> adapter -> image embeddings spliced into the BlueLM decoder's input.
+
+Pipeline placement: the ViT and the adapter live on the first pipeline stage, next to the token
+embedding; the decoder's layers are split over the stages as for text (``parallel.first_stage_layers``
+/ ``last_stage_layers``, or chosen by :func:`balanced_first_stage_layers`). Only activations of the
+decoder's width cross stage boundaries, so the schedule is unchanged.
+
+Splicing: the micro-batch's tiles (all samples, image order, tile order, concatenated) go through the
+ViT in one batch; the adapter's output tokens replace, in order, the decoder input at the positions
+holding the ``<image>`` token (row-major over [batch, sequence]). data/images.py writes exactly
+``tokens_per_tile`` ``<image>`` tokens per tile, so the counts match; a mismatch is an error.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_bluelm.config.errors import ConfigError
+from megatron_bluelm.config.schema import RunConfig
+from megatron_bluelm.models.adapter import VisionAdapter
+from megatron_bluelm.models.decoder import build_decoder, build_transformer_config
+from megatron_bluelm.models.spec import resolve_backend
+from megatron_bluelm.models.vision import VisionEncoder, vision_transformer_config
+
+
+class BlueLMVLM(MegatronModule):
+    """One pipeline chunk of the multimodal model (``vision_model`` + ``adapter`` on the first stage)."""
+
+    def __init__(self, cfg: RunConfig, vocab_size: int, image_token_id: int, *, pre_process: bool = True,
+                 post_process: bool = True, vp_stage: Optional[int] = None):
+        backend = resolve_backend(cfg.model.backend)
+        lm_config = build_transformer_config(cfg, backend)
+        super().__init__(config=lm_config)
+        self.model_type = ModelType.encoder_or_decoder  # the schedules read it: one stack, as GPTModel
+        self.share_embeddings_and_output_weights = False  # finalize_model_grads reads it (untied)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.image_token_id = image_token_id
+        self.language_model = build_decoder(cfg, vocab_size, pre_process=pre_process, post_process=post_process,
+                                            vp_stage=vp_stage, config=lm_config)
+        if pre_process:
+            v = cfg.vision
+            self.vision_model = VisionEncoder(vision_transformer_config(lm_config, v), v, backend)
+            self.adapter = VisionAdapter(lm_config, v.hidden_size, v.image_size // v.patch_size,
+                                         v.adapter_hidden_size)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[tiles, 3, S, S] -> [tiles * tokens_per_tile, decoder hidden]."""
+        out = self.adapter(self.vision_model(pixel_values))
+        return out.reshape(-1, out.shape[-1])
+
+    def _decoder_input(self, input_ids, position_ids, pixel_values):
+        embeds = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
+        slots = (input_ids == self.image_token_id).transpose(0, 1)  # [s, b], same layout as embeds
+        n_slots = int(slots.sum())
+        n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_tiles == 0 and n_slots == 0:
+            return embeds
+        images = self.image_embeddings(pixel_values) if n_tiles else embeds.new_zeros(0, embeds.shape[-1])
+        if images.shape[0] != n_slots:
+            raise ValueError(f"multimodal batch: {n_tiles} tiles give {images.shape[0]} image embeddings but the "
+                             f"tokens hold {n_slots} <image> slots (data/images.py makes them equal)")
+        # Row-major [b, s] order of the slots = the order of the tiles; embeds is [s, b, h].
+        order = slots.transpose(0, 1).reshape(-1).nonzero().squeeze(1)
+        b, s = input_ids.shape
+        flat = embeds.transpose(0, 1).reshape(b * s, -1)
+        flat = flat.index_copy(0, order, images.to(flat.dtype))
+        return flat.view(b, s, -1).transpose(0, 1).contiguous()
+
+    def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None,
+                pixel_values: Optional[torch.Tensor] = None, **kwargs):
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self._decoder_input(input_ids, position_ids, pixel_values)
+        return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
+                                   labels=labels, loss_mask=loss_mask, **kwargs)
+
+
+def build_vlm(cfg: RunConfig, vocab_size: int, image_token_id: int, *, pre_process: bool = True,
+              post_process: bool = True, vp_stage: Optional[int] = None) -> BlueLMVLM:
+    model = BlueLMVLM(cfg, vocab_size, image_token_id, pre_process=pre_process, post_process=post_process,
+                      vp_stage=vp_stage)
+    apply_freeze(model, cfg.vision.freeze)
+    return model
+
+
+def apply_freeze(model: BlueLMVLM, parts) -> None:
+    """``requires_grad = False`` on the frozen parts, before DDP and the optimizer see the model."""
+    modules = {"vision": getattr(model, "vision_model", None), "adapter": getattr(model, "adapter", None),
+               "decoder": model.language_model}
+    for part in parts:
+        if modules[part] is not None:
+            modules[part].requires_grad_(False)
+
+
+# ------------------------------------------------------------------------- pipeline cost model
+
+def vision_flops_per_tile(v) -> float:
+    """Forward FLOPs of the ViT + adapter for one tile (matmuls and attention; norms ignored)."""
+    patches, h, f = (v.image_size // v.patch_size) ** 2, v.hidden_size, v.ffn_hidden_size
+    per_layer = 2 * patches * (4 * h * h + 2 * h * f) + 4 * patches * patches * h
+    conv = 2 * patches * 3 * v.patch_size**2 * h
+    return v.num_layers * per_layer + conv
+
+
+def decoder_layer_flops(m, seq_length: int) -> float:
+    """Forward FLOPs of one decoder layer for one sequence (GQA attention, SwiGLU MLP)."""
+    h, d = m.hidden_size, m.hidden_size // m.num_attention_heads
+    qkv = h * (m.num_attention_heads + 2 * m.num_query_groups) * d
+    per_token = 2 * (qkv + h * h + 3 * h * m.ffn_hidden_size) + 4 * seq_length * h
+    return seq_length * per_token
+
+
+def balanced_first_stage_layers(cfg: RunConfig, tiles_per_sample: Optional[float] = None) -> Optional[int]:
+    """Decoder layers for the first pipeline stage so that (ViT + adapter + its layers) costs about
+    what every other stage's layers cost.
+
+    Cost model: forward FLOPs per sample. The ViT costs ``tiles_per_sample`` (default: the worst case,
+    ``max_tiles`` + thumbnail) x :func:`vision_flops_per_tile`, expressed in decoder layers of
+    ``data.seq_length`` tokens; the first stage gets f layers, the others (L - f) / (pp - 1) each, with
+    f >= 1 and (L - f) divisible by pp - 1, minimizing the slowest stage. None when pp == 1."""
+    p, m, v = cfg.parallel, cfg.model, cfg.vision
+    if p.pp == 1:
+        return None
+    tiles = tiles_per_sample if tiles_per_sample is not None else v.max_tiles + int(v.thumbnail)
+    vit_layers = tiles * vision_flops_per_tile(v) / decoder_layer_flops(m, cfg.data.seq_length)
+    best = None
+    for first in range(1, m.num_layers):
+        rest = m.num_layers - first
+        if rest % (p.pp - 1) or rest // (p.pp - 1) == 0:
+            continue
+        slowest = max(first + vit_layers, rest / (p.pp - 1))
+        if best is None or slowest < best[0] - 1e-9:
+            best = (slowest, first)
+    if best is None:
+        raise ConfigError(f"model.num_layers ({m.num_layers}) cannot be split over parallel.pp ({p.pp}) stages "
+                          "with at least one layer each")
+    return best[1]
+
+
+def describe_split(cfg: RunConfig, first: int) -> str:
+    rest = (cfg.model.num_layers - first) / max(cfg.parallel.pp - 1, 1)
+    return f"pipeline split: first stage ViT + adapter + {first} decoder layers, then {math.floor(rest)} per stage"

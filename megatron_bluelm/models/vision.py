@@ -1,0 +1,128 @@
+"""The vision encoder: a SigLIP-shaped ViT on megatron-core transformer layers (tensor parallel).
+
+SigLIP's structure: a stride-``patch`` convolution turns each image tile into a grid of patch
+embeddings, plus learned absolute position embeddings; pre-norm transformer layers with LayerNorm,
+biases on every linear, bidirectional attention, a GELU(tanh) MLP (not gated); a final LayerNorm.
+No class token, no pooling head: every patch token goes to the adapter (models/adapter.py).
+
+TP: attention heads and the MLP are split like the decoder's (column / row parallel linears); the
+patch convolution, position embeddings and norms are replicated, and receive identical gradients on
+every TP rank because their inputs (the pixels) and the gradients flowing into them are replicated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_bluelm.config.vision import VisionConfig
+from megatron_bluelm.models.attention import BlueLMSelfAttention, SDPACoreAttention
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """SigLIP's MLP activation (``gelu_pytorch_tanh`` in transformers). Module-level: picklable."""
+    return F.gelu(x, approximate="tanh")
+
+
+class LayerNorm(torch.nn.Module):
+    """LayerNorm with weight and bias, megatron's norm signature ``(config, hidden_size, eps)``."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, **unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        for p in (self.weight, self.bias):
+            p.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+
+def vision_transformer_config(lm_config: TransformerConfig, v: VisionConfig) -> TransformerConfig:
+    """The decoder's config (precision, TP, recompute) with the ViT's shape; no pipeline split:
+    the whole ViT lives on the first pipeline stage."""
+    return dataclasses.replace(
+        lm_config,
+        num_layers=v.num_layers, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size,
+        num_attention_heads=v.num_attention_heads, num_query_groups=v.num_attention_heads,
+        kv_channels=v.hidden_size // v.num_attention_heads, layernorm_epsilon=v.norm_eps,
+        normalization="LayerNorm", add_bias_linear=True, gated_linear_unit=False,
+        activation_func=gelu_tanh, use_te_activation_func=False, sequence_parallel=False,
+        pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+        num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
+        overlap_p2p_comm=False,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def vision_layer_spec(backend: str) -> ModuleSpec:
+    """One ViT layer; Transformer Engine parts under ``te``, plain torch otherwise (our fused
+    kernels are RMSNorm / SwiGLU, which the ViT does not use)."""
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TEDotProductAttention,
+            TENorm,
+            TERowParallelLinear,
+        )
+
+        norm, column, row, core = TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
+    else:
+        norm, column, row, core = LayerNorm, ColumnParallelLinear, RowParallelLinear, SDPACoreAttention
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=BlueLMSelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},  # bidirectional over the patches
+                submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core, linear_proj=row,
+                                                   q_layernorm=IdentityOp, k_layernorm=IdentityOp),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+class VisionEncoder(MegatronModule):
+    """pixel_values [tiles, 3, S, S] -> patch features [tiles, (S / patch)^2, hidden]."""
+
+    def __init__(self, config: TransformerConfig, v: VisionConfig, backend: str):
+        super().__init__(config=config)
+        self.grid = v.image_size // v.patch_size
+        self.patch_embedding = torch.nn.Conv2d(3, v.hidden_size, kernel_size=v.patch_size, stride=v.patch_size,
+                                               dtype=config.params_dtype)
+        self.position_embedding = torch.nn.Embedding(self.grid**2, v.hidden_size, dtype=config.params_dtype)
+        spec = TransformerBlockSubmodules(layer_specs=[vision_layer_spec(backend)] * v.num_layers)
+        self.decoder = TransformerBlock(config=config, spec=spec, pre_process=True, post_process=False)
+        self.post_layernorm = LayerNorm(config, v.hidden_size, v.norm_eps)
+        for name, param in self.named_parameters():
+            if name.endswith("mlp.linear_fc1.weight"):
+                param.glu = False  # one GELU matrix, not a [gate; up] pair (models/init.py)
+
+    def set_input_tensor(self, input_tensor) -> None:  # never pipelined: the first stage holds all of it
+        pass
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [n, h, g, g]
+        x = x.flatten(2).transpose(1, 2) + self.position_embedding.weight  # [n, g*g, h], row-major patches
+        x = self.decoder(x.transpose(0, 1).contiguous(), attention_mask=None)  # [g*g, n, h]
+        return self.post_layernorm(x).transpose(0, 1)

@@ -1,0 +1,164 @@
+"""Multimodal training stages: ViT + adapter + BlueLM decoder on image-text data.
+
+    python tools/preprocess_data.py --multimodal --input megatron_bluelm/assets/images/captions.jsonl \\
+        --output-prefix outputs/mm/demo --tokenizer-model megatron_bluelm/assets/tokenizer/bluelm_demo_sp8k.model
+    torchrun --nproc-per-node 4 -m megatron_bluelm.stages.multimodal --config examples/mm_stage1_tiny.yaml \\
+        --pretrained outputs/pretrain_tiny/ckpt --parallel.tp 2 --parallel.pp 2
+
+The BlueLM-2.5-3B recipe is text pretraining, then multimodal stages that differ in what is trained
+(``vision.freeze``): stage 1 trains the adapter only (ViT and decoder frozen), stage 2 everything.
+``--pretrained`` starts from a checkpoint's weights (optimizer and step start fresh): a *text*
+checkpoint initializes the decoder (the ViT and adapter keep their init), a multimodal one the whole
+model. ``checkpoint.load`` resumes the same stage; when it points at a text checkpoint it is taken as
+``--pretrained`` instead (nothing to resume). docs/MULTIMODAL.md has the details.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from typing import Callable, Optional, Sequence
+
+from megatron_bluelm.config.errors import ConfigError
+from megatron_bluelm.config.loader import load_config
+from megatron_bluelm.config.schema import RunConfig
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, Optional[str]]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="YAML recipe (examples/mm_stage*_tiny.yaml)")
+    ap.add_argument("--pretrained", default=None, help="text or multimodal checkpoint to start from")
+    args, overrides = ap.parse_known_args(argv)
+    return load_config(args.config, overrides), args.pretrained
+
+
+def multimodal_config(cfg: RunConfig) -> RunConfig:
+    """Resolve the vision preset, check what the multimodal model supports, choose the PP split."""
+    from megatron_bluelm.config.presets import apply_preset
+    from megatron_bluelm.models.multimodal import balanced_first_stage_layers
+
+    v, p = cfg.vision, cfg.parallel
+    if not v.enabled:
+        raise ConfigError("vision.preset: the multimodal stage needs a vision preset (vit-tiny, vit-so400m)")
+    v.resolve()
+    v.check(p.tp)
+    if p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel: not supported by the multimodal model yet (image "
+                          "embeddings are spliced into the full sequence on the first stage)")
+    if p.vpp is not None:
+        raise ConfigError("parallel.vpp: not supported by the multimodal model (the ViT sits on the first chunk)")
+    apply_preset(cfg.model)
+    if p.pp > 1 and p.first_stage_layers is None and p.last_stage_layers is None and v.balance_pipeline:
+        p.first_stage_layers = balanced_first_stage_layers(cfg)
+    return cfg
+
+
+def train_flops_per_token(cfg: RunConfig, vocab: int) -> float:
+    """Decoder FLOPs per token plus the ViT + adapter's share (3 x forward, ``max_tiles`` + thumbnail
+    tiles per sequence assumed: an upper bound when the images are smaller)."""
+    from megatron_bluelm.models import counting
+    from megatron_bluelm.models.multimodal import vision_flops_per_tile
+
+    v = cfg.vision
+    decoder = counting.train_flops_per_token(counting.DecoderShape.from_model_config(cfg.model, vocab),
+                                             cfg.data.seq_length)
+    tiles = v.max_tiles + int(v.thumbnail)
+    return decoder + 3.0 * tiles * vision_flops_per_tile(v) / cfg.data.seq_length
+
+
+def _is_text_checkpoint(root: str) -> bool:
+    from megatron_bluelm.training.checkpointing import read_meta, resolve_checkpoint
+
+    path, _ = resolve_checkpoint(root)
+    if path is None:
+        return False
+    return read_meta(path)["config"].get("vision", {}).get("preset", "none") == "none"
+
+
+def load_pretrained(run, root: str) -> str:
+    """Weights of a text checkpoint into the decoder, or of a multimodal one into everything."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_bluelm.inference.loading import checkpoint_dir, load_weights
+    from megatron_bluelm.training.checkpointing import SHARDED_METADATA, check_shapes
+
+    if not _is_text_checkpoint(root):
+        path = load_weights(run.model, root)
+    else:
+        path = checkpoint_dir(root)
+        lms = [getattr(chunk, "module", chunk).language_model for chunk in run.model]
+        sharded = {f"model{i}": lm.sharded_state_dict(metadata=SHARDED_METADATA) for i, lm in enumerate(lms)}
+        check_shapes(sharded, path)
+        state = dist_checkpointing.load(sharded, path)
+        for i, lm in enumerate(lms):
+            lm.load_state_dict(state[f"model{i}"], strict=True)
+    run.optimizer.reload_model_params()  # the optimizer's main copies follow the loaded weights
+    run.logger.print(f"loaded {'decoder' if _is_text_checkpoint(root) else 'model'} weights from '{path}'")
+    return path
+
+
+def run_multimodal(cfg: RunConfig, pretrained: Optional[str] = None, collect: Optional[Callable] = None) -> dict:
+    """Validate, build, (load weights,) train; returns the run summary on every rank."""
+    from megatron.core import parallel_state
+
+    from megatron_bluelm.data import build_data_iterator, load_tokenizer
+    from megatron_bluelm.data.multimodal_dataset import build_multimodal_datasets, collate
+    from megatron_bluelm.models.multimodal import build_vlm, describe_split
+    from megatron_bluelm.parallel.setup import teardown
+    from megatron_bluelm.stages.pretrain import _dp_rank
+    from megatron_bluelm.training.checkpointing import Checkpointer, Preempted
+    from megatron_bluelm.training.loop import prepare_config, setup_run, summary, train
+
+    cfg = multimodal_config(cfg)
+    if cfg.checkpoint.load and _is_text_checkpoint(cfg.checkpoint.load):
+        pretrained, cfg.checkpoint.load = pretrained or cfg.checkpoint.load, None
+    dp = prepare_config(cfg)
+    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    build = partial(build_vlm, cfg, vocab, tokenizer.special_ids["<image>"])
+    run = setup_run(cfg, build, train_flops_per_token(cfg, vocab))
+    try:
+        if cfg.parallel.pp > 1:
+            run.logger.print(describe_split(cfg, cfg.parallel.first_stage_layers or 0))
+        t = cfg.training
+        evals = (t.train_steps // t.eval_interval + 1) if t.eval_interval else 0
+        num_samples = (t.train_steps * t.global_batch_size, evals * t.eval_steps * t.global_batch_size, 0)
+        train_ds, valid_ds, _ = build_multimodal_datasets(
+            cfg, tokenizer, num_samples=num_samples, seed=t.seed,
+            with_pixels=parallel_state.is_pipeline_first_stage(ignore_virtual=True))
+
+        def iterators(dataset, consumed):
+            return [build_data_iterator(dataset, micro_batch_size=t.micro_batch_size, consumed_samples=consumed,
+                                        dp_rank=_dp_rank(), dp_size=dp, num_workers=cfg.data.num_workers,
+                                        collate_fn=collate)]
+
+        checkpointer = Checkpointer(run)
+        checkpointer.maybe_resume()
+        if pretrained and run.step == 0:  # a resumed run already holds its own weights
+            load_pretrained(run, pretrained)
+        try:
+            train(run, partial(iterators, train_ds), partial(iterators, valid_ds) if valid_ds else None,
+                  on_step_end=checkpointer.on_step_end)
+        except Preempted as stop:
+            run.logger.print(str(stop))
+        checkpointer.finish()
+        result = summary(run)
+        if collect is not None:
+            result["collected"] = collect(run)
+        return result
+    finally:
+        run.logger.close()
+        teardown()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    try:
+        cfg, pretrained = parse_args(argv)
+        run_multimodal(cfg, pretrained)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
