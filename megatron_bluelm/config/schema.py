@@ -103,6 +103,28 @@ class CheckpointConfig:
 
 
 @dataclass
+class RLConfig:
+    """GRPO (stages/rl.py). A step = rollouts for ``prompts_per_step`` prompts x ``group_size``
+    samples, rewards, group advantages, then ``updates_per_step`` optimizer steps over them."""
+
+    task: str = "arithmetic"  # arithmetic (built-in toy) | a JSONL of prompts (see docs/RL.md)
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    thinking_budget: Optional[int] = 0  # per prompt unless the record sets one; 0 = non-thinking
+    updates_per_step: int = 1  # mini-batches per rollout batch (each an optimizer step)
+    clip_low: float = 0.2
+    clip_high: float = 0.28  # > clip_low: the clip-higher option
+    kl_coef: float = 0.0  # > 0 keeps a frozen reference model and adds beta * KL (k3)
+    normalize_std: bool = True  # GRPO; false: Dr. GRPO (mean-centred only)
+    rewards: dict = field(default_factory=lambda: {"default": {"exact_match": 1.0}})
+    warmup_sft_steps: int = 0  # supervised steps on the task's reference answers before RL
+    seed: int = 7
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -112,4 +134,5 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)  # multimodal runs only (preset: none = text)

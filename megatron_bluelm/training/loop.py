@@ -176,5 +176,5 @@ def _check_finite(run: Run, res: StepResult) -> None:
 
 def summary(run: Run) -> dict:
     return {"step": run.step, "consumed_samples": run.consumed_samples,
-            "losses": [h["loss"] for h in run.history],
+            "losses": [h.get("loss") for h in run.history],
             "parallel": dataclasses.asdict(run.info) | {"device": str(run.info.device)}}

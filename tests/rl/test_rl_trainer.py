@@ -1,0 +1,22 @@
+"""The GRPO update on the megatron model: at the first update of a batch the ratio is exactly 1 and the
+KL to the (just copied) reference is 0; after an update both move. Same under TP2 and PP2."""
+import pytest
+from distributed import run_distributed
+from rl_workers import first_update_stats
+
+
+def _check(stats):
+    first, second = stats["first"], stats["second"]
+    assert first["ratio_mean"] == 1.0 and first["kl"] == 0.0
+    assert first["update_tokens"] == 1 + 2 + 3 + 4 + 1 + 2 + 3 + 4  # response tokens only
+    assert second["kl"] > 0.0  # the policy moved away from the reference
+    # the second update keeps the batch's old log-probs (as updates_per_step > 1 does): ratio moved
+    assert abs(second["ratio_mean"] - 1.0) > 1e-4
+
+
+@pytest.mark.parametrize("world,extra", [(1, []), (2, ["--parallel.tp", "2"]), (2, ["--parallel.pp", "2"])])
+def test_first_update_ratio_one_kl_zero(world, extra):
+    results = run_distributed(first_update_stats, world, extra)
+    last = results[-1]
+    _check(last)
+    assert last["moved"] > 0
