@@ -4,8 +4,9 @@
     "answer": reference for the verifiers, "source": which reward mix applies (default: the task
     name), optional "thinking_budget" (overrides rl.thinking_budget; 0 = non-thinking).
 
-``ArithmeticTask`` is the built-in toy (a + b, answer digits then end of text); ``JsonlTask`` reads
-records from a JSONL file. Both draw prompts deterministically from (seed, step).
+``ArithmeticTask`` is the built-in toy (a + b with operands up to N: ``rl.task: arithmetic`` or
+``arithmetic:N``, default 9; the answer, then end of text); ``JsonlTask`` reads records from a JSONL
+file. Both draw prompts deterministically from (seed, step).
 """
 from __future__ import annotations
 
@@ -71,4 +72,9 @@ class JsonlTask:
 
 
 def load_task(spec: str):
-    return ArithmeticTask() if spec == "arithmetic" else JsonlTask(spec)
+    name, _, arg = spec.partition(":")
+    if name == "arithmetic":
+        if arg and not arg.isdigit():
+            raise ConfigError(f"rl.task: expected 'arithmetic' or 'arithmetic:N' (N = largest operand), got {spec!r}")
+        return ArithmeticTask(int(arg) if arg else 9)
+    return JsonlTask(spec)

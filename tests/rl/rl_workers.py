@@ -54,3 +54,41 @@ def toy_run(extra=()):
 
     cfg = load_config("examples/rl_toy.yaml", ["--logging.output_dir", "outputs/test_rl_toy", *extra])
     return run_rl(cfg)["rl"]
+
+
+def reward_model_checks():
+    """The scalar head scores rows, ignores padding, learns a preference, plugs into HybridReward."""
+    from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.config.validate import validate
+    from megatron_bluelm.data import load_tokenizer
+    from megatron_bluelm.models.decoder import build_decoder
+    from megatron_bluelm.models.init import init_decoder_
+    from megatron_bluelm.parallel.setup import setup_parallel, teardown
+    from megatron_bluelm.rl.reward_model import ScalarRewardModel, pairwise_loss
+    from megatron_bluelm.rl.rewards import HybridReward
+
+    cfg = load_config(None, tiny_overrides())
+    validate(cfg, 1)
+    setup_parallel(1, 1, None, 1, 0)
+    try:
+        tok = load_tokenizer(cfg.data.tokenizer_model)
+        decoder = build_decoder(cfg, tok.vocab_size)
+        init_decoder_(decoder, seed=0, std=0.02, num_layers=cfg.model.num_layers)
+        rm = ScalarRewardModel(decoder)
+        a = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 9, 9]])
+        scores = rm(a, torch.tensor([3, 3]))
+        padded_equal = torch.allclose(scores[0], scores[1])  # tokens after `length` do not matter
+        good, bad = torch.tensor([[10, 11, 12]]), torch.tensor([[10, 11, 13]])
+        opt = torch.optim.Adam(rm.parameters(), lr=1e-3)
+        before = (rm(good, torch.tensor([3])) - rm(bad, torch.tensor([3]))).item()
+        for _ in range(20):
+            opt.zero_grad()
+            pairwise_loss(rm(good, torch.tensor([3])), rm(bad, torch.tensor([3]))).backward()
+            opt.step()
+        after = (rm(good, torch.tensor([3])) - rm(bad, torch.tensor([3]))).item()
+        hybrid = HybridReward(default={"model": 1.0}, model_reward=rm.as_reward(tok, lambda s: tok.encode(s["prompt"])))
+        out = hybrid(["7", "8"], [{"prompt": "3+4=", "answer": "7"}, {"prompt": "3+4=", "answer": "7"}])
+        return {"shape": tuple(scores.shape), "padded_equal": bool(padded_equal), "before": before,
+                "after": after, "hybrid": [o["reward"] for o in out]}
+    finally:
+        teardown()
