@@ -50,7 +50,7 @@ def _rmsnorm_fwd_kernel(
 
 
 @triton.jit
-def _rmsnorm_bwd_load(S, DY, DS_OUT, rows, cols, stride_s, stride_dy, stride_dso, M, H,
+def _rmsnorm_bwd_load(S, DY, DS_OUT, RSTD, rows, cols, stride_s, stride_dy, stride_dso, M, H,
                       HAS_DS_OUT: tl.constexpr):
     mask = (rows < M) & (cols < H)
     s = tl.load(S + rows * stride_s + cols, mask=mask, other=0.0)
@@ -59,88 +59,51 @@ def _rmsnorm_bwd_load(S, DY, DS_OUT, rows, cols, stride_s, stride_dy, stride_dso
         ds = tl.load(DS_OUT + rows * stride_dso + cols, mask=mask, other=0.0)
     else:
         ds = dy
-    return s, dy, ds
-
-
-@triton.jit
-def _rmsnorm_bwd_part(s, dy, ds, w, rstd, c, HAS_DS_OUT: tl.constexpr):
-    # dx for one column part, given c = sum(dy * w * shat) / H of the whole row
-    shat = s.to(tl.float32) * rstd
-    dyf = dy.to(tl.float32)
-    dx = rstd * (dyf * w - shat * c)
-    if HAS_DS_OUT:  # gradient that reached `s` directly (the residual stream)
-        dx += ds.to(tl.float32)
-    return dx, dyf * shat
+    rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
+    return s, dy, ds, rstd
 
 
 @triton.jit
 def _rmsnorm_bwd_kernel(
     S, DY, DS_OUT, DX, W, RSTD, DW_PART, stride_s, stride_dy, stride_dso, stride_dx,
-    M, H, HAS_DS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
-    BLOCK_B: tl.constexpr, HAS_B: tl.constexpr, PREFETCH: tl.constexpr,
+    M, H, HAS_DS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     # Program p walks the row tiles p, p + P, p + 2P, ... (grid-stride, P = programs) and keeps
     # its share of dW in fp32 registers; one [P, H] fp32 row of partial sums per program is
     # reduced afterwards by _sum_rows_kernel (no atomics). With PREFETCH the next tile's loads
     # are issued before this tile's arithmetic and stores (software pipelining by hand), so
     # each program keeps two tiles of loads in flight.
-    # A row is covered by two power-of-two column parts, [0, BLOCK_A) and [BLOCK_A, BLOCK_A +
-    # BLOCK_B) (H = 2560: 2048 + 512), instead of one next_power_of_2(H) block (4096): no
-    # registers are spent on padding, which leaves room for the prefetched tile.
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK_M
-    ca = tl.arange(0, BLOCK_A)[None, :]
-    wa = tl.load(W + ca, mask=ca < H, other=0.0).to(tl.float32)
-    dwa = tl.zeros([BLOCK_M, BLOCK_A], dtype=tl.float32)
+    cols = tl.arange(0, BLOCK)[None, :]
+    w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
-    sa, dya, dsa = _rmsnorm_bwd_load(S, DY, DS_OUT, rows, ca, stride_s, stride_dy, stride_dso,
-                                     M, H, HAS_DS_OUT)
-    if HAS_B:
-        cb = BLOCK_A + tl.arange(0, BLOCK_B)[None, :]
-        wb = tl.load(W + cb, mask=cb < H, other=0.0).to(tl.float32)
-        dwb = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
-        sb, dyb, dsb = _rmsnorm_bwd_load(S, DY, DS_OUT, rows, cb, stride_s, stride_dy,
-                                         stride_dso, M, H, HAS_DS_OUT)
-    rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
+    s, dy, ds, rstd = _rmsnorm_bwd_load(S, DY, DS_OUT, RSTD, rows, cols, stride_s, stride_dy,
+                                        stride_dso, M, H, HAS_DS_OUT)
     for _ in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
         if PREFETCH:
-            nrows = rows + step
-            sa_n, dya_n, dsa_n = _rmsnorm_bwd_load(S, DY, DS_OUT, nrows, ca, stride_s,
-                                                   stride_dy, stride_dso, M, H, HAS_DS_OUT)
-            if HAS_B:
-                sb_n, dyb_n, dsb_n = _rmsnorm_bwd_load(S, DY, DS_OUT, nrows, cb, stride_s,
-                                                       stride_dy, stride_dso, M, H,
-                                                       HAS_DS_OUT)
-            rstd_n = tl.load(RSTD + nrows, mask=nrows < M, other=0.0)
-        dot = tl.sum(dya.to(tl.float32) * wa * sa.to(tl.float32), axis=1)
-        if HAS_B:
-            dot += tl.sum(dyb.to(tl.float32) * wb * sb.to(tl.float32), axis=1)
-        c = (dot[:, None] * rstd) / H
-        dxa, dwa_i = _rmsnorm_bwd_part(sa, dya, dsa, wa, rstd, c, HAS_DS_OUT)
-        tl.store(DX + rows * stride_dx + ca, dxa.to(DX.dtype.element_ty),
-                 mask=(rows < M) & (ca < H))
-        dwa += dwa_i
-        if HAS_B:
-            dxb, dwb_i = _rmsnorm_bwd_part(sb, dyb, dsb, wb, rstd, c, HAS_DS_OUT)
-            tl.store(DX + rows * stride_dx + cb, dxb.to(DX.dtype.element_ty),
-                     mask=(rows < M) & (cb < H))
-            dwb += dwb_i
+            s_n, dy_n, ds_n, rstd_n = _rmsnorm_bwd_load(S, DY, DS_OUT, RSTD, rows + step, cols,
+                                                        stride_s, stride_dy, stride_dso, M, H,
+                                                        HAS_DS_OUT)
+        shat = s.to(tl.float32) * rstd
+        dyf = dy.to(tl.float32)
+        dyw = dyf * w
+        dx = rstd * (dyw - shat * (tl.sum(dyw * shat, axis=1)[:, None] / H))
+        if HAS_DS_OUT:  # gradient that reached `s` directly (the residual stream)
+            dx += ds.to(tl.float32)
+        tl.store(DX + rows * stride_dx + cols, dx.to(DX.dtype.element_ty),
+                 mask=(rows < M) & (cols < H))
+        dw += dyf * shat
         if PREFETCH:
-            sa, dya, dsa, rstd, rows = sa_n, dya_n, dsa_n, rstd_n, nrows
-            if HAS_B:
-                sb, dyb, dsb = sb_n, dyb_n, dsb_n
+            s, dy, ds, rstd = s_n, dy_n, ds_n, rstd_n
+            rows += step
         else:
             rows += step
-            sa, dya, dsa = _rmsnorm_bwd_load(S, DY, DS_OUT, rows, ca, stride_s, stride_dy,
-                                             stride_dso, M, H, HAS_DS_OUT)
-            if HAS_B:
-                sb, dyb, dsb = _rmsnorm_bwd_load(S, DY, DS_OUT, rows, cb, stride_s, stride_dy,
-                                                 stride_dso, M, H, HAS_DS_OUT)
-            rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
-    part = DW_PART + pid.to(tl.int64) * H
-    tl.store(part + ca, tl.sum(dwa, axis=0)[None, :], mask=ca < H)
-    if HAS_B:
-        tl.store(part + cb, tl.sum(dwb, axis=0)[None, :], mask=cb < H)
+            s, dy, ds, rstd = _rmsnorm_bwd_load(S, DY, DS_OUT, RSTD, rows, cols, stride_s,
+                                                stride_dy, stride_dso, M, H, HAS_DS_OUT)
+    tl.store(DW_PART + pid.to(tl.int64) * H + cols, tl.sum(dw, axis=0)[None, :], mask=cols < H)
 
 
 @triton.jit
@@ -155,11 +118,13 @@ def _sum_rows_kernel(P, OUT, N, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr)
     tl.store(OUT + cols, out.to(OUT.dtype.element_ty), mask=cols < H)
 
 
-# Launch shape, chosen by kernels/bench (see docs/KERNELS.md); keys: rows per tile, warps,
-# backward programs per SM, backward prefetch of the next tile, backward split of a row into two
-# power-of-two column parts.
-TUNE = {"fwd_rows": 1, "fwd_warps": 8, "bwd_rows": 1, "bwd_warps": 8, "bwd_per_sm": 2,
-        "bwd_prefetch": 1, "bwd_split": 1, "bwd_programs_cpu": 4}
+# Launch shape, chosen by kernels/bench (see docs/KERNELS.md); keys: rows per tile (backward:
+# without / with residual), warps, backward programs per SM, backward prefetch of the next tile.
+# Measured on one H100 (docs/KERNELS.md, kernels/bench/results/h100_gputime_run1_*): the
+# plain backward is fastest with 1-row tiles (0.055 ms vs 0.060 with 2), the residual backward
+# (one more input) with 2-row tiles (0.070 ms vs 0.080).
+TUNE = {"fwd_rows": 2, "fwd_warps": 8, "bwd_rows": 1, "bwd_res_rows": 2, "bwd_warps": 8,
+        "bwd_per_sm": 2, "bwd_prefetch": 1, "bwd_programs_cpu": 4}
 
 
 def _block(h):
@@ -170,18 +135,8 @@ def _warps(h, key):
     return max(1, min(TUNE[key], _block(h) // 128))
 
 
-def _col_parts(h):
-    """Two power-of-two column parts covering h (2560 -> 2048 + 512); (next_pow2(h), 0) for a
-    power of two or with bwd_split off."""
-    full = _block(h)
-    if not TUNE["bwd_split"] or full == h:
-        return full, 0
-    a = full // 2
-    return a, _block(h - a)
-
-
-def _bwd_programs(m, device):
-    tiles = triton.cdiv(m, TUNE["bwd_rows"])
+def _bwd_programs(m, device, rows):
+    tiles = triton.cdiv(m, rows)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         return max(1, min(tiles, TUNE["bwd_per_sm"] * sms))
@@ -191,12 +146,12 @@ def _bwd_programs(m, device):
 def _sum_rows(part, dtype):
     n, h = part.shape
     out = torch.empty(h, device=part.device, dtype=dtype)
-    # Narrow column blocks (16 fp32 = 64 B a row) and tall row blocks: 160 programs at
-    # H = 2560, one load step each for <= 1024 partial rows (all loads in flight at once).
+    # Narrow column blocks (16 fp32 = 64 B a row) and tall row blocks: ~160 programs at
+    # H = 2560, each with <= 4 dependent load steps for <= 1056 partial rows.
     bh = min(16, triton.next_power_of_2(h))
-    bn = min(1024, triton.next_power_of_2(n))
+    bn = min(256, triton.next_power_of_2(n))
     _sum_rows_kernel[(triton.cdiv(h, bh),)](part, out, n, h, BLOCK_N=bn, BLOCK_H=bh,
-                                            num_warps=8 if bn * bh >= 8192 else 4)
+                                            num_warps=4)
     return out
 
 
@@ -229,14 +184,14 @@ class _RMSNorm(torch.autograd.Function):
         dy2 = dy.reshape(-1, h).contiguous()
         dso = ds_out.reshape(-1, h).contiguous() if ds_out is not None else dy2
         dx = torch.empty_like(s)
-        nprog = _bwd_programs(m, s.device)
+        rows = TUNE["bwd_res_rows" if ds_out is not None else "bwd_rows"]
+        nprog = _bwd_programs(m, s.device, rows)
         dw_part = torch.empty(nprog, h, device=s.device, dtype=torch.float32)
-        ba, bb = _col_parts(h)
         _rmsnorm_bwd_kernel[(nprog,)](
             s, dy2, dso, dx, weight, rstd, dw_part, s.stride(0), dy2.stride(0), dso.stride(0),
-            dx.stride(0), m, h, HAS_DS_OUT=ds_out is not None, BLOCK_M=TUNE["bwd_rows"],
-            BLOCK_A=ba, BLOCK_B=bb, HAS_B=bb > 0, PREFETCH=bool(TUNE["bwd_prefetch"]),
-            num_warps=max(1, min(TUNE["bwd_warps"], ba // 128)),
+            dx.stride(0), m, h, HAS_DS_OUT=ds_out is not None, BLOCK_M=rows,
+            BLOCK=_block(h), PREFETCH=bool(TUNE["bwd_prefetch"]),
+            num_warps=_warps(h, "bwd_warps"),
         )
         dw = _sum_rows(dw_part, weight.dtype)
         dx = dx.view(ctx.shape)

@@ -66,37 +66,25 @@ def test_multi_row_tiles(monkeypatch, tune):
 
     monkeypatch.setitem(TUNE, "fwd_rows", tune["fwd_rows"])
     monkeypatch.setitem(TUNE, "bwd_rows", tune["bwd_rows"])
+    monkeypatch.setitem(TUNE, "bwd_res_rows", tune["bwd_rows"])
     x, w, r = torch.randn(7, 100), torch.randn(100), torch.randn(7, 100)
     assert_same(lambda a, b, c: rmsnorm(a, b, residual=c),
                 lambda a, b, c: rmsnorm_ref(a, b, residual=c), [x, w, r])
 
 
-@pytest.mark.parametrize("split", [0, 1])
 @pytest.mark.parametrize("prefetch", [0, 1])
 @pytest.mark.parametrize("m,rows,programs", [(37, 4, 3), (100, 2, 40), (5, 4, 1), (9, 1, 9)])
-def test_backward_partial_sums(monkeypatch, split, prefetch, m, rows, programs):
+def test_backward_partial_sums(monkeypatch, prefetch, m, rows, programs):
     # Several row tiles per program (grid-stride), rows not a multiple of the tile, programs
     # with unequal tile counts, > 32 partial rows (several steps of the dW reduction) and
     # H > 64 (several column blocks of it); with and without the prefetch of the next tile.
     from kernels.rmsnorm import TUNE
 
     monkeypatch.setitem(TUNE, "bwd_rows", rows)
+    monkeypatch.setitem(TUNE, "bwd_res_rows", rows)
     monkeypatch.setitem(TUNE, "bwd_prefetch", prefetch)
-    monkeypatch.setitem(TUNE, "bwd_split", split)  # H = 100: 64 + 64 columns, or one 128
     monkeypatch.setitem(TUNE, "bwd_programs_cpu", programs)
     x, w, r = torch.randn(m, 100), torch.rand(100) + 0.5, torch.randn(m, 100)
     assert_same(lambda a, b, c: rmsnorm(a, b, residual=c),
                 lambda a, b, c: rmsnorm_ref(a, b, residual=c), [x, w, r])
     assert_same(rmsnorm, rmsnorm_ref, [x, w])
-
-
-@pytest.mark.parametrize("h", [96, 257, 2560, 64])
-def test_backward_column_parts(h):
-    # 96 = 64 + 32, 257 = 256 + 1, 2560 = 2048 + 512 (the model's), 64: one part
-    from kernels.rmsnorm import _col_parts
-
-    a, b = _col_parts(h)
-    assert a + b >= h and (b == 0 or a < h)
-    x, w, r = torch.randn(6, h), torch.rand(h) + 0.5, torch.randn(6, h)
-    assert_same(lambda p, q, c: rmsnorm(p, q, residual=c),
-                lambda p, q, c: rmsnorm_ref(p, q, residual=c), [x, w, r])
