@@ -19,6 +19,7 @@ setup(
         "tqdm",
         "pillow",
         "tensorboard",
+        "psutil",  # megatron-core's torch_dist checkpoint writer calls it on every save
     ],
     extras_require={
         "gpu": ["triton"],

@@ -10,7 +10,7 @@ Completion: ``meta.json`` is written by rank 0 only after the sharded save retur
 barrier), and ``latest`` only after ``meta.json``. A process killed at any moment of a save leaves
 either the previous ``latest`` (the new directory has no ``meta.json`` and is ignored on resume) or the
 new one, complete. Tensors are stored by *global* name and shape (megatron-core ShardedTensors), so a
-checkpoint loads into any TP x PP x DP layout; the optimizer state too (``fully_sharded_model_space``
+checkpoint loads into any TP x PP x DP layout; the optimizer state too (``fully_reshardable``
 for the distributed optimizer). RNG states are per rank and restored only into the same layout.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ ITER_RE = re.compile(r"^iter_(\d{7})$")
 # before the checkpoint is marked complete, so a test can kill -9 the run in the middle of a save.
 SLOW_SAVE_ENV = "MEGATRON_BLUELM_TEST_SLOW_SAVE_S"
 # The distributed optimizer's format whose tensors are per *model* parameter: reshardable over TP/PP/DP.
-SHARDED_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space",
+SHARDED_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                     "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -130,6 +130,13 @@ def prune(root: str, keep_last: int, latest: int) -> None:
             shutil.rmtree(iter_dir(root, i), ignore_errors=True)
 
 
+def mark_complete(root: str, iteration: int, meta: dict, keep_last: int) -> None:
+    """After every rank's shards are on disk (rank 0 only): meta.json, then ``latest``, then pruning."""
+    _write_atomic(os.path.join(iter_dir(root, iteration), META), json.dumps(meta, indent=1))
+    _write_atomic(os.path.join(root, LATEST), str(iteration))
+    prune(root, keep_last, iteration)
+
+
 # ----------------------------------------------------------------------------- state
 
 def _layout(run) -> dict:
@@ -167,9 +174,61 @@ def model_sharded_state_dict(model) -> dict:
             for i, chunk in enumerate(model)}
 
 
+def _init_adam_state(optimizer) -> None:
+    """Give a not-yet-stepped Adam its (zero) state. Without Apex/TE, megatron-core's distributed
+    optimizer reads the per-parameter ``step`` to build its state dict, so loading into a fresh
+    optimizer needs the state to exist; the loaded values then overwrite these zeros."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p.data),
+                                      "exp_avg_sq": torch.zeros_like(p.data)}
+
+
+def _distributed_optimizers(optimizer) -> list:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)]
+
+
+def _load_optimizer(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict`` plus two fixes for megatron-core 0.16.1's distributed optimizer
+    without Apex/TE (torch Adam keeps a per-parameter ``step``): the ``fully_reshardable`` loader copies
+    every state key but its source has no ``step`` (KeyError), and ``load_state_dict`` gives all
+    parameters ONE shared ``step`` tensor, which torch Adam would then increment once per parameter.
+    The step value itself is restored by ``load_state_dict`` from the saved param groups."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    patched = []
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        for opt in _distributed_optimizers(optimizer):
+            def set_states(model_param, tensors, _opt=opt, _orig=opt._set_main_param_and_optimizer_states):
+                if "step" not in tensors:
+                    group, order = _opt.model_param_group_index_map[model_param]
+                    main = _opt.optimizer.param_groups[group]["params"][order]
+                    tensors = {**tensors, "step": _opt.optimizer.state[main]["step"]}
+                _orig(model_param, tensors)
+
+            opt._set_main_param_and_optimizer_states = set_states  # this instance, this call only
+            patched.append(opt)
+    try:
+        optimizer.load_state_dict(state)
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for param_state in opt.optimizer.state.values():
+            if "step" in param_state:
+                param_state["step"] = param_state["step"].clone()
+
+
 def build_sharded_state_dict(run, *, is_loading: bool, optimizer: bool = True, rng: bool = True) -> dict:
     sd = model_sharded_state_dict(run.model)
     if optimizer:
+        if is_loading:
+            _init_adam_state(run.optimizer)
         sd["optimizer"] = run.optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=SHARDED_METADATA)
     if rng:
         sd["rng_state"] = _rng_object(_rng_state())
@@ -251,7 +310,7 @@ class Checkpointer:
         for i, chunk in enumerate(run.model):
             getattr(chunk, "module", chunk).load_state_dict(state[f"model{i}"], strict=True)
         if full:
-            run.optimizer.load_state_dict(state["optimizer"])
+            _load_optimizer(run.optimizer, state["optimizer"])
             run.scheduler.override_opt_param_scheduler = True  # the schedule follows this run's config
             run.scheduler.load_state_dict(meta["scheduler"])
             run.step, run.consumed_samples = meta["iteration"], meta["consumed_samples"]
@@ -293,9 +352,7 @@ class Checkpointer:
             time.sleep(float(os.environ[SLOW_SAVE_ENV]))
         dist.barrier()  # every rank's shards are on disk
         if dist.get_rank() == 0:
-            _write_atomic(os.path.join(path, META), json.dumps(self._meta(), indent=1))
-            _write_atomic(os.path.join(root, LATEST), str(run.step))
-            prune(root, self.cfg.keep_last, run.step)
+            mark_complete(root, run.step, self._meta(), self.cfg.keep_last)
         dist.barrier()
         self.last_saved = run.step
         run.logger.print(f"saved checkpoint {path} in {time.perf_counter() - t0:.1f}s")

@@ -1,0 +1,101 @@
+"""Rank functions of the checkpoint tests (module level: ``run_distributed`` pickles them by name)."""
+from __future__ import annotations
+
+import os
+import signal
+
+
+def tiny_overrides(data_prefix: str, out: str, *, steps: int = 6, tp: int = 1, pp: int = 1,
+                   distopt: bool = False, save: str | None = None, load: str | None = None,
+                   save_interval: int = 0) -> list[str]:
+    """A 6-step tiny run whose LR schedule does not depend on where it stops (decay_steps fixed)."""
+    args = ["--data.prefix", data_prefix, "--data.seq_length", "64", "--data.cache_dir", f"{out}/cache",
+            "--training.train_steps", str(steps), "--training.eval_interval", "0",
+            "--schedule.warmup_steps", "2", "--schedule.decay_steps", "6",
+            "--logging.log_interval", "1", "--logging.tensorboard", "false", "--logging.output_dir", f"{out}/log",
+            "--parallel.tp", str(tp), "--parallel.pp", str(pp),
+            "--parallel.distributed_optimizer", str(distopt).lower(),
+            "--checkpoint.save_interval", str(save_interval)]
+    if save:
+        args += ["--checkpoint.save", save]
+    if load:
+        args += ["--checkpoint.load", load]
+    return args
+
+
+def pretrain(overrides: list[str], preempt_at: int | None = None) -> dict:
+    """Run the pretrain stage; returns losses, step and the full trained parameters (every rank).
+
+    ``preempt_at``: rank 0 sends itself SIGUSR1 at that step's end (the other ranks learn of it through
+    the checkpointer's all-reduce), as a cluster scheduler would before preempting the job."""
+    from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.parallel.gather import full_state_dict
+    from megatron_bluelm.stages.pretrain import run_pretrain
+    from megatron_bluelm.training import checkpointing
+
+    if preempt_at is not None:
+        original = checkpointing.Checkpointer.on_step_end
+
+        def on_step_end(self, run):
+            if run.step == preempt_at and int(os.environ["RANK"]) == 0:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            original(self, run)
+
+        checkpointing.Checkpointer.on_step_end = on_step_end
+    result = run_pretrain(load_config(None, overrides), collect=lambda run: full_state_dict(run.model))
+    return {"losses": result["losses"], "step": result["step"], "consumed": result["consumed_samples"],
+            "params": result["collected"]}
+
+
+def fixed_batch_loss(run, micro_batches: int = 2, mbs: int = 2, seq: int = 64) -> float | None:
+    """Mean token loss of one fixed synthetic global batch through the pipeline (None off the last stage)."""
+    import torch
+
+    from megatron_bluelm.training.step import eval_step
+
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(micro_batches):
+        tokens = torch.randint(0, 4000, (mbs, seq + 1), generator=gen)
+        batches.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(mbs, seq),
+                        "position_ids": torch.arange(seq).expand(mbs, seq), "attention_mask": None})
+    iterators = [iter(list(batches)) for _ in run.model]
+    res = eval_step(run.model, iterators, num_microbatches=micro_batches, seq_length=seq, micro_batch_size=mbs,
+                    device=run.info.device)
+    return res.loss
+
+
+def loaded_loss(overrides: list[str]) -> float | None:
+    """Load a checkpoint into the configured layout (no training) and return ``fixed_batch_loss``."""
+    from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.stages.pretrain import run_pretrain
+
+    return run_pretrain(load_config(None, overrides), collect=fixed_batch_loss)["collected"]
+
+
+def megatron_logits(load: str, token_ids: list[int]):
+    """Logits [s, vocab] of our model (TP1, from any checkpoint layout) for one sequence."""
+    import torch
+
+    from megatron_bluelm.convert import megatron_io
+    from megatron_bluelm.training.checkpointing import read_meta, resolve_checkpoint
+
+    path, _ = resolve_checkpoint(load)
+    cfg = megatron_io.run_config_from_meta(read_meta(path))
+    megatron_io.start_single_process()
+    from megatron_bluelm.data.tokenizer import load_tokenizer
+
+    model = megatron_io.build_model(cfg, cfg.model.vocab_size or load_tokenizer(cfg.data.tokenizer_model).vocab_size)
+    megatron_io.load_full(model, path)
+    model.eval()
+    ids = torch.tensor([token_ids])
+    with torch.no_grad():
+        logits = model(ids, torch.arange(ids.shape[1])[None], None)
+    return logits[0].float()
+
+
+def convert(direction: str, src: str, out: str):
+    """tools/convert_checkpoint.py's functions in a fresh process (each needs its own process group)."""
+    from megatron_bluelm.convert.api import hf_to_megatron, megatron_to_hf
+
+    return megatron_to_hf(src, out) if direction == "to_hf" else hf_to_megatron(src, out)
