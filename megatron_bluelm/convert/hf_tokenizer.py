@@ -1,0 +1,61 @@
+"""Our SentencePiece model as a Hugging Face fast tokenizer that encodes to the same ids.
+
+The tokenizer is BPE with byte fallback and SentencePiece's "dummy prefix" (a ``▁`` before the whole
+text, not after each special token). HF's stock Llama conversion gets two cases wrong: text that starts
+with a space (Metaspace skips its prefix when the text already starts with ``▁``) and text that starts
+with a special token (no prefix at all). We instead normalize the *whole* text once — the special tokens
+are ``normalized`` added tokens, so splitting on them happens after normalization — and prepend ``▁``
+at the start of the text (``\\A``, not every line), except when the text is exactly one special token:
+that exception is what keeps the special tokens' own (normalized) spelling unchanged.
+
+Known, documented differences from ``sentencepiece`` (tests/checkpoint/test_hf.py checks the rest):
+* a text that is exactly one special token encodes to that token alone (SentencePiece adds ``▁``);
+* the control tokens ``<s> </s> <pad> <unk>`` typed as text are spelled out by both (they are not
+  registered as HF special tokens for that reason; ``eos``/``pad`` are ``<|end|>``).
+"""
+from __future__ import annotations
+
+import re
+
+from sentencepiece import sentencepiece_model_pb2
+
+from megatron_bluelm.data.chat_template import CHAT_TEMPLATE
+from megatron_bluelm.data.tokenizer import USER_SYMBOLS
+
+SPIECE = "\u2581"
+
+
+def _proto(model_path: str) -> sentencepiece_model_pb2.ModelProto:
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(model_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    return proto
+
+
+def build_hf_tokenizer(model_path: str):
+    """A ``PreTrainedTokenizerFast`` equivalent to our SentencePiece model, chat template included."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import generate_merges
+
+    proto = _proto(model_path)
+    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+        raise ValueError(f"'{model_path}': only BPE SentencePiece models are supported")
+    if proto.normalizer_spec.name != "identity" or not proto.normalizer_spec.add_dummy_prefix:
+        raise ValueError(f"'{model_path}': expected the identity normalizer with a dummy prefix")
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    merges = generate_merges(vocab, {p.piece: p.score for p in proto.pieces})
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=proto.trainer_spec.unk_piece, fuse_unk=True,
+                        byte_fallback=proto.trainer_spec.byte_fallback))
+    only_special = "|".join(re.escape(t) for t in USER_SYMBOLS)
+    tok.normalizer = normalizers.Sequence([
+        normalizers.Replace(Regex(rf"\A(?!(?:{only_special})\z)"), SPIECE),  # the dummy prefix, once
+        normalizers.Replace(" ", SPIECE),
+    ])
+    tok.decoder = decoders.Sequence([decoders.Replace(SPIECE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=True) for t in USER_SYMBOLS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|end|>",
+                                   chat_template=CHAT_TEMPLATE, add_bos_token=False, add_eos_token=False,
+                                   clean_up_tokenization_spaces=False, model_max_length=1 << 30)

@@ -1,0 +1,78 @@
+"""Read and write our megatron checkpoints as ONE full (TP1, PP1) state dict, in a single process.
+
+Reading gathers any TP x PP x DP layout: we build the TP1/PP1 model and let megatron-core's
+dist_checkpointing load the global tensors into it (the same resharding a training resume does).
+Writing saves a model-only checkpoint (``meta.json`` contents ``["model"]``) in the training layout
+(``SAVE/iter_0000000`` + ``latest``), loadable by any layout. The on-disk format is owned by
+``training/checkpointing.py``; this module only reuses it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from megatron_bluelm.config.schema import ModelConfig, RunConfig
+from megatron_bluelm.training import checkpointing as ckpt
+
+
+def start_single_process() -> None:
+    """A one-rank gloo group (conversion runs as a plain process, no launcher), on a free port."""
+    import socket
+
+    from megatron_bluelm.parallel.setup import setup_parallel
+
+    if not dist.is_initialized() and "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    setup_parallel(1, 1, None, 1, seed=0, dist_backend="gloo")
+
+
+def run_config_from_meta(meta: dict) -> RunConfig:
+    """The model section of the saved config, on a single-process layout."""
+    cfg = RunConfig()
+    saved = meta["config"]
+    cfg.model = ModelConfig(**saved["model"])
+    cfg.data.tokenizer_model = saved["data"]["tokenizer_model"]
+    cfg.data.seq_length = saved["data"]["seq_length"]
+    cfg.training.precision = "fp32"
+    return cfg
+
+
+def build_model(cfg: RunConfig, vocab_size: int):
+    from megatron_bluelm.models.decoder import build_decoder
+    from megatron_bluelm.models.init import mark_tensor_parallel_
+
+    model = build_decoder(cfg, vocab_size)
+    mark_tensor_parallel_(model)
+    return model
+
+
+def _tensors(model) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def load_full(model, path: str) -> dict[str, torch.Tensor]:
+    """Fill ``model`` (TP1) from the checkpoint directory ``path``; returns its tensors."""
+    sharded = {"model0": model.sharded_state_dict(metadata=ckpt.SHARDED_METADATA)}
+    ckpt.check_shapes(sharded, path)
+    state = dist_checkpointing.load(sharded, path)
+    model.load_state_dict(state["model0"], strict=True)
+    return _tensors(model)
+
+
+def save_model_only(model, cfg: RunConfig, root: str, extra_meta: dict, iteration: int = 0) -> str:
+    from megatron_bluelm.config.loader import to_dict
+
+    path = ckpt.iter_dir(root, iteration)
+    os.makedirs(path, exist_ok=False)
+    dist_checkpointing.save({"model0": model.sharded_state_dict(metadata=ckpt.SHARDED_METADATA)}, path)
+    meta = {"format_version": ckpt.FORMAT_VERSION, "iteration": iteration, "consumed_samples": 0,
+            "contents": ["model"], "layout": {"tp": 1, "pp": 1, "dp": 1, "vpp": None, "world_size": 1,
+                                               "distributed_optimizer": False},
+            "config": to_dict(cfg), **extra_meta}
+    ckpt.mark_complete(root, iteration, meta, keep_last=1)
+    return path
