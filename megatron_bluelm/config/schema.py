@@ -119,8 +119,9 @@ class RLConfig:
     clip_high: float = 0.28  # > clip_low: the clip-higher option
     kl_coef: float = 0.0  # > 0 keeps a frozen reference model and adds beta * KL (k3)
     normalize_std: bool = True  # GRPO; false: Dr. GRPO (mean-centred only)
+    filter_zero_variance: bool = True  # drop groups with equal rewards from the loss (false: keep, A = 0)
     rewards: dict = field(default_factory=lambda: {"default": {"exact_match": 1.0}})
-    warmup_sft_steps: int = 0  # supervised steps on the task's reference answers before RL
+    warmup_sft_steps: int = 0  # supervised steps on the task's warm-up pairs before RL
     seed: int = 7
 
 

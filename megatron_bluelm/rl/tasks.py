@@ -30,10 +30,11 @@ class ArithmeticTask:
             out.append({"prompt": f"{a}+{b}=", "answer": str(a + b), "source": self.name})
         return out
 
-    @staticmethod
-    def reference_text(record: dict) -> tuple[str, str]:
-        """(prompt, completion) for supervised warm-up."""
-        return record["prompt"], record["answer"]
+    def warmup_pair(self, record: dict, rng: random.Random) -> tuple[str, str]:
+        """(prompt, completion) for the supervised warm-up: a *random* sum in the answer range, so the
+        warm-up teaches the format (a number, then end of text) but not the arithmetic, which is left
+        to RL. The reward therefore starts near chance (1 / (2N + 1))."""
+        return record["prompt"], str(rng.randint(0, 2 * self.max_operand))
 
 
 class JsonlTask:
@@ -65,7 +66,8 @@ class JsonlTask:
         return [dict(rng.choice(self.items)) for _ in range(n)]
 
     @staticmethod
-    def reference_text(record: dict) -> tuple[str, str]:
+    def warmup_pair(record: dict, rng: random.Random) -> tuple[str, str]:
+        """(prompt, reference answer) for the supervised warm-up."""
         if "prompt" not in record:
             raise ConfigError("rl.warmup_sft_steps needs 'prompt' records (chat records: run the SFT stage)")
         return record["prompt"], str(record["answer"])

@@ -10,6 +10,7 @@ old (and reference) log-probs, then ``rl.updates_per_step`` optimizer steps. See
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from functools import partial
@@ -64,7 +65,7 @@ def _dp_sum(value: float, device) -> float:
 
 
 def warmup_sft(run, tok, task, steps: int) -> None:
-    """Supervised steps on the task's reference answers (cold start for verifiable toy tasks)."""
+    """Supervised steps on the task's warm-up pairs (a cold start for toy tasks, see rl/tasks.py)."""
     from megatron_bluelm.rl.rollout import training_rows
     from megatron_bluelm.rl.trainer import micro_batches
     from megatron_bluelm.training.step import train_step
@@ -74,7 +75,8 @@ def warmup_sft(run, tok, task, steps: int) -> None:
     n_local = cfg.rl.prompts_per_step * cfg.rl.group_size // dp
     for step in range(steps):
         recs = task.records(n_local * dp, seed=cfg.rl.seed + 10_000_000 + step)[rank * n_local:(rank + 1) * n_local]
-        pairs = [task.reference_text(r) for r in recs]
+        rng = random.Random(cfg.rl.seed * 7919 + step * 104_729 + rank)
+        pairs = [task.warmup_pair(r, rng) for r in recs]
         rows = training_rows([tok.encode(p) for p, _ in pairs], [tok.encode(c) + [tok.eod] for _, c in pairs],
                              cfg.data.seq_length, tok.pad)
         batches = micro_batches(rows, {}, cfg.training.micro_batch_size)
@@ -123,6 +125,9 @@ def rl_step(run, tok, task, rewards, ref_model, vocab: int) -> dict:
     scored = rewards(roll.texts, samples)
     reward = torch.tensor([s["reward"] for s in scored])
     adv, keep = group_advantages(reward, rl.group_size, rl.normalize_std)
+    filtered = 1.0 - keep.float()
+    if not rl.filter_zero_variance:  # equal-reward groups stay in the loss (A = 0: only the KL term acts)
+        keep = torch.ones_like(keep)
     rows = training_rows(roll.prompts, roll.responses, cfg.data.seq_length, tok.pad)
     mbs = cfg.training.micro_batch_size
     batches = micro_batches(rows, {"advantages": adv, "keep": keep.float()}, mbs)
@@ -130,6 +135,7 @@ def rl_step(run, tok, task, rewards, ref_model, vocab: int) -> dict:
     stats = {"reward": _dp_mean(reward.tolist(), device),
              "response_len": _dp_mean([float(len(r)) for r in roll.responses], device),
              "thinking_len": _dp_mean([float(n) for n in roll.thinking_tokens], device),
+             "zero_variance_frac": _dp_mean(filtered.tolist(), device),
              "filtered_frac": 1.0 - _dp_mean(keep.float().tolist(), device),
              "rollout_tokens_per_s": _dp_sum(float(sum(len(r) for r in roll.responses)), device) / max(t_roll, 1e-9)}
     for name in next(iter(scored)).keys() - {"reward"}:

@@ -42,8 +42,13 @@ def first_update_stats(extra=()):
         old2 = sequence_logprobs(run.model, batches, 16, 4, run.info.device)  # after the first update
         second = policy_update(run.model, run.optimizer, run.scheduler, batches, GRPOSettings(kl_coef=0.1),
                                seq_length=16, mbs=4, device=run.info.device)
-        moved = None if old2 is None else max((a - b).abs().max().item() for a, b in zip(old, old2))
-        return {"first": first, "second": second, "moved": moved}
+        moved = delta = None
+        if old2 is not None:
+            moved = max((a - b).abs().max().item() for a, b in zip(old, old2))
+            mask = rows["loss_mask"]
+            before, after = torch.cat(old), torch.cat(old2)
+            delta = (((after - before) * mask).sum(1) / mask.sum(1)).tolist()  # per-sample mean change
+        return {"first": first, "second": second, "moved": moved, "delta": delta}
     finally:
         teardown()
 

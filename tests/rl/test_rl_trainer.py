@@ -20,3 +20,5 @@ def test_first_update_ratio_one_kl_zero(world, extra):
     last = results[-1]
     _check(last)
     assert last["moved"] > 0
+    d = last["delta"]  # advantages were [1, -1, 0.5, -0.5, 2, -2, 0, 0]
+    assert d[0] > 0 > d[1] and d[4] > 0 > d[5]  # the update raised the log-probs of A > 0 responses
