@@ -37,9 +37,10 @@ FORMAT_VERSION = 1
 META = "meta.json"
 LATEST = "latest"
 ITER_RE = re.compile(r"^iter_(\d{7})$")
-# Test hook only (tests/checkpoint/test_crash.py): seconds to sleep after the tensors are written and
-# before the checkpoint is marked complete, so a test can kill -9 the run in the middle of a save.
-SLOW_SAVE_ENV = "MEGATRON_BLUELM_TEST_SLOW_SAVE_S"
+# Test hook only (tests/checkpoint/test_crash.py): "ITER:SECONDS" sleeps that long in the save of
+# iteration ITER, after the tensors are written and before the checkpoint is marked complete, so the
+# test can kill -9 the run in the middle of a save. Unset in normal runs.
+SLOW_SAVE_ENV = "MEGATRON_BLUELM_TEST_SLOW_SAVE"
 # The distributed optimizer's format whose tensors are per *model* parameter: reshardable over TP/PP/DP.
 SHARDED_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                     "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
@@ -251,6 +252,15 @@ def check_shapes(sharded: dict, ckpt_path: str) -> None:
                                       f"the configured model has {tuple(ten.global_shape)}")
 
 
+def _test_delay(iteration: int) -> None:
+    spec = os.environ.get(SLOW_SAVE_ENV)
+    if spec:
+        at, seconds = spec.split(":")
+        if int(at) == iteration:
+            print(f"test hook {SLOW_SAVE_ENV}: pausing the save of iteration {iteration}", flush=True)
+            time.sleep(float(seconds))
+
+
 # ----------------------------------------------------------------------------- the hooks
 
 class Checkpointer:
@@ -348,8 +358,7 @@ class Checkpointer:
             os.makedirs(path)
         dist.barrier()
         dist_checkpointing.save(build_sharded_state_dict(run, is_loading=False), path)
-        if os.environ.get(SLOW_SAVE_ENV):
-            time.sleep(float(os.environ[SLOW_SAVE_ENV]))
+        _test_delay(run.step)
         dist.barrier()  # every rank's shards are on disk
         if dist.get_rank() == 0:
             mark_complete(root, run.step, self._meta(), self.cfg.keep_last)

@@ -99,3 +99,19 @@ def convert(direction: str, src: str, out: str):
     from megatron_bluelm.convert.api import hf_to_megatron, megatron_to_hf
 
     return megatron_to_hf(src, out) if direction == "to_hf" else hf_to_megatron(src, out)
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether the newest complete checkpoints under ``a`` and ``b`` hold bit-identical weights."""
+    import torch
+
+    from megatron_bluelm.convert import megatron_io
+    from megatron_bluelm.training.checkpointing import read_meta, resolve_checkpoint
+
+    megatron_io.start_single_process()
+    states = []
+    for root in (a, b):
+        path, _ = resolve_checkpoint(root)
+        cfg = megatron_io.run_config_from_meta(read_meta(path))
+        states.append(megatron_io.load_full(megatron_io.build_model(cfg, 8192), path))
+    return states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
