@@ -261,6 +261,18 @@ def _test_delay(iteration: int) -> None:
             time.sleep(float(seconds))
 
 
+def _stop_writer_manager() -> None:
+    """megatron-core's torch_dist writer starts a multiprocessing Manager process (for its results
+    queue) on the first save and never stops it; seen outliving our process. Stop it when we are done."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = filesystem_async._results_queue
+    manager = getattr(queue, "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+        filesystem_async._results_queue = None
+
+
 # ----------------------------------------------------------------------------- the hooks
 
 class Checkpointer:
@@ -376,6 +388,7 @@ class Checkpointer:
     def finish(self) -> None:
         if self.cfg.save and self.last_saved != self.run.step:
             self.save()
+        _stop_writer_manager()
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
         self._old_handlers = {}

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from ckpt_workers import same_model, tiny_overrides
 from distributed import free_port, run_distributed
@@ -38,7 +39,10 @@ def test_kill9_during_save_resumes_from_last_complete(reference_run, demo_prefix
         else:
             pytest.fail("the run ended before the slowed save:\n" + "".join(seen))
         time.sleep(0.5)
+        helpers = psutil.Process(proc.pid).children(recursive=True)  # megatron's writer Manager
         os.kill(proc.pid, signal.SIGKILL)
+        for child in helpers:  # a real kill -9 leaves them orphaned too; the test cleans up its own
+            child.kill()
     finally:
         proc.kill()
         proc.wait()
