@@ -122,14 +122,17 @@ def generate_ids(runner: ModelRunner, prompts: Sequence[Sequence[int]], req: Gen
     tokens, pad = _left_pad(prompts, ids.pad)
     steps = min(req.max_new_tokens, max_context - tokens.shape[1])
     runner.start(pad, tokens.shape[1] + steps)
-    gen = torch.Generator(device="cpu").manual_seed(req.sampling.seed)
+    # Sampling runs where the logits are (copying [batch, vocab] logits to the host every step was the
+    # rollout bottleneck on GPU); every rank of a replica seeds the same generator on the same device
+    # type, so they draw the same tokens.
+    gen = torch.Generator(device=runner.device).manual_seed(req.sampling.seed)
     batch = _Batch(prompts, req.stop_token_ids)
     logits = runner.step(tokens)
     for t in range(steps):
         chosen = torch.zeros(len(prompts), dtype=torch.long)
         if logits is not None:
             logits[:, vocab_size:] = float("-inf")  # the embedding's padding rows are no tokens
-            chosen = sample(logits.cpu(), req.sampling, gen)
+            chosen = sample(logits, req.sampling, gen)
         chosen = _broadcast_from_last_stage(chosen.to(runner.device)).cpu()
         for i in range(len(prompts)):
             if batch.done[i]:

@@ -115,7 +115,7 @@ def rl_step(run, tok, task, rewards, ref_model, vocab: int) -> dict:
     max_context = cfg.data.seq_length
     seed = rl.seed * 1_000_003 + run.step * 1009 + rank  # same on the TP/PP ranks of one replica
     roll = generate_rollouts(runner, tok, records, group_size=rl.group_size, rl=rl, seed=seed,
-                             vocab_size=vocab, max_context=max_context)
+                             vocab_size=tok.vocab_size, max_context=max_context)  # sample decodable ids only
     for chunk in run.model:
         chunk.train()
     t_roll = time.perf_counter() - t0
