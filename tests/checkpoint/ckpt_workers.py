@@ -115,3 +115,25 @@ def same_model(a: str, b: str) -> bool:
         cfg = megatron_io.run_config_from_meta(read_meta(path))
         states.append(megatron_io.load_full(megatron_io.build_model(cfg, 8192), path))
     return states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def greedy_generate(load: str, prompts: list, max_new_tokens: int, tp: int = 1):
+    """Our KV-cache greedy generation from a checkpoint (no stop tokens: full length)."""
+    from megatron_bluelm.data.tokenizer import load_tokenizer
+    from megatron_bluelm.inference.engine import TextGenerator
+    from megatron_bluelm.inference.loading import checkpoint_run_config, load_weights
+    from megatron_bluelm.inference.model import build_inference_model
+    from megatron_bluelm.parallel.setup import teardown
+
+    cfg = checkpoint_run_config(load)
+    cfg.parallel.tp = tp
+    tok = load_tokenizer(cfg.data.tokenizer_model)
+    im = build_inference_model(cfg, tok.vocab_size)
+    try:
+        load_weights([im.model], load)
+        gen = TextGenerator(im, tok)
+        outs = gen.generate_ids([tok.encode(p) for p in prompts], gen.request(max_new_tokens=max_new_tokens,
+                                                                               stop_tokens=[]))
+        return [o.tokens for o in outs]
+    finally:
+        teardown()
