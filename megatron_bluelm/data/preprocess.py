@@ -161,7 +161,10 @@ def _results(opts: Options, threads: int):
         for path, chunk in _chunks(opts):
             yield path, encode_chunk(chunk)
         return
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # Not "fork": forking a process that already runs threads (torch, a checkpoint writer, another
+    # pool's helpers) can hand a worker a lock held forever (seen in the full test suite). The fork
+    # server is a fresh single-threaded process; workers fork from it cheaply.
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(opts.workers, initializer=_init_encoder, initargs=init) as pool:
         pending: deque = deque()
         for path, chunk in _chunks(opts):

@@ -152,11 +152,19 @@ def rl_step(run, tok, task, rewards, ref_model, vocab: int) -> dict:
         mb["ref_logp"] = ref[i] if ref is not None else None
     settings = GRPOSettings(rl.clip_low, rl.clip_high, rl.kl_coef)
     per_update = len(batches) // rl.updates_per_step
+    upd = None
     for u in range(rl.updates_per_step):
-        upd = policy_update(run.model, run.optimizer, run.scheduler, batches[u * per_update:(u + 1) * per_update],
-                            settings, seq_length=cfg.data.seq_length, mbs=mbs, device=device)
-        if u == 0:
-            stats.update({f"first_{k}": v for k, v in upd.items() if k in ("ratio_mean", "kl")})
+        part = batches[u * per_update:(u + 1) * per_update]
+        kept = sum(float((mb["keep"][:, None] * mb["loss_mask"]).sum()) for mb in part)
+        if _dp_sum(kept, device) == 0:  # every group of this mini-batch was filtered: no tokens to learn
+            continue
+        upd = policy_update(run.model, run.optimizer, run.scheduler, part, settings,
+                            seq_length=cfg.data.seq_length, mbs=mbs, device=device)
+        if "first_ratio_mean" not in stats and "ratio_mean" in upd:  # the batch's first update
+            stats.update(first_ratio_mean=upd["ratio_mean"], first_kl=upd["kl"])
+    if upd is None:
+        stats.update(skipped_update=True, update_s=0.0)
+        return stats
     stats.update(upd, update_s=time.perf_counter() - t1)
     return stats
 
