@@ -15,7 +15,6 @@ model. ``checkpoint.load`` resumes the same stage; when it points at a text chec
 from __future__ import annotations
 
 import argparse
-import sys
 from functools import partial
 from typing import Callable, Optional, Sequence
 
@@ -101,23 +100,21 @@ def run_multimodal(cfg: RunConfig, pretrained: Optional[str] = None, collect: Op
     """Validate, build, (load weights,) train; returns the run summary on every rank."""
     from megatron.core import parallel_state
 
-    from megatron_bluelm.data import build_data_iterator, load_tokenizer
+    from megatron_bluelm.data import load_tokenizer
     from megatron_bluelm.data.multimodal_dataset import build_multimodal_datasets, collate
     from megatron_bluelm.models.multimodal import build_vlm, describe_split
-    from megatron_bluelm.parallel.setup import teardown
-    from megatron_bluelm.stages.pretrain import _dp_rank
-    from megatron_bluelm.training.checkpointing import Checkpointer, Preempted
-    from megatron_bluelm.training.loop import prepare_config, setup_run, summary, train
+    from megatron_bluelm.training.loop import data_iterators, prepare_config, run_stage, setup_run, train
 
     cfg = multimodal_config(cfg)
     if cfg.checkpoint.load and _is_text_checkpoint(cfg.checkpoint.load):
         pretrained, cfg.checkpoint.load = pretrained or cfg.checkpoint.load, None
-    dp = prepare_config(cfg)
+    prepare_config(cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     build = partial(build_vlm, cfg, vocab, tokenizer.special_ids["<image>"])
     run = setup_run(cfg, build, train_flops_per_token(cfg, vocab))
-    try:
+
+    def body(run, checkpointer):
         if cfg.parallel.pp > 1:
             run.logger.print(describe_split(cfg, cfg.parallel.first_stage_layers or 0))
         t = cfg.training
@@ -126,38 +123,18 @@ def run_multimodal(cfg: RunConfig, pretrained: Optional[str] = None, collect: Op
         train_ds, valid_ds, _ = build_multimodal_datasets(
             cfg, tokenizer, num_samples=num_samples, seed=t.seed,
             with_pixels=parallel_state.is_pipeline_first_stage(ignore_virtual=True))
+        iterators = partial(data_iterators, cfg, num_workers=cfg.data.num_workers, collate_fn=collate)
+        train(run, partial(iterators, train_ds), partial(iterators, valid_ds) if valid_ds else None,
+              on_step_end=checkpointer.on_step_end)
 
-        def iterators(dataset, consumed):
-            return [build_data_iterator(dataset, micro_batch_size=t.micro_batch_size, consumed_samples=consumed,
-                                        dp_rank=_dp_rank(), dp_size=dp, num_workers=cfg.data.num_workers,
-                                        collate_fn=collate)]
-
-        checkpointer = Checkpointer(run)
-        checkpointer.maybe_resume()
-        if pretrained and run.step == 0:  # a resumed run already holds its own weights
-            load_pretrained(run, pretrained)
-        try:
-            train(run, partial(iterators, train_ds), partial(iterators, valid_ds) if valid_ds else None,
-                  on_step_end=checkpointer.on_step_end)
-        except Preempted as stop:
-            run.logger.print(str(stop))
-        checkpointer.finish()
-        result = summary(run)
-        if collect is not None:
-            result["collected"] = collect(run)
-        return result
-    finally:
-        run.logger.close()
-        teardown()
+    initial = (lambda run: load_pretrained(run, pretrained)) if pretrained else None
+    return run_stage(run, body, collect, initial_weights=initial)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    try:
-        cfg, pretrained = parse_args(argv)
-        run_multimodal(cfg, pretrained)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from megatron_bluelm.training.loop import cli
+
+    cli(lambda: run_multimodal(*parse_args(argv)))
 
 
 if __name__ == "__main__":

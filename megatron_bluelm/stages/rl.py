@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from functools import partial
 from typing import Callable, Optional, Sequence
@@ -98,7 +97,7 @@ def build_reference(run, build_chunk: Callable):
     return ref
 
 
-def rl_step(run, tok, task, rewards, ref_model, vocab: int) -> dict:
+def rl_step(run, tok, task, rewards, ref_model) -> dict:
     from megatron_bluelm.inference.runner import ModelRunner
     from megatron_bluelm.rl.advantages import group_advantages
     from megatron_bluelm.rl.loss import GRPOSettings
@@ -173,11 +172,9 @@ def run_rl(cfg: RunConfig, collect: Optional[Callable] = None) -> dict:
     from megatron_bluelm.data import load_tokenizer
     from megatron_bluelm.models.counting import DecoderShape, train_flops_per_token
     from megatron_bluelm.models.decoder import build_decoder
-    from megatron_bluelm.parallel.setup import teardown
     from megatron_bluelm.rl.rewards import HybridReward
     from megatron_bluelm.rl.tasks import load_task
-    from megatron_bluelm.training.checkpointing import Checkpointer
-    from megatron_bluelm.training.loop import prepare_config, setup_run, summary
+    from megatron_bluelm.training.loop import prepare_config, run_stage, setup_run
 
     dp = prepare_config(cfg)
     check_rl_config(cfg, dp)
@@ -189,29 +186,23 @@ def run_rl(cfg: RunConfig, collect: Optional[Callable] = None) -> dict:
     build_chunk = partial(build_decoder, cfg, vocab)
     flops = train_flops_per_token(DecoderShape.from_model_config(cfg.model, vocab), cfg.data.seq_length)
     run = setup_run(cfg, build_chunk, flops)
-    try:
-        checkpointer = Checkpointer(run)
-        checkpointer.maybe_resume()
+
+    def body(run, checkpointer):
         if cfg.rl.warmup_sft_steps and run.step == 0:
             warmup_sft(run, tok, task, cfg.rl.warmup_sft_steps)
         ref_model = build_reference(run, build_chunk) if cfg.rl.kl_coef > 0 else None
         while run.step < cfg.training.train_steps:
-            stats = rl_step(run, tok, task, rewards, ref_model, vocab)
+            stats = rl_step(run, tok, task, rewards, ref_model)
             run.step += 1
             run.history.append(stats)
             run.logger.log(run.step, stats, prefix="rl")
             if run.step % cfg.logging.log_interval == 0 or run.step == cfg.training.train_steps:
                 run.logger.print(_format(run.step, cfg.training.train_steps, stats))
             checkpointer.on_step_end(run)
-        checkpointer.finish()
-        result = summary(run)
-        result["rl"] = run.history
-        if collect is not None:
-            result["collected"] = collect(run)
-        return result
-    finally:
-        run.logger.close()
-        teardown()
+
+    result = run_stage(run, body, collect)
+    result["rl"] = run.history
+    return result
 
 
 def _format(step: int, total: int, s: dict) -> str:
@@ -227,14 +218,12 @@ def _format(step: int, total: int, s: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    from megatron_bluelm.training.loop import cli
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None)
     args, overrides = ap.parse_known_args(argv)
-    try:
-        run_rl(load_config(args.config, overrides))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(lambda: run_rl(load_config(args.config, overrides)))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,9 @@ model weights of a pretrain checkpoint (any layout; optimizer and step start fre
 from __future__ import annotations
 
 import argparse
-import sys
 from functools import partial
 from typing import Callable, Optional, Sequence
 
-from megatron_bluelm.config.errors import ConfigError
 from megatron_bluelm.config.loader import load_config
 from megatron_bluelm.config.schema import RunConfig
 
@@ -47,59 +45,33 @@ def _load_pretrained(run, path: str) -> None:
 
 def run_sft(cfg: RunConfig, pretrained: Optional[str] = None, collect: Optional[Callable] = None) -> dict:
     """Validate, build, (load pretrained weights,) train; returns the run summary on every rank."""
-    from megatron_bluelm.data import build_data_iterator, load_tokenizer
+    from megatron_bluelm.data import load_tokenizer
     from megatron_bluelm.data.sft_packing import build_sft_datasets
     from megatron_bluelm.models.counting import DecoderShape, train_flops_per_token
     from megatron_bluelm.models.decoder import build_decoder
-    from megatron_bluelm.parallel.setup import teardown
-    from megatron_bluelm.stages.pretrain import _dp_rank
-    from megatron_bluelm.training.checkpointing import Checkpointer, Preempted
-    from megatron_bluelm.training.loop import prepare_config, setup_run, summary, train
+    from megatron_bluelm.training.loop import data_iterators, prepare_config, run_stage, sample_counts, setup_run, train
 
     cfg = sft_config(cfg)
-    dp = prepare_config(cfg)
+    prepare_config(cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer_model)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     flops = train_flops_per_token(DecoderShape.from_model_config(cfg.model, vocab), cfg.data.seq_length)
     run = setup_run(cfg, partial(build_decoder, cfg, vocab), flops)
-    try:
-        t = cfg.training
-        evals = (t.train_steps // t.eval_interval + 1) if t.eval_interval else 0
-        num_samples = (t.train_steps * t.global_batch_size, max(evals, 1) * t.eval_steps * t.global_batch_size,
-                       t.eval_steps * t.global_batch_size)
+
+    def body(run, checkpointer):
         train_ds, valid_ds, _ = build_sft_datasets(cfg.data, tokenizer, seq_length=cfg.data.seq_length,
-                                                   num_samples=num_samples, seed=t.seed)
+                                                   num_samples=sample_counts(cfg), seed=cfg.training.seed)
+        train(run, partial(data_iterators, cfg, train_ds),
+              partial(data_iterators, cfg, valid_ds) if valid_ds else None, on_step_end=checkpointer.on_step_end)
 
-        def iterators(dataset, consumed):
-            return [build_data_iterator(dataset, micro_batch_size=t.micro_batch_size, consumed_samples=consumed,
-                                        dp_rank=_dp_rank(), dp_size=dp) for _ in range(cfg.parallel.vpp or 1)]
-
-        checkpointer = Checkpointer(run)
-        checkpointer.maybe_resume()
-        if pretrained and run.step == 0:  # a resumed SFT run already holds fine-tuned weights
-            _load_pretrained(run, pretrained)
-        try:
-            train(run, partial(iterators, train_ds), partial(iterators, valid_ds) if valid_ds else None,
-                  on_step_end=checkpointer.on_step_end)
-        except Preempted as stop:
-            run.logger.print(str(stop))
-        checkpointer.finish()
-        result = summary(run)
-        if collect is not None:
-            result["collected"] = collect(run)
-        return result
-    finally:
-        run.logger.close()
-        teardown()
+    initial = (lambda run: _load_pretrained(run, pretrained)) if pretrained else None
+    return run_stage(run, body, collect, initial_weights=initial)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    try:
-        cfg, pretrained = parse_args(argv)
-        run_sft(cfg, pretrained)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from megatron_bluelm.training.loop import cli
+
+    cli(lambda: run_sft(*parse_args(argv)))
 
 
 if __name__ == "__main__":

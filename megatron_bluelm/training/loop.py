@@ -174,6 +174,68 @@ def _check_finite(run: Run, res: StepResult) -> None:
                                  "(training.exit_on_nan: false continues)")
 
 
+def sample_counts(cfg: RunConfig) -> tuple[int, int, int]:
+    """(train, valid, test) samples the datasets must hold for this run's steps and evaluations."""
+    t = cfg.training
+    evals = (t.train_steps // t.eval_interval + 1) if t.eval_interval else 0
+    return (t.train_steps * t.global_batch_size, max(evals, 1) * t.eval_steps * t.global_batch_size,
+            t.eval_steps * t.global_batch_size)
+
+
+def data_iterators(cfg: RunConfig, dataset, consumed_samples: int, **loader_kwargs) -> list:
+    """One iterator per model chunk over this data-parallel rank's share, from ``consumed_samples``."""
+    from megatron.core import parallel_state
+
+    from megatron_bluelm.data import build_data_iterator
+
+    return [build_data_iterator(dataset, micro_batch_size=cfg.training.micro_batch_size,
+                                consumed_samples=consumed_samples,
+                                dp_rank=parallel_state.get_data_parallel_rank(),
+                                dp_size=parallel_state.get_data_parallel_world_size(), **loader_kwargs)
+            for _ in range(cfg.parallel.vpp or 1)]
+
+
+def run_stage(run: Run, body: Callable, collect: Optional[Callable] = None,
+              initial_weights: Optional[Callable[[Run], None]] = None) -> dict:
+    """What every stage does around its training: resume from ``checkpoint.load`` (or, on a fresh
+    start, ``initial_weights(run)``), ``body(run, checkpointer)``, the final save, the summary (plus
+    ``collect(run)``), then logger and process groups closed whatever happened. A preemption signal
+    (SIGTERM / SIGUSR1) saves and ends the run cleanly."""
+    from megatron_bluelm.parallel.setup import teardown
+    from megatron_bluelm.training.checkpointing import Checkpointer, Preempted
+
+    try:
+        checkpointer = Checkpointer(run)
+        checkpointer.maybe_resume()
+        if initial_weights is not None and run.step == 0:  # a resumed run already holds its weights
+            initial_weights(run)
+        try:
+            body(run, checkpointer)
+        except Preempted as stop:
+            run.logger.print(str(stop))
+        checkpointer.finish()
+        result = summary(run)
+        if collect is not None:
+            result["collected"] = collect(run)
+        return result
+    finally:
+        run.logger.close()
+        teardown()
+
+
+def cli(main_body: Callable[[], object]) -> None:
+    """Run a stage's command line: configuration errors print one line and exit with status 2."""
+    import sys
+
+    from megatron_bluelm.config.errors import ConfigError
+
+    try:
+        main_body()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def summary(run: Run) -> dict:
     return {"step": run.step, "consumed_samples": run.consumed_samples,
             "losses": [h.get("loss") for h in run.history],

@@ -95,7 +95,8 @@ def test_unwritable_output_as_root_too(tmp_path, tokenizer_path):
 def test_cli_reports_error_with_exit_code(tmp_path, tokenizer_path):
     path = write_jsonl(tmp_path / "in.jsonl", [GOOD, "{bad"])
     r = subprocess.run([sys.executable, TOOL, "--input", path, "--output-prefix", str(tmp_path / "o"),
-                        "--tokenizer-model", tokenizer_path, "--no-progress"], capture_output=True, text=True, check=False)
+                        "--tokenizer-model", tokenizer_path, "--no-progress"],
+                       capture_output=True, text=True, check=False)
     assert r.returncode == 2 and f"error: {path}:2: malformed JSON" in r.stderr
 
 
