@@ -89,20 +89,20 @@ def _data_arg(iterators: List[Iterator]):
     return iterators if len(iterators) > 1 else iterators[0]
 
 
+def _run_schedule(model, iterators: List[Iterator], forward_only: bool, **shape) -> list:
+    """All micro-batches of one step through megatron-core's schedule for this layout."""
+    return get_forward_backward_func()(
+        forward_step_func=make_forward_step(shape.pop("device")), data_iterator=_data_arg(iterators),
+        model=model, forward_only=forward_only, **shape)
+
+
 def train_step(model, optimizer, scheduler, iterators: List[Iterator], *, num_microbatches: int,
                seq_length: int, micro_batch_size: int, device: torch.device) -> StepResult:
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = get_forward_backward_func()(
-        forward_step_func=make_forward_step(device),
-        data_iterator=_data_arg(iterators),
-        model=model,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    losses = _run_schedule(model, iterators, False, num_microbatches=num_microbatches, seq_length=seq_length,
+                           micro_batch_size=micro_batch_size, device=device)
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)
@@ -116,15 +116,8 @@ def eval_step(model, iterators: List[Iterator], *, num_microbatches: int, seq_le
     for chunk in model:
         chunk.eval()
     try:
-        losses = get_forward_backward_func()(
-            forward_step_func=make_forward_step(device),
-            data_iterator=_data_arg(iterators),
-            model=model,
-            num_microbatches=num_microbatches,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=True,
-        )
+        losses = _run_schedule(model, iterators, True, num_microbatches=num_microbatches, seq_length=seq_length,
+                               micro_batch_size=micro_batch_size, device=device)
     finally:
         for chunk in model:
             chunk.train()

@@ -18,14 +18,6 @@ CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "conte
         {"role": "assistant", "thinking": "Add them: 4.", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
 
 
-@pytest.fixture(scope="module")
-def exported(reference_run, tmp_path_factory):
-    _, save = reference_run
-    out = str(tmp_path_factory.mktemp("hf") / "export")
-    run_distributed(convert, 1, "to_hf", save, out)
-    return save, out
-
-
 def test_hf_logits_equal_ours(exported):
     save, hf_dir = exported
     tok = load_tokenizer()

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from ckpt_workers import convert, greedy_generate
+from ckpt_workers import greedy_generate
 from distributed import run_distributed
 
 from megatron_bluelm.data.tokenizer import load_tokenizer
@@ -14,14 +14,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 PROMPTS = ["The Python interpreter", "def main(", "A list is a mutable sequence of"]
 NEW = 12
-
-
-@pytest.fixture(scope="module")
-def exported(reference_run, tmp_path_factory):
-    _, save = reference_run
-    out = str(tmp_path_factory.mktemp("hf_gen") / "export")
-    run_distributed(convert, 1, "to_hf", save, out)
-    return save, out
 
 
 def test_greedy_matches_hf_generate_and_tp2(exported):
