@@ -96,9 +96,9 @@ class Throughput:
 
 def _format(step: int, total: int, metrics: dict) -> str:
     parts = [f"step {step:>6}/{total}"]
+    per_gpu = (("tflops_per_gpu", "{:.1f}"), ("mfu", "{:.1%}"), ("mem_gib", "{:.1f}"))
     for key, fmt in (("loss", "{:.4f}"), ("grad_norm", "{:.3f}"), ("lr", "{:.3e}"),
-                     ("tokens_per_s", "{:,.0f}"), ("tflops_per_gpu", "{:.1f}"), ("mfu", "{:.1%}"),
-                     ("mem_gib", "{:.1f}")):
+                     ("tokens_per_s", "{:,.0f}"), *(per_gpu if torch.cuda.is_available() else ())):
         if metrics.get(key) is not None:
             parts.append(f"{key.replace('_per_', '/')} " + fmt.format(metrics[key]))
     return " | ".join(parts)
