@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -74,3 +75,17 @@ class IndexedWriter:
         for p in (self._bin_tmp, self._idx_tmp):
             if os.path.exists(p):
                 os.unlink(p)
+
+
+@contextmanager
+def committed(*writers: IndexedWriter):
+    """All-or-nothing output: every writer is finalized when the block ends normally; on any error
+    (in the block or while finalizing) every writer is aborted, so no half-written dataset loads."""
+    try:
+        yield writers
+        for w in writers:
+            w.finalize()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise

@@ -35,7 +35,7 @@ import numpy as np
 
 from megatron_bluelm.config.errors import ConfigError
 from megatron_bluelm.data.images import IMAGE, ImageError, open_image
-from megatron_bluelm.data.indexed_writer import IndexedWriter, token_dtype
+from megatron_bluelm.data.indexed_writer import IndexedWriter, committed, token_dtype
 from megatron_bluelm.data.jsonl import BadLine, iter_lines, open_input
 
 TEXT_SUFFIX, MASK_SUFFIX, IMAGES_SUFFIX = "_text_document", "_loss_mask_document", "_images"
@@ -135,7 +135,7 @@ def preprocess_multimodal(opts: MultimodalOptions) -> MultimodalSummary:
     writers = [IndexedWriter(p + TEXT_SUFFIX, token_dtype(tok.vocab_size)), IndexedWriter(p + MASK_SUFFIX, np.uint8),
                IndexedWriter(p + IMAGES_SUFFIX, np.uint8)]
     summary = MultimodalSummary()
-    try:
+    with committed(*writers):
         for path in opts.inputs:
             for where, item, error in _records(path):
                 try:
@@ -157,12 +157,6 @@ def preprocess_multimodal(opts: MultimodalOptions) -> MultimodalSummary:
         if summary.images == 0:
             raise ConfigError(f"--input: no record has an image ({', '.join(opts.inputs)}); "
                               "text-only data goes through tools/preprocess_data.py without --multimodal")
-        for w in writers:
-            w.finalize()
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
     return summary
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_bluelm.config.errors import ConfigError
-from megatron_bluelm.data.indexed_writer import IndexedWriter, token_dtype
+from megatron_bluelm.data.indexed_writer import IndexedWriter, committed, token_dtype
 from megatron_bluelm.data.jsonl import (
     MAX_LINE_BYTES,
     BadLine,
@@ -217,23 +217,18 @@ def preprocess(opts: Options) -> Summary:
     writers = [IndexedWriter(p, token_dtype(vocab)) for p in summary.outputs]
     bar = _progress_bar(opts)
     try:
-        for path, (encoded, bad, nlines, nbytes) in _results(opts, threads):
-            _record_bad(path, bad, opts, summary)
-            for writer, (tokens, lengths, counts) in zip(writers, encoded):
-                writer.add(tokens, lengths, counts)
-            summary.lines += nlines
-            summary.bytes += nbytes
-            summary.documents += len(encoded[0][2])
-            summary.sequences += len(encoded[0][1])
-            if bar is not None:
-                bar.update(len(encoded[0][2]))
-                bar.set_postfix_str(f"{summary.bytes / 1e6 / (time.time() - t0):.1f} MB/s", refresh=False)
-        for w in writers:
-            w.finalize()
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
+        with committed(*writers):
+            for path, (encoded, bad, nlines, nbytes) in _results(opts, threads):
+                _record_bad(path, bad, opts, summary)
+                for writer, (tokens, lengths, counts) in zip(writers, encoded):
+                    writer.add(tokens, lengths, counts)
+                summary.lines += nlines
+                summary.bytes += nbytes
+                summary.documents += len(encoded[0][2])
+                summary.sequences += len(encoded[0][1])
+                if bar is not None:
+                    bar.update(len(encoded[0][2]))
+                    bar.set_postfix_str(f"{summary.bytes / 1e6 / (time.time() - t0):.1f} MB/s", refresh=False)
     finally:
         if bar is not None:
             bar.close()

@@ -22,7 +22,7 @@ import torch
 
 from megatron_bluelm.config.data import MixtureSource
 from megatron_bluelm.config.errors import ConfigError
-from megatron_bluelm.data.indexed_writer import IndexedWriter
+from megatron_bluelm.data.indexed_writer import IndexedWriter, committed
 
 
 def repeat_counts(scores: np.ndarray, minimum: float | None, upsample: list) -> np.ndarray:
@@ -77,14 +77,10 @@ def _stamp(path: str) -> list[int]:
 def _write_filtered(ds, doc_index: np.ndarray, reps: np.ndarray, out: str) -> None:
     lengths = ds.sequence_lengths
     writer = IndexedWriter(out, ds.index.dtype)
-    try:
+    with committed(writer):
         for d in np.nonzero(reps)[0]:
             beg, end = int(doc_index[d]), int(doc_index[d + 1])
             seqs = [ds[i] for i in range(beg, end)]
             tokens = np.concatenate(seqs) if seqs else np.zeros(0, ds.index.dtype)
             for _ in range(int(reps[d])):
                 writer.add(tokens, lengths[beg:end], np.array([end - beg]))
-        writer.finalize()
-    except BaseException:
-        writer.abort()
-        raise

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from megatron_bluelm.config.errors import ConfigError
-from megatron_bluelm.data.indexed_writer import IndexedWriter, token_dtype
+from megatron_bluelm.data.indexed_writer import IndexedWriter, committed, token_dtype
 from megatron_bluelm.data.jsonl import BadLine, iter_lines, open_input
 
 DEFAULT_BRIDGE = "\nTime is up; the answer:\n"
@@ -130,7 +130,7 @@ def preprocess_chat(opts: ChatOptions, render: Callable | None = None) -> dict:
     text = IndexedWriter(opts.output_prefix + TEXT_SUFFIX, token_dtype(tok.vocab_size))
     mask = IndexedWriter(opts.output_prefix + MASK_SUFFIX, np.uint8)
     counts = {"samples": 0, "thinking": 0, "loss_tokens": 0, "tokens": 0}
-    try:
+    with committed(text, mask):
         for path in opts.inputs:
             for messages in _conversations(path):
                 variant, thinking = make_variant(messages, rng, opts, tok)
@@ -142,12 +142,6 @@ def preprocess_chat(opts: ChatOptions, render: Callable | None = None) -> dict:
                 counts["thinking"] += int(thinking)
                 counts["loss_tokens"] += int(loss.sum())
                 counts["tokens"] += len(tokens)
-    except BaseException:
-        text.abort()
-        mask.abort()
-        raise
-    text.finalize()
-    mask.finalize()
     return counts
 
 
