@@ -1,6 +1,4 @@
 """Fixtures: the bundled tokenizer and corpus, preprocessed once per session into a temp dir."""
-import gzip
-import json
 import warnings
 
 import pytest
@@ -10,11 +8,6 @@ from megatron_bluelm.data.demo import DOCSTRINGS, PYTHON_DOCS
 from megatron_bluelm.data.preprocess import Options, preprocess
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
-
-
-def read_docs(path):
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
 
 
 @pytest.fixture(scope="session")
@@ -42,12 +35,3 @@ def demo_prefixes(tmp_path_factory, tokenizer_path):
     return prefixes
 
 
-def write_jsonl(path, lines):
-    """Write raw lines (str or bytes) as a JSONL file; dicts are json-encoded."""
-    with open(path, "wb") as f:
-        for line in lines:
-            if isinstance(line, dict):
-                line = json.dumps(line)
-            f.write(line if isinstance(line, bytes) else line.encode("utf-8"))
-            f.write(b"\n")
-    return str(path)

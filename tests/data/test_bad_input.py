@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from jsonl_files import write_jsonl
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_bluelm.config.errors import ConfigError

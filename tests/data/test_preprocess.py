@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_docs, write_jsonl
+from jsonl_files import read_docs, write_jsonl
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_bluelm.data.demo import DOCSTRINGS, PYTHON_DOCS

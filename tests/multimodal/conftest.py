@@ -1,11 +1,8 @@
 """The bundled demo images preprocessed once per session (tools/preprocess_data.py --multimodal)."""
-import os
-
 import pytest
+from mm_workers import CAPTIONS
 
-from megatron_bluelm.config.data import ASSETS, BUNDLED_TOKENIZER
-
-CAPTIONS = os.path.join(ASSETS, "images", "captions.jsonl")
+from megatron_bluelm.config.data import BUNDLED_TOKENIZER
 
 
 @pytest.fixture(scope="session")

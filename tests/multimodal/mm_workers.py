@@ -1,5 +1,10 @@
 """Workers for the multimodal training tests (module level: spawned by run_distributed)."""
+import os
+
+from megatron_bluelm.config.data import ASSETS
 from megatron_bluelm.config.loader import load_config
+
+CAPTIONS = os.path.join(ASSETS, "images", "captions.jsonl")  # the bundled image-text demo set
 
 
 def overrides(prefix, out_dir, steps, extra=()):

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import CAPTIONS
+from mm_workers import CAPTIONS
 from PIL import Image
 
 from megatron_bluelm.config.data import BUNDLED_TOKENIZER
