@@ -5,8 +5,10 @@
 Statistics in fp32, outputs in x.dtype. With a residual the kernel also writes `s` (the new
 residual stream), so the pre-norm block reads x and residual once instead of three passes
 (add, then norm reading s twice). Backward reads s, dy (and the grad of s) once and writes ds;
-the weight gradient is accumulated per program over many rows in fp32 registers, written as
-one [programs, H] fp32 row each, and summed by a second small kernel (no atomics).
+the weight gradient is accumulated per program over many rows in fp32 registers, then summed
+over programs in the same launch (fp32 atomic adds; the last program to finish writes dW), or,
+under torch.use_deterministic_algorithms(True), written as one [programs, H] fp32 row each and
+summed in a fixed order by a second small kernel.
 """
 
 import torch
@@ -50,8 +52,9 @@ def _rmsnorm_fwd_kernel(
 
 
 @triton.jit
-def _rmsnorm_bwd_load(S, DY, DS_OUT, RSTD, rows, cols, stride_s, stride_dy, stride_dso, M, H,
-                      HAS_DS_OUT: tl.constexpr):
+def _bwd_load(S, DY, DS_OUT, rows, cols, stride_s, stride_dy, stride_dso, M, H,
+              HAS_DS_OUT: tl.constexpr):
+    # s, dy (and the gradient that reached s directly) of one column part of a row tile
     mask = (rows < M) & (cols < H)
     s = tl.load(S + rows * stride_s + cols, mask=mask, other=0.0)
     dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0)
@@ -59,51 +62,124 @@ def _rmsnorm_bwd_load(S, DY, DS_OUT, RSTD, rows, cols, stride_s, stride_dy, stri
         ds = tl.load(DS_OUT + rows * stride_dso + cols, mask=mask, other=0.0)
     else:
         ds = dy
+    return s, dy, ds
+
+
+@triton.jit
+def _bwd_part(DX, s, dy, ds, w, rstd, c, rows, cols, stride_dx, M, H, HAS_DS_OUT: tl.constexpr):
+    # dx of one column part, given c = rstd * sum(dy * w * s) / H over the whole row; returns
+    # this part's dW contribution dy * s * rstd.
+    shat = s.to(tl.float32) * rstd
+    dyf = dy.to(tl.float32)
+    dx = rstd * (dyf * w - shat * c)
+    if HAS_DS_OUT:  # gradient that reached `s` directly (the residual stream)
+        dx += ds.to(tl.float32)
+    tl.store(DX + rows * stride_dx + cols, dx.to(DX.dtype.element_ty),
+             mask=(rows < M) & (cols < H))
+    return dyf * shat
+
+
+@triton.jit
+def _dw_take(DW_ACC, DW, cols, H):
+    # dW = the summed workspace (an atomic add of 0 reads the value in L2, not a stale L1 line);
+    # the workspace is zeroed again for the next call (every other program is done with it)
+    zero = tl.zeros([1, cols.shape[1]], dtype=tl.float32)
+    total = tl.atomic_add(DW_ACC + cols, zero, mask=cols < H, sem="acquire")
+    tl.store(DW + cols, total.to(DW.dtype.element_ty), mask=cols < H)
+    tl.store(DW_ACC + cols, zero, mask=cols < H)
+
+
+@triton.jit
+def _bwd_tile(S, DY, DS_OUT, RSTD, rows, ca, cb, stride_s, stride_dy, stride_dso, M, H,
+              HAS_DS_OUT: tl.constexpr, HAS_B: tl.constexpr):
+    # every load of one row tile: both column parts and rstd (part B = part A when absent)
+    sa, dya, dsa = _bwd_load(S, DY, DS_OUT, rows, ca, stride_s, stride_dy, stride_dso, M, H,
+                             HAS_DS_OUT)
+    sb, dyb, dsb = sa, dya, dsa
+    if HAS_B:
+        sb, dyb, dsb = _bwd_load(S, DY, DS_OUT, rows, cb, stride_s, stride_dy, stride_dso, M, H,
+                                 HAS_DS_OUT)
     rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
-    return s, dy, ds, rstd
+    return sa, dya, dsa, sb, dyb, dsb, rstd
 
 
 @triton.jit
 def _rmsnorm_bwd_kernel(
-    S, DY, DS_OUT, DX, W, RSTD, DW_PART, stride_s, stride_dy, stride_dso, stride_dx,
-    M, H, HAS_DS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    S, DY, DS_OUT, DX, W, RSTD, DW_PART, DW_ACC, COUNTER, DW, stride_s, stride_dy, stride_dso,
+    stride_dx, M, H, HAS_DS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr, PREFETCH: tl.constexpr, DW_ATOMIC: tl.constexpr,
 ):
     # Program p walks the row tiles p, p + P, p + 2P, ... (grid-stride, P = programs) and keeps
-    # its share of dW in fp32 registers; one [P, H] fp32 row of partial sums per program is
-    # reduced afterwards by _sum_rows_kernel (no atomics). With PREFETCH the next tile's loads
-    # are issued before this tile's arithmetic and stores (software pipelining by hand), so
-    # each program keeps two tiles of loads in flight.
+    # its share of dW in fp32 registers; the P rows of dW sums are then combined in this kernel
+    # (DW_ATOMIC) or written as [P, H] partials for _sum_rows_kernel (fixed order). The loads of
+    # the next PREFETCH (0, 1 or 2) tiles are issued before this tile's arithmetic and stores
+    # (software pipelining by hand): PREFETCH + 1 tiles of loads in flight per program.
+    # A row is covered by column part A = [0, BLOCK_A) and, when BLOCK_B > 0, part B =
+    # [BLOCK_A, BLOCK_A + BLOCK_B): two powers of two (H = 2560: 2048 + 512) instead of one
+    # next_power_of_2(H) block (4096), so no lanes and registers go to padding.
+    HAS_B: tl.constexpr = BLOCK_B > 0
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK_M
-    cols = tl.arange(0, BLOCK)[None, :]
-    w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
-    s, dy, ds, rstd = _rmsnorm_bwd_load(S, DY, DS_OUT, RSTD, rows, cols, stride_s, stride_dy,
-                                        stride_dso, M, H, HAS_DS_OUT)
+    ca = tl.arange(0, BLOCK_A)[None, :]
+    cb = BLOCK_A + tl.arange(0, BLOCK_B if HAS_B else 1)[None, :]
+    wa = tl.load(W + ca, mask=ca < H, other=0.0).to(tl.float32)
+    wb = tl.load(W + cb, mask=(cb < H) & HAS_B, other=0.0).to(tl.float32)
+    dwa = tl.zeros([BLOCK_M, BLOCK_A], dtype=tl.float32)
+    dwb = tl.zeros([BLOCK_M, BLOCK_B if HAS_B else 1], dtype=tl.float32)
+    sa, dya, dsa, sb, dyb, dsb, rstd = _bwd_tile(S, DY, DS_OUT, RSTD, rows, ca, cb, stride_s,
+                                                 stride_dy, stride_dso, M, H, HAS_DS_OUT, HAS_B)
+    if PREFETCH >= 2:
+        sa1, dya1, dsa1, sb1, dyb1, dsb1, rstd1 = _bwd_tile(
+            S, DY, DS_OUT, RSTD, rows + step, ca, cb, stride_s, stride_dy, stride_dso, M, H,
+            HAS_DS_OUT, HAS_B)
     for _ in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
-        if PREFETCH:
-            s_n, dy_n, ds_n, rstd_n = _rmsnorm_bwd_load(S, DY, DS_OUT, RSTD, rows + step, cols,
-                                                        stride_s, stride_dy, stride_dso, M, H,
-                                                        HAS_DS_OUT)
-        shat = s.to(tl.float32) * rstd
-        dyf = dy.to(tl.float32)
-        dyw = dyf * w
-        dx = rstd * (dyw - shat * (tl.sum(dyw * shat, axis=1)[:, None] / H))
-        if HAS_DS_OUT:  # gradient that reached `s` directly (the residual stream)
-            dx += ds.to(tl.float32)
-        tl.store(DX + rows * stride_dx + cols, dx.to(DX.dtype.element_ty),
-                 mask=(rows < M) & (cols < H))
-        dw += dyf * shat
-        if PREFETCH:
-            s, dy, ds, rstd = s_n, dy_n, ds_n, rstd_n
-            rows += step
+        if PREFETCH >= 1:  # tile i + PREFETCH
+            sa_n, dya_n, dsa_n, sb_n, dyb_n, dsb_n, rstd_n = _bwd_tile(
+                S, DY, DS_OUT, RSTD, rows + PREFETCH * step, ca, cb, stride_s, stride_dy,
+                stride_dso, M, H, HAS_DS_OUT, HAS_B)
+        dot = tl.sum(dya.to(tl.float32) * wa * sa.to(tl.float32), axis=1)
+        if HAS_B:
+            dot += tl.sum(dyb.to(tl.float32) * wb * sb.to(tl.float32), axis=1)
+        c = dot[:, None] * rstd / H
+        dwa += _bwd_part(DX, sa, dya, dsa, wa, rstd, c, rows, ca, stride_dx, M, H, HAS_DS_OUT)
+        if HAS_B:
+            dwb += _bwd_part(DX, sb, dyb, dsb, wb, rstd, c, rows, cb, stride_dx, M, H,
+                             HAS_DS_OUT)
+        rows += step
+        if PREFETCH == 0:
+            sa, dya, dsa, sb, dyb, dsb, rstd = _bwd_tile(
+                S, DY, DS_OUT, RSTD, rows, ca, cb, stride_s, stride_dy, stride_dso, M, H,
+                HAS_DS_OUT, HAS_B)
+        elif PREFETCH == 1:
+            sa, dya, dsa, sb, dyb, dsb, rstd = sa_n, dya_n, dsa_n, sb_n, dyb_n, dsb_n, rstd_n
         else:
-            rows += step
-            s, dy, ds, rstd = _rmsnorm_bwd_load(S, DY, DS_OUT, RSTD, rows, cols, stride_s,
-                                                stride_dy, stride_dso, M, H, HAS_DS_OUT)
-    tl.store(DW_PART + pid.to(tl.int64) * H + cols, tl.sum(dw, axis=0)[None, :], mask=cols < H)
+            sa, dya, dsa, sb, dyb, dsb, rstd = sa1, dya1, dsa1, sb1, dyb1, dsb1, rstd1
+            sa1, dya1, dsa1, sb1, dyb1, dsb1, rstd1 = sa_n, dya_n, dsa_n, sb_n, dyb_n, dsb_n, rstd_n
+    dw_a = tl.sum(dwa, axis=0)[None, :]
+    if HAS_B:
+        dw_b = tl.sum(dwb, axis=0)[None, :]
+    if DW_ATOMIC:
+        # One launch for dx and dW: add this program's dW row into a zeroed fp32 workspace, then
+        # count the program as done; the program that finishes last (it sees P - 1) writes the
+        # sums as dW and leaves workspace and counter zeroed for the next call. Release on the
+        # adds and acquire/release on the counter order every program's adds before the reads.
+        tl.atomic_add(DW_ACC + ca, dw_a, mask=ca < H, sem="release")
+        if HAS_B:
+            tl.atomic_add(DW_ACC + cb, dw_b, mask=cb < H, sem="release")
+        tl.debug_barrier()
+        done = tl.atomic_add(COUNTER, 1, sem="acq_rel")
+        if done == tl.num_programs(0) - 1:
+            tl.debug_barrier()
+            _dw_take(DW_ACC, DW, ca, H)
+            if HAS_B:
+                _dw_take(DW_ACC, DW, cb, H)
+            tl.atomic_xchg(COUNTER, 0)
+    else:
+        part = DW_PART + pid.to(tl.int64) * H
+        tl.store(part + ca, dw_a, mask=ca < H)
+        if HAS_B:
+            tl.store(part + cb, dw_b, mask=cb < H)
 
 
 @triton.jit
@@ -118,13 +194,17 @@ def _sum_rows_kernel(P, OUT, N, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr)
     tl.store(OUT + cols, out.to(OUT.dtype.element_ty), mask=cols < H)
 
 
-# Launch shape, chosen by kernels/bench (see docs/KERNELS.md); keys: rows per tile (backward:
-# without / with residual), warps, backward programs per SM, backward prefetch of the next tile.
-# Measured on one H100 (docs/KERNELS.md, kernels/bench/results/h100_gputime_run1_*): the
-# plain backward is fastest with 1-row tiles (0.055 ms vs 0.060 with 2), the residual backward
-# (one more input) with 2-row tiles (0.070 ms vs 0.080).
-TUNE = {"fwd_rows": 2, "fwd_warps": 8, "bwd_rows": 1, "bwd_res_rows": 2, "bwd_warps": 8,
-        "bwd_per_sm": 2, "bwd_prefetch": 1, "bwd_programs_cpu": 4}
+# Launch shape, chosen by kernels/bench (see docs/KERNELS.md). Keys: forward rows per program
+# and warps; backward rows per tile (without / with residual), warps, programs per SM, tiles
+# prefetched ahead, dW summed in the kernel (atomic) or by a second kernel, programs trimmed to
+# equal tile counts, a row split in two power-of-two column parts. Measured on one H100
+# (kernels/bench/results/h100_rmsnorm_s12_*): this set 0.0540 / 0.0655 ms (plain / residual
+# backward, 8192 x 2560); the previous set (2-row residual tiles, second dW kernel, no split)
+# 0.0546 / 0.0684 ms; prefetching 2 tiles or 16 warps per program (twice the resident warps)
+# changed < 1%; 2-row tiles, 3-4 programs per SM (fewer fit: a second wave) were slower.
+TUNE = {"fwd_rows": 2, "fwd_warps": 8, "bwd_rows": 1, "bwd_res_rows": 1, "bwd_warps": 8,
+        "bwd_per_sm": 2, "bwd_prefetch": 1, "bwd_dw_atomic": 1, "bwd_even": 1, "bwd_split": 1,
+        "bwd_programs_cpu": 4}
 
 
 def _block(h):
@@ -136,11 +216,44 @@ def _warps(h, key):
 
 
 def _bwd_programs(m, device, rows):
+    """Programs of the grid-stride backward: at most bwd_per_sm per SM, and as few as give every
+    program the same number of row tiles (8192 tiles on 264 slots: 256 programs x 32 tiles, not
+    264 with 8 of them doing a 32nd tile alone at the end)."""
     tiles = triton.cdiv(m, rows)
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(tiles, TUNE["bwd_per_sm"] * sms))
-    return max(1, min(tiles, TUNE["bwd_programs_cpu"]))  # interpreter: few programs
+        slots = TUNE["bwd_per_sm"] * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        slots = TUNE["bwd_programs_cpu"]  # interpreter: few programs
+    slots = max(1, min(tiles, slots))
+    if TUNE["bwd_even"]:
+        return triton.cdiv(tiles, triton.cdiv(tiles, slots))
+    return slots
+
+
+def _col_parts(h):
+    """Column parts of the backward: (next_pow2(h), 0), or with bwd_split two powers of two
+    covering h (2560 -> 2048 + 512; 100 -> 64 + 64)."""
+    full = _block(h)
+    if not TUNE["bwd_split"] or full == h or h <= 32:
+        return full, 0
+    return full // 2, _block(h - full // 2)
+
+
+_WORKSPACES = {}
+
+
+def _dw_workspace(device, h):
+    """The zeroed fp32 [H] dW accumulator and int32 done-counter of the one-launch backward.
+
+    The kernel leaves both zeroed again, so they are allocated once per (device, stream, H): one
+    per stream, because two backward kernels running at once must not share them.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream, h)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (torch.zeros(h, device=device, dtype=torch.float32),
+                            torch.zeros(1, device=device, dtype=torch.int32))
+    return _WORKSPACES[key]
 
 
 def _sum_rows(part, dtype):
@@ -186,14 +299,24 @@ class _RMSNorm(torch.autograd.Function):
         dx = torch.empty_like(s)
         rows = TUNE["bwd_res_rows" if ds_out is not None else "bwd_rows"]
         nprog = _bwd_programs(m, s.device, rows)
-        dw_part = torch.empty(nprog, h, device=s.device, dtype=torch.float32)
+        atomic = bool(TUNE["bwd_dw_atomic"]) and not torch.are_deterministic_algorithms_enabled()
+        if atomic:  # dW summed in the kernel (order of the fp32 adds varies run to run)
+            dw = torch.empty(h, device=s.device, dtype=weight.dtype)
+            dw_acc, counter = _dw_workspace(s.device, h)
+            dw_part = dw_acc  # unused
+        else:  # [programs, H] partials summed by a second kernel in a fixed order
+            dw_part = torch.empty(nprog, h, device=s.device, dtype=torch.float32)
+            dw = dw_acc = counter = dw_part  # unused by the kernel
+        block_a, block_b = _col_parts(h)
         _rmsnorm_bwd_kernel[(nprog,)](
-            s, dy2, dso, dx, weight, rstd, dw_part, s.stride(0), dy2.stride(0), dso.stride(0),
-            dx.stride(0), m, h, HAS_DS_OUT=ds_out is not None, BLOCK_M=rows,
-            BLOCK=_block(h), PREFETCH=bool(TUNE["bwd_prefetch"]),
+            s, dy2, dso, dx, weight, rstd, dw_part, dw_acc, counter, dw, s.stride(0),
+            dy2.stride(0), dso.stride(0), dx.stride(0), m, h, HAS_DS_OUT=ds_out is not None,
+            BLOCK_M=rows, BLOCK_A=block_a, BLOCK_B=block_b,
+            PREFETCH=bool(TUNE["bwd_prefetch"]), DW_ATOMIC=atomic,
             num_warps=_warps(h, "bwd_warps"),
         )
-        dw = _sum_rows(dw_part, weight.dtype)
+        if not atomic:
+            dw = _sum_rows(dw_part, weight.dtype)
         dx = dx.view(ctx.shape)
         # x and residual get the same gradient (s = x + residual); autograd copies on accumulate.
         return dx, dw, (dx if ctx.has_res else None), None

@@ -1,3 +1,4 @@
+import sys
 import types
 
 import pytest
@@ -72,14 +73,21 @@ def test_multi_row_tiles(monkeypatch, tune):
                 lambda a, b, c: rmsnorm_ref(a, b, residual=c), [x, w, r])
 
 
-@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("split,even", [(0, 0), (1, 1)])
+@pytest.mark.parametrize("atomic", [0, 1])
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
 @pytest.mark.parametrize("m,rows,programs", [(37, 4, 3), (100, 2, 40), (5, 4, 1), (9, 1, 9)])
-def test_backward_partial_sums(monkeypatch, prefetch, m, rows, programs):
+def test_backward_partial_sums(monkeypatch, split, even, atomic, prefetch, m, rows, programs):
     # Several row tiles per program (grid-stride), rows not a multiple of the tile, programs
     # with unequal tile counts, > 32 partial rows (several steps of the dW reduction) and
-    # H > 64 (several column blocks of it); with and without the prefetch of the next tile.
+    # H > 64 (several column blocks of it); with and without the prefetch of the next tile;
+    # dW summed in the kernel (atomic) or by the second kernel over partial rows; a row in one
+    # padded column block or in two (64 + 64 for H = 100); programs trimmed to equal tile counts.
     from kernels.rmsnorm import TUNE
 
+    monkeypatch.setitem(TUNE, "bwd_dw_atomic", atomic)
+    monkeypatch.setitem(TUNE, "bwd_split", split)
+    monkeypatch.setitem(TUNE, "bwd_even", even)
     monkeypatch.setitem(TUNE, "bwd_rows", rows)
     monkeypatch.setitem(TUNE, "bwd_res_rows", rows)
     monkeypatch.setitem(TUNE, "bwd_prefetch", prefetch)
@@ -88,3 +96,51 @@ def test_backward_partial_sums(monkeypatch, prefetch, m, rows, programs):
     assert_same(lambda a, b, c: rmsnorm(a, b, residual=c),
                 lambda a, b, c: rmsnorm_ref(a, b, residual=c), [x, w, r])
     assert_same(rmsnorm, rmsnorm_ref, [x, w])
+
+
+def test_atomic_dw_workspace_is_left_zeroed(monkeypatch):
+    # The one-launch backward reuses its fp32 accumulator and counter across calls: the last
+    # program must hand them back zeroed, or the next call's dW would include this one's.
+    mod = sys.modules["kernels.rmsnorm"]
+
+    monkeypatch.setitem(mod.TUNE, "bwd_dw_atomic", 1)
+    x, w = torch.randn(11, 96), torch.rand(96) + 0.5
+    for _ in range(3):  # same shape: same workspace every time
+        assert_same(rmsnorm, rmsnorm_ref, [x, w])
+    acc, counter = mod._dw_workspace(x.device, 96)
+    assert torch.count_nonzero(acc) == 0 and counter.item() == 0
+
+
+def test_deterministic_mode_sums_partials_in_order(monkeypatch):
+    # torch.use_deterministic_algorithms(True) selects the fixed-order two-kernel dW sum:
+    # bit-identical dW across calls.
+    mod = sys.modules["kernels.rmsnorm"]
+
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    calls = []
+    real = mod._sum_rows
+    monkeypatch.setattr(mod, "_sum_rows", lambda p, d: calls.append(p.shape) or real(p, d))
+    x, w = torch.randn(13, 96, requires_grad=True), (torch.rand(96) + 0.5).requires_grad_()
+    grads = [torch.autograd.grad(rmsnorm(x, w).sum(), (x, w)) for _ in range(2)]
+    assert len(calls) == 2
+    assert torch.equal(grads[0][1], grads[1][1]) and torch.equal(grads[0][0], grads[1][0])
+
+
+@pytest.mark.parametrize("h,parts", [(2560, (2048, 512)), (100, (64, 64)), (96, (64, 32)),
+                                     (257, (256, 1)), (64, (64, 0)), (4096, (4096, 0))])
+def test_backward_column_parts(monkeypatch, h, parts):
+    mod = sys.modules["kernels.rmsnorm"]
+    monkeypatch.setitem(mod.TUNE, "bwd_split", 1)
+    assert mod._col_parts(h) == parts
+    monkeypatch.setitem(mod.TUNE, "bwd_split", 0)
+    assert mod._col_parts(h) == (mod._block(h), 0)
+
+
+@pytest.mark.parametrize("m,slots,want", [(8192, 264, 256), (4096, 264, 256), (100, 40, 34),
+                                          (5, 40, 5), (264, 264, 264)])
+def test_backward_programs_get_equal_tiles(monkeypatch, m, slots, want):
+    mod = sys.modules["kernels.rmsnorm"]
+    monkeypatch.setitem(mod.TUNE, "bwd_programs_cpu", slots)
+    monkeypatch.setitem(mod.TUNE, "bwd_even", 1)
+    p = mod._bwd_programs(m, torch.device("cpu"), 1)
+    assert p == want and -(-m // p) == -(-m // min(m, slots))  # no more tiles per program
