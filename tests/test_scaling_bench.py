@@ -35,3 +35,15 @@ def test_invalid_layout_is_reported_not_launched():
                                     recompute="none", vocab=100_000, timeout=1)
     r = bench.run_layout("pp4-vpp2", args)
     assert "not divisible by parallel.vpp (2)" in r["skipped"]
+
+
+def test_failed_run_reports_the_workers_exception_not_torchruns():
+    _error_line = bench._error_line
+    log = """[rank0]: Traceback (most recent call last):
+[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 336.00 MiB.
+E1123 torch/distributed/elastic/multiprocessing/api.py:986] failed (exitcode: 1) local_rank: 0
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+"""
+    assert _error_line(log).startswith("[rank0]: torch.OutOfMemoryError: CUDA out of memory")
+    assert _error_line("nothing here") == "failed (no exception in the log)"

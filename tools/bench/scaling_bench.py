@@ -65,9 +65,10 @@ def overrides(layout: dict, args) -> list[str]:
 
 
 def _error_line(log: str) -> str:
-    """The exception line of a failed run (torchrun's own banner comes after it)."""
+    """The worker's exception line of a failed run, not torchrun's ChildFailedError banner."""
     lines = [ln.strip() for ln in log.splitlines() if re.search(r"(Error|Exception)\b.*:", ln)]
-    return lines[-1][:300] if lines else "failed (no exception in the log)"
+    own = [ln for ln in lines if "ChildFailedError" not in ln and "torch.distributed.elastic" not in ln]
+    return (own or lines)[-1][:300] if lines else "failed (no exception in the log)"
 
 
 def check_layout(layout: dict, args) -> str | None:
