@@ -1,13 +1,21 @@
 #!/usr/bin/env python
-"""Generate from a checkpoint: plain text or chat prompts, thinking budget, TP / PP via torchrun.
+"""Generate from a checkpoint: plain text or chat prompts, images, thinking budget, TP / PP via torchrun.
 
   python tools/generate.py --checkpoint outputs/sft_toy/ckpt --chat --prompt "reverse: cat sun tree" \\
       --thinking-budget 16 --max-new-tokens 48
   torchrun --nproc-per-node 2 tools/generate.py --checkpoint CKPT --tp 2 --prompt "def main(" --temperature 0.7
+  python tools/generate.py --checkpoint outputs/mm_stage2/ckpt --chat --prompt "<image> What is this?" \\
+      --image megatron_bluelm/assets/images/chelsea.jpg
 
 The model shape, context and tokenizer come from the checkpoint's meta.json (--tokenizer-model
-overrides the tokenizer and is checked against the checkpoint). --thinking-budget 0 renders the
-non-thinking prompt (empty think block); N forces </think> after N thinking tokens.
+overrides the tokenizer and is checked against the checkpoint); a checkpoint of the multimodal stage
+(vision.preset set) loads the ViT + adapter + decoder. --thinking-budget 0 renders the non-thinking
+prompt (empty think block); N forces </think> after N thinking tokens.
+
+Images (multimodal checkpoints): --image files are matched in order to the <image> placeholders of
+the prompts (the k-th placeholder, counting through the prompts, takes the k-th --image); a single
+prompt without a placeholder gets all images in front of its text (of its user turn with --chat).
+Tiling and image tokens are the multimodal stage's (docs/MULTIMODAL.md).
 """
 from __future__ import annotations
 
@@ -28,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn (chat template)")
     p.add_argument("--system", default=None, help="system turn (with --chat)")
-    p.add_argument("--image", action="append", default=[], help="image file for the first prompt (<image>)")
+    p.add_argument("--image", action="append", default=[],
+                   help="image file (repeatable), for the <image> placeholders of the prompts in order")
     p.add_argument("--thinking-budget", type=int, default=None, help="None: unlimited; 0: non-thinking")
     p.add_argument("--bridge-text", default="", help="forced after a budget-forced </think>")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -42,40 +51,49 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _messages(args, text: str, first: bool) -> list:
+def _messages(args, text: str) -> list:
     msgs = [{"role": "system", "content": args.system}] if args.system else []
-    if first and args.image:
-        text = "<image>" * len(args.image) + text
     return msgs + [{"role": "user", "content": text}]
+
+
+def _check_images(args, cfg) -> list:
+    """Fail before the model is built: unreadable files, placeholder counts, a text-only checkpoint."""
+    from megatron_bluelm.inference import GenerationError
+    from megatron_bluelm.inference.images import assign_images, load_image
+
+    if args.image and not cfg.vision.enabled:
+        raise GenerationError(f"--image {' '.join(args.image)}: checkpoint '{args.checkpoint}' is a text decoder "
+                              "(vision.preset: none) and cannot take images; use a checkpoint of the multimodal "
+                              "stage (docs/MULTIMODAL.md)")
+    for path in args.image:
+        load_image(path, "--image")
+    return assign_images(args.prompt, args.image)
 
 
 def run(args) -> list:
     from megatron_bluelm.data.tokenizer import load_tokenizer
-    from megatron_bluelm.inference import GenerationError, SamplingParams
+    from megatron_bluelm.inference import SamplingParams
     from megatron_bluelm.inference.engine import TextGenerator
     from megatron_bluelm.inference.loading import check_tokenizer, checkpoint_run_config, load_weights
-    from megatron_bluelm.inference.model import build_inference_model
+    from megatron_bluelm.inference.model import build_inference_model, set_layout
 
-    if args.image:  # the decoder-only checkpoints of this repository have no vision tower yet
-        raise GenerationError("--image: this checkpoint is a text decoder (no vision encoder / adapter in "
-                              "megatron_bluelm/models yet); image prompts need the multimodal model")
-    cfg = checkpoint_run_config(args.checkpoint)
-    cfg.parallel.tp, cfg.parallel.pp = args.tp, args.pp
+    cfg = set_layout(checkpoint_run_config(args.checkpoint), args.tp, args.pp)
+    images = _check_images(args, cfg)
     tok = load_tokenizer(args.tokenizer_model or cfg.data.tokenizer_model)
     check_tokenizer(cfg, tok, args.checkpoint)
-    im = build_inference_model(cfg, tok.vocab_size)
+    im = build_inference_model(cfg, tok.vocab_size, image_token_id=tok.special_ids["<image>"])
     load_weights([im.model], args.checkpoint)
     gen = TextGenerator(im, tok)
     req = gen.request(bridge_text=args.bridge_text, max_new_tokens=args.max_new_tokens,
                       thinking_budget=args.thinking_budget,
                       sampling=SamplingParams(args.temperature, args.top_k, args.top_p, args.seed))
     if args.chat:
-        outs = gen.chat([_messages(args, p, i == 0) for i, p in enumerate(args.prompt)], req)
+        outs = gen.chat([_messages(args, p) for p in args.prompt], req, images)
     else:
-        outs = gen.generate(args.prompt, req)
-    return [{"prompt": p, "text": gen.decode(o), "finish_reason": o.finish_reason,
+        outs = gen.generate(args.prompt, req, images)
+    return [{"prompt": p, "images": imgs, "text": gen.decode(o), "finish_reason": o.finish_reason,
              "thinking_tokens": o.thinking_tokens, "forced_close": o.forced_close}
-            for p, o in zip(args.prompt, outs)]
+            for p, imgs, o in zip(args.prompt, images, outs)]
 
 
 def main(argv=None) -> int:

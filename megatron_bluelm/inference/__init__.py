@@ -1,4 +1,5 @@
-"""Generation for the BlueLM decoder: megatron-core's static KV cache under TP / PP, our own loop.
+"""Generation for the BlueLM decoder and the multimodal model (image prompts): megatron-core's static
+KV cache under TP / PP, our own loop.
 
     from megatron_bluelm.inference import build_inference_model, TextGenerator, load_weights
     im = build_inference_model(cfg, tokenizer.vocab_size); load_weights([im.model], "ckpt/")

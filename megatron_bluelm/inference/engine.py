@@ -5,6 +5,11 @@
 
 The chat template lives in ``megatron_bluelm.data.chat_template`` (one source of truth, also exported
 to the HF tokenizer); a budget of 0 renders the non-thinking prompt (empty think block).
+
+Images (a multimodal model): ``generate`` / ``chat`` take one list of images per prompt (paths or PIL
+images), matched in order to the prompt's ``<image>`` placeholders, or put in front of the text (of
+the last user turn, for chat) when it has none. ``inference/images.py`` expands them exactly as
+training does; the prefill step runs the ViT once for the whole batch.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from megatron_bluelm.inference.generate import (
     SpecialIds,
     generate_ids,
 )
+from megatron_bluelm.inference.images import IMAGE, PromptImages
 from megatron_bluelm.inference.runner import ModelRunner
 
 END_TOKENS = ("</s>", "<|end|>")  # default stop tokens: end of document, end of turn
@@ -45,6 +51,9 @@ class TextGenerator:
         s = tokenizer.special_ids
         self.ids = SpecialIds(pad=tokenizer.pad, think=s["<think>"], end_think=s["</think>"])
         self.default_stops = [s[t] for t in END_TOKENS]
+        self.images = None  # text checkpoints take no images
+        if getattr(inference_model, "is_multimodal", False):
+            self.images = PromptImages.for_model(inference_model.cfg.vision, tokenizer, inference_model.has_vision)
 
     def request(self, bridge_text: str = "", stop_tokens: Sequence[int] | None = None,
                 **kwargs) -> GenerationRequest:
@@ -54,28 +63,55 @@ class TextGenerator:
             req.bridge_ids = self.tok.encode(bridge_text)
         return req
 
-    def generate_ids(self, prompts: Sequence[Sequence[int]], req: GenerationRequest) -> list[GenerationOutput]:
+    def generate_ids(self, prompts: Sequence[Sequence[int]], req: GenerationRequest,
+                     images: Sequence[Sequence] | None = None) -> list[GenerationOutput]:
+        """``images``: one list per prompt (paths or PIL images) for its ``<image>`` placeholders."""
+        pixel_values, banned = None, ()
+        if self.images is not None:
+            banned = [self.images.ids[IMAGE]]
+            images = images if images is not None else [[] for _ in prompts]
+            prompts, pixel_values = self.images.expand(prompts, images, self.im.max_context)
+        elif images is not None and any(images):
+            raise GenerationError(f"{sum(len(i) for i in images)} image(s) given, but this model is a text decoder "
+                                  "(its checkpoint has vision.preset: none); image prompts need a checkpoint of "
+                                  "the multimodal stage (docs/MULTIMODAL.md)")
         return generate_ids(self.runner, prompts, req, ids=self.ids, vocab_size=self.im.vocab_size,
-                            max_context=self.im.max_context)
+                            max_context=self.im.max_context, pixel_values=pixel_values, banned_ids=banned)
 
-    def generate(self, texts: Sequence[str], req: GenerationRequest) -> list[GenerationOutput]:
-        return self.generate_ids([self.tok.encode(t) for t in texts], req)
+    def generate(self, texts: Sequence[str], req: GenerationRequest,
+                 images: Sequence[Sequence] | None = None) -> list[GenerationOutput]:
+        return self.generate_ids([self.tok.encode(t) for t in texts], req, images)
 
-    def chat(self, conversations: Sequence[list], req: GenerationRequest) -> list[GenerationOutput]:
+    def chat(self, conversations: Sequence[list], req: GenerationRequest,
+             images: Sequence[Sequence] | None = None) -> list[GenerationOutput]:
         """Budget None: thinking, unlimited; 0: non-thinking; N: thinking, closed after N tokens."""
         budgets = req.thinking_budget
         if not isinstance(budgets, (list, tuple)):
             budgets = [budgets] * len(conversations)
+        if images is not None:
+            conversations = [_place_images(m, len(imgs)) for m, imgs in zip(conversations, images)]
         prompts = [self.tok.encode(render_prompt(m, thinking=b != 0)) for m, b in zip(conversations, budgets)]
-        return self.generate_ids(prompts, replace(req, thinking_budget=list(budgets)))
+        return self.generate_ids(prompts, replace(req, thinking_budget=list(budgets)), images)
 
     def decode(self, out: GenerationOutput) -> str:
         tokens = out.tokens[:-1] if out.finish_reason == "stop" else out.tokens
         return self.tok.decode(tokens)
 
 
+def _place_images(messages: list, n_images: int) -> list:
+    """A conversation without any ``<image>`` gets its images in front of the last user turn."""
+    if n_images == 0 or any(IMAGE in m.get("content", "") for m in messages):
+        return messages
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    if not users:
+        raise GenerationError(f"{n_images} image(s) for a conversation without a user turn")
+    messages = [dict(m) for m in messages]
+    messages[users[-1]]["content"] = IMAGE * n_images + messages[users[-1]]["content"]
+    return messages
+
+
 def _embedding_rows(im) -> int | None:
-    emb = getattr(im.model, "embedding", None)
+    emb = getattr(im.language_model, "embedding", None)
     if emb is None:
         return None
     return emb.word_embeddings.num_embeddings

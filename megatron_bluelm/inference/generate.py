@@ -113,9 +113,12 @@ class _Batch:
 
 @torch.no_grad()
 def generate_ids(runner: ModelRunner, prompts: Sequence[Sequence[int]], req: GenerationRequest, *,
-                 ids: SpecialIds, vocab_size: int, max_context: int) -> list[GenerationOutput]:
+                 ids: SpecialIds, vocab_size: int, max_context: int, pixel_values: torch.Tensor | None = None,
+                 banned_ids: Sequence[int] = ()) -> list[GenerationOutput]:
     """Generate for a batch of token-id prompts. Every rank of the model calls it with the same
-    arguments and gets the same outputs."""
+    arguments and gets the same outputs. Multimodal: ``prompts`` hold the expanded image blocks and
+    ``pixel_values`` their tiles (prompt order), used by the prefill step only; ``banned_ids`` are
+    never sampled (the ``<image>`` slot token, which only an image can fill)."""
     budgets = check_request(prompts, req, max_context, forced_length=1 + len(req.bridge_ids))
     budget = ThinkingBudget(ids.think, ids.end_think, budgets, req.bridge_ids)
     budget.start(prompts)
@@ -127,11 +130,14 @@ def generate_ids(runner: ModelRunner, prompts: Sequence[Sequence[int]], req: Gen
     # type, so they draw the same tokens.
     gen = torch.Generator(device=runner.device).manual_seed(req.sampling.seed)
     batch = _Batch(prompts, req.stop_token_ids)
-    logits = runner.step(tokens)
+    logits = runner.step(tokens, pixel_values)
+    banned = list(banned_ids)
     for t in range(steps):
         chosen = torch.zeros(len(prompts), dtype=torch.long)
         if logits is not None:
             logits[:, vocab_size:] = float("-inf")  # the embedding's padding rows are no tokens
+            if banned:
+                logits[:, banned] = float("-inf")
             chosen = sample(logits, req.sampling, gen)
         chosen = _broadcast_from_last_stage(chosen.to(runner.device)).cpu()
         for i in range(len(prompts)):

@@ -15,6 +15,9 @@ add around it, and why:
   ``is_causal`` with top-left alignment, wrong for one query against k keys.
 * **Pipeline parallelism**: each stage runs its layers on its own cache; hidden states go to the next
   stage with plain send/recv over the pipeline group. The last stage returns the (TP-gathered) logits.
+* **Images** (the multimodal model): the prefill step gets the prompts' tiles, which the first stage's
+  ViT + adapter turn into embeddings spliced at the ``<image>`` slots; their keys and values go into
+  the cache like any token's, so decode steps feed text tokens only and never run the ViT again.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ def per_sample_rope(model: torch.nn.Module, pad: torch.Tensor):
     Shape [slots, b, 1, dim] instead of megatron-core's [slots, 1, 1, dim]; the attention slices the
     slot dimension for the cache exactly as before. For pad = 0 the angles are bitwise megatron-core's.
     """
-    rope = getattr(model, "rotary_pos_emb", None)
+    rope = getattr(getattr(model, "language_model", model), "rotary_pos_emb", None)
     if rope is None:  # a middle pipeline stage has no embedding: the attention gets no RoPE from it
         yield
         return
@@ -87,17 +90,19 @@ class ModelRunner:
         self.pad = pad.to(self.device)
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor | None:
+    def step(self, tokens: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor | None:
         """Feed tokens [b, q] at the next q cache slots; the last stage returns logits [b, vocab]
-        of the last slot (other stages return None). Every rank of the model must call it."""
+        of the last slot (other stages return None). Every rank of the model must call it.
+        ``pixel_values`` (multimodal prefill, first stage): the tiles of the ``<image>`` slots."""
         start = self.context.sequence_len_offset
         end = start + tokens.shape[1]
         mask = attention_mask(self.pad, start, end)
         if not self.is_first_stage:
             self.model.set_input_tensor(self._recv(tokens.shape))
+        images = {} if pixel_values is None else {"pixel_values": pixel_values.to(self.device)}
         with per_sample_rope(self.model, self.pad):
             out = self.model(tokens.to(self.device), None, mask, inference_context=self.context,
-                             runtime_gather_output=True)
+                             runtime_gather_output=True, **images)
         if not self.is_last_stage:
             self._send(out)
         self.context.sequence_len_offset = end
