@@ -6,10 +6,11 @@ Input, one record per line (image paths relative to the JSONL file's folder, or 
     {"images": ["a.jpg", "b.jpg"], "messages": [{"role": "user", "content": "<image><image> Compare."},
                                                 {"role": "assistant", "content": "The first ..."}]}
 
-``text`` is learned everywhere; ``messages`` only on the assistant turns (rendered with the chat role
-tokens, ``<|role|>content<|end|>``). Each image needs one ``<image>`` placeholder, or the text has
-none and the images go first. Output (all megatron-core IndexedDatasets, one sequence per record or
-image, one document per record)::
+``text`` is learned everywhere; ``messages`` only on the assistant turns (rendered with the project
+chat template, data/chat_template.py, as in SFT and generation: an assistant turn with a
+``thinking`` field gets it in its think block, others an empty one). Each image needs one
+``<image>`` placeholder, or the text has none and the images go first. Output (all megatron-core
+IndexedDatasets, one sequence per record or image, one document per record)::
 
     PREFIX_text_document        tokens, each <image> still ONE token (expanded when loading)
     PREFIX_loss_mask_document   uint8, 1 = learn to predict this token
@@ -63,8 +64,18 @@ class MultimodalSummary:
         return "\n".join(lines + [f"  e.g. {e}" for e in self.examples])
 
 
-def render_messages(messages: list) -> str:
-    return "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages)
+def render_messages(messages, where: str) -> str:
+    """A ``messages`` record in the project chat template (data/chat_template.py), as SFT and
+    generation render it: an assistant turn opens with its ``thinking`` text in a think block, or
+    an empty one."""
+    from megatron_bluelm.data.chat_template import render_chat
+
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ImageError(f"{where}: \"messages\" must be a list of {{\"role\", \"content\"}} objects")
+    try:
+        return render_chat(messages, thinking=True)
+    except ValueError as e:
+        raise ImageError(f"{where}: {e}") from None
 
 
 def encode_record(rec: dict, tok, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +83,7 @@ def encode_record(rec: dict, tok, where: str) -> tuple[np.ndarray, np.ndarray]:
     from megatron_bluelm.data.sft import assistant_loss_mask
 
     if "messages" in rec:
-        tokens = np.asarray(tok.encode(render_messages(rec["messages"])) + [tok.eod], np.int64)
+        tokens = np.asarray(tok.encode(render_messages(rec["messages"], where)) + [tok.eod], np.int64)
         mask = assistant_loss_mask(tokens, tok.special_ids["<|assistant|>"], tok.special_ids["<|end|>"])
     elif isinstance(rec.get("text"), str):
         tokens = np.asarray(tok.encode(rec["text"]) + [tok.eod], np.int64)

@@ -114,3 +114,30 @@ def test_corrupt_bytes_at_load_time_name_the_record(mm_prefix, tmp_path):
     with pytest.raises(ImageError, match=rf"record {int(train.order[r])} of .*image 0: cannot decode image"):
         train[r]
     assert torch.is_tensor(train[[i for i in range(12) if int(train.order[i]) == 9][0]]["tokens"])  # no images
+
+
+def test_messages_records_use_the_chat_template(images):
+    # One chat layout everywhere: a multimodal "messages" record tokenizes exactly as the chat
+    # template renders it (what SFT trains on and `tools/generate.py --chat` prompts with), and
+    # the loss covers the assistant turn (its think block and answer) only.
+    from megatron_bluelm.data.chat_template import render_chat
+    from megatron_bluelm.data.multimodal import encode_record
+
+    tok = load_tokenizer(BUNDLED_TOKENIZER)
+    msgs = [{"role": "user", "content": "<image> What is it?"},
+            {"role": "assistant", "content": "A cat.", "thinking": "Fur, whiskers."}]
+    tokens, mask = encode_record({"images": ["cat.jpg"], "messages": msgs}, tok, "in.jsonl:1")
+    assert tokens.tolist() == tok.encode(render_chat(msgs, thinking=True)) + [tok.eod]
+    learned = tok.decode([t for t, m in zip(tokens.tolist(), mask.tolist()) if m])
+    assert "Fur, whiskers." in learned and "A cat." in learned and "What is it?" not in learned
+    plain = [msgs[0], {"role": "assistant", "content": "A cat."}]  # no thinking: an empty think block
+    tokens, _ = encode_record({"images": ["cat.jpg"], "messages": plain}, tok, "in.jsonl:2")
+    assert tokens.tolist() == tok.encode(render_chat(plain, thinking=False)) + [tok.eod]
+
+
+def test_bad_messages_name_the_record(images):
+    recs = [{"images": ["cat.jpg"], "messages": [{"role": "robot", "content": "<image> hi"}]}]
+    with pytest.raises(ConfigError, match=r"in.jsonl:1: messages\[0\]: role 'robot' is not one of"):
+        _run(images, recs)
+    with pytest.raises(ConfigError, match=r"in.jsonl:1: \"messages\" must be a list"):
+        _run(images, [{"images": ["cat.jpg"], "messages": "hi"}])
