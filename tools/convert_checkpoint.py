@@ -6,9 +6,11 @@
     # HF -> megatron (model only, TP1; loads into any layout, e.g. with --checkpoint.load)
     python tools/convert_checkpoint.py hf-to-mcore --hf outputs/hf --out outputs/ckpt_from_hf
 
-The HF side is a transformers ``LlamaForCausalLM`` directory: config.json, safetensors shards,
-generation_config.json, the tokenizer (tokenizer.json + chat template) and our tokenizer.model.
-See docs/CHECKPOINTS.md.
+The HF side is a transformers directory: config.json, safetensors shards, generation_config.json, the
+tokenizer (tokenizer.json + chat template) and our tokenizer.model. The architecture follows the
+checkpoint: ``LlamaForCausalLM`` for a text model, ``Lfm2VlForConditionalGeneration`` for the
+multimodal one (ViT + adapter + decoder); ``--architecture`` states it explicitly and fails on a
+checkpoint of the other kind. See docs/CHECKPOINTS.md and docs/MULTIMODAL.md.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ def main(argv=None) -> None:
                        help="default: the dtype the checkpoint came from HF with, else float32")
     to_hf.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the run's)")
     to_hf.add_argument("--max-shard-gb", type=float, default=2.0)
+    to_hf.add_argument("--architecture", default="auto",
+                       choices=("auto", "LlamaForCausalLM", "Lfm2VlForConditionalGeneration"),
+                       help="HF architecture to export as (default: the checkpoint's: text -> Llama, "
+                            "multimodal -> Lfm2Vl); a checkpoint of the other kind is an error")
     from_hf = sub.add_parser("hf-to-mcore", help="HF directory -> megatron checkpoint (model only)")
     from_hf.add_argument("--hf", required=True)
     from_hf.add_argument("--out", required=True)
@@ -42,7 +48,7 @@ def main(argv=None) -> None:
     try:
         if args.direction == "mcore-to-hf":
             out = megatron_to_hf(args.load, args.out, tokenizer_model=args.tokenizer, dtype=args.dtype,
-                                 max_shard_bytes=int(args.max_shard_gb * 2**30))
+                                 max_shard_bytes=int(args.max_shard_gb * 2**30), hf_architecture=args.architecture)
         else:
             out = hf_to_megatron(args.hf, args.out, seq_length=args.seq_length)
     except ConfigError as e:

@@ -28,6 +28,23 @@ TABLE: tuple[ParamMap, ...] = (
 HF_ARCHITECTURE = "LlamaForCausalLM"
 
 
+def export_config(cfg, vocab_size: int, dtype: str, special_ids: dict) -> dict:
+    """config.json from a run config (the interface ``convert.api`` calls on every architecture)."""
+    return hf_config(cfg.model, vocab_size, cfg.data.seq_length, dtype, special_ids)
+
+
+def import_config(config: dict):
+    """HF config.json -> a ``RunConfig`` with the model shape and ``data.seq_length`` set; raises
+    ValueError / KeyError when the config is not convertible."""
+    from megatron_bluelm.config.schema import RunConfig
+
+    cfg = RunConfig()
+    for key, value in model_fields_from_hf(config).items():
+        setattr(cfg.model, key, value)
+    cfg.data.seq_length = config.get("max_position_embeddings", 4096)
+    return cfg
+
+
 def hf_config(model_cfg, vocab_size: int, max_positions: int, dtype: str, special_ids: dict) -> dict:
     """config.json for ``transformers.LlamaConfig`` from our (preset-resolved) ``ModelConfig``."""
     m = model_cfg

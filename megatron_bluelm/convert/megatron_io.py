@@ -1,10 +1,11 @@
 """Read and write our megatron checkpoints as ONE full (TP1, PP1) state dict, in a single process.
 
-Reading gathers any TP x PP x DP layout: we build the TP1/PP1 model and let megatron-core's
-dist_checkpointing load the global tensors into it (the same resharding a training resume does).
-Writing saves a model-only checkpoint (``meta.json`` contents ``["model"]``) in the training layout
-(``SAVE/iter_0000000`` + ``latest``), loadable by any layout. The on-disk format is owned by
-``training/checkpointing.py``; this module only reuses it.
+The model is the decoder or, for a multimodal checkpoint (its config has a vision preset), the whole
+ViT + adapter + decoder (``models.multimodal.BlueLMVLM``). Reading gathers any TP x PP x DP layout:
+we build the TP1/PP1 model and let megatron-core's dist_checkpointing load the global tensors into it
+(the same resharding a training resume does). Writing saves a model-only checkpoint (``meta.json``
+contents ``["model"]``) in the training layout (``SAVE/iter_0000000`` + ``latest``), loadable by any
+layout. The on-disk format is owned by ``training/checkpointing.py``; this module only reuses it.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_bluelm.config.schema import ModelConfig, RunConfig
+from megatron_bluelm.config.vision import VisionConfig
 from megatron_bluelm.training import checkpointing as ckpt
 
 
@@ -32,21 +34,31 @@ def start_single_process() -> None:
 
 
 def run_config_from_meta(meta: dict) -> RunConfig:
-    """The model section of the saved config, on a single-process layout."""
+    """The model (and vision) sections of the saved config, on a single-process layout."""
     cfg = RunConfig()
     saved = meta["config"]
     cfg.model = ModelConfig(**saved["model"])
+    if "vision" in saved:
+        cfg.vision = VisionConfig(**saved["vision"])
+        cfg.vision.resolve()
     cfg.data.tokenizer_model = saved["data"]["tokenizer_model"]
     cfg.data.seq_length = saved["data"]["seq_length"]
     cfg.training.precision = "fp32"
     return cfg
 
 
-def build_model(cfg: RunConfig, vocab_size: int):
+def build_model(cfg: RunConfig, vocab_size: int, image_token_id: int | None = None):
+    """The TP1 decoder, or the multimodal model (ViT + adapter + decoder) when ``cfg.vision`` is set."""
     from megatron_bluelm.models.decoder import build_decoder
     from megatron_bluelm.models.init import mark_tensor_parallel_
+    from megatron_bluelm.models.multimodal import BlueLMVLM
 
-    model = build_decoder(cfg, vocab_size)
+    if cfg.vision.enabled:
+        if image_token_id is None:
+            raise ValueError("the multimodal model needs the tokenizer's <image> id")
+        model = BlueLMVLM(cfg, vocab_size, image_token_id)
+    else:
+        model = build_decoder(cfg, vocab_size)
     mark_tensor_parallel_(model)
     return model
 
