@@ -201,10 +201,11 @@ def _sum_rows_kernel(P, OUT, N, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr)
 # (kernels/bench/results/h100_rmsnorm_s12_*): this set 0.0540 / 0.0655 ms (plain / residual
 # backward, 8192 x 2560); the previous set (2-row residual tiles, second dW kernel, no split)
 # 0.0546 / 0.0684 ms; prefetching 2 tiles or 16 warps per program (twice the resident warps)
-# changed < 1%; 2-row tiles, 3-4 programs per SM (fewer fit: a second wave) were slower.
+# changed < 1%; 2-row tiles, 3-4 programs per SM (fewer fit: a second wave) were slower, and
+# so were 3 per SM that do fit under an 80-register cap (0.0554 ms, no spills).
 TUNE = {"fwd_rows": 2, "fwd_warps": 8, "bwd_rows": 1, "bwd_res_rows": 1, "bwd_warps": 8,
         "bwd_per_sm": 2, "bwd_prefetch": 1, "bwd_dw_atomic": 1, "bwd_even": 1, "bwd_split": 1,
-        "bwd_programs_cpu": 4}
+        "bwd_maxnreg": 0, "bwd_programs_cpu": 4}
 
 
 def _block(h):
@@ -237,6 +238,12 @@ def _col_parts(h):
     if not TUNE["bwd_split"] or full == h or h <= 32:
         return full, 0
     return full // 2, _block(h - full // 2)
+
+
+def _reg_cap(device):
+    """bwd_maxnreg > 0 caps the backward's registers per thread (PTX .maxnreg; CUDA only), so more
+    programs fit on an SM at the price of possible spills."""
+    return {"maxnreg": TUNE["bwd_maxnreg"]} if TUNE["bwd_maxnreg"] and device.type == "cuda" else {}
 
 
 _WORKSPACES = {}
@@ -313,7 +320,7 @@ class _RMSNorm(torch.autograd.Function):
             dy2.stride(0), dso.stride(0), dx.stride(0), m, h, HAS_DS_OUT=ds_out is not None,
             BLOCK_M=rows, BLOCK_A=block_a, BLOCK_B=block_b,
             PREFETCH=bool(TUNE["bwd_prefetch"]), DW_ATOMIC=atomic,
-            num_warps=_warps(h, "bwd_warps"),
+            num_warps=_warps(h, "bwd_warps"), **_reg_cap(s.device),
         )
         if not atomic:
             dw = _sum_rows(dw_part, weight.dtype)
