@@ -144,3 +144,11 @@ def test_backward_programs_get_equal_tiles(monkeypatch, m, slots, want):
     monkeypatch.setitem(mod.TUNE, "bwd_even", 1)
     p = mod._bwd_programs(m, torch.device("cpu"), 1)
     assert p == want and -(-m // p) == -(-m // min(m, slots))  # no more tiles per program
+
+
+def test_register_cap_applies_to_cuda_launches_only(monkeypatch):
+    mod = sys.modules["kernels.rmsnorm"]
+    assert mod._reg_cap(torch.device("cuda")) == {}  # default: the compiler's choice
+    monkeypatch.setitem(mod.TUNE, "bwd_maxnreg", 80)
+    assert mod._reg_cap(torch.device("cuda")) == {"maxnreg": 80}
+    assert mod._reg_cap(torch.device("cpu")) == {}  # the interpreter takes no PTX options
