@@ -66,6 +66,10 @@ class FusedSwiGLU(torch.nn.Module):
 
         return swiglu(x)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        # megatron's MLP.sharded_state_dict asks every child module for one; this one has no state
+        return {}
+
 
 def _parts(backend: str):
     """(norm, column linear, row linear, core attention, rope function, MLP activation module)."""
