@@ -47,3 +47,24 @@ torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 """
     assert _error_line(log).startswith("[rank0]: torch.OutOfMemoryError: CUDA out of memory")
     assert _error_line("nothing here") == "failed (no exception in the log)"
+
+
+@pytest.mark.slow
+def test_multimodal_bench_runs_on_gloo_and_tp2_trains_the_same_model(tmp_path):
+    """--vision: the multimodal stage on the bundled images under each layout (gloo CPU ranks): TP2
+    has the same global batch as 1 GPU, so the same losses; unsupported layouts are skipped, named."""
+    import json
+
+    out = tmp_path / "mm.json"
+    bench.main(["--cpu", "--gpus", "2", "--preset", "tiny", "--vision", "vit-tiny", "--max-tiles", "2",
+                "--seq", "192", "--mbs", "2", "--microbatches", "2", "--steps", "2", "--vocab", "0",
+                "--layouts", "1gpu,tp2,tp2+sp", "--out", str(out)])
+    res = {r["layout"]: r for r in json.load(open(out))["results"]}
+    assert res["1gpu"]["tokens_per_s_per_gpu"] > 0 and res["tp2"]["tokens_per_s_per_gpu"] > 0
+    assert res["tp2"]["loss"] == pytest.approx(res["1gpu"]["loss"], rel=1e-5)
+    assert "sequence_parallel: not supported by the multimodal model" in res["tp2+sp"]["skipped"]
+
+
+@pytest.mark.parametrize("n,grid", [(6, (2, 3)), (4, (2, 2)), (2, (1, 2)), (5, (1, 5)), (9, (3, 3)), (1, (1, 1))])
+def test_multimodal_bench_images_fill_the_whole_tile_grid(n, grid):
+    assert bench.bench_grid(n) == grid

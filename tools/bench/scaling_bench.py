@@ -3,6 +3,15 @@
     python tools/bench/scaling_bench.py --gpus 4 --preset bluelm-2.5-3b --seq 4096
     python tools/bench/scaling_bench.py --gpus 2 --layouts dp2,tp2,pp2-vpp2 --steps 8
     python tools/bench/scaling_bench.py --cpu --gpus 4 --preset tiny --seq 128   # gloo, a smoke run
+    python tools/bench/scaling_bench.py --gpus 4 --vision vit-so400m --max-tiles 6 --layouts dp2,tp2,pp2
+
+With ``--vision PRESET`` the multimodal model (ViT + adapter + decoder) is measured through the
+multimodal stage on the bundled image-text set, every image resized to the full tile grid's canvas
+(``--max-tiles`` 6: 2 x 3 tiles + thumbnail), so that each sample's ViT work is exactly what the
+stage's FLOPs count assumes (max_tiles + thumbnail tiles per sequence); the set is preprocessed once
+per call into a temporary folder and decoded and tiled by the loader as in training. One record per
+sample (no packing across records), padded to --seq. Layouts the multimodal model does not support
+(sequence parallel, virtual stages) are reported as skipped.
 
 Weak scaling: every data-parallel rank keeps the same micro-batch and micro-batch count, so the
 global batch grows with DP. Per layout it prints tokens/s per GPU, model TFLOP/s per GPU, MFU (vs the
@@ -61,7 +70,53 @@ def overrides(layout: dict, args) -> list[str]:
         o += ["--parallel.vpp", str(layout["vpp"])]
     if args.vocab:
         o += ["--model.vocab_size", str(args.vocab)]
+    if getattr(args, "vision", "none") != "none":
+        o += ["--vision.preset", args.vision, "--vision.max_tiles", str(args.max_tiles),
+              "--data.mock", "false", "--data.prefix", args.mm_prefix, "--data.split", "1,0,0"]
     return o
+
+
+def bench_grid(max_tiles: int) -> tuple[int, int]:
+    """(rows, cols) with rows * cols == max_tiles, closest to square (6 -> 2 x 3)."""
+    rows = max(r for r in range(1, max_tiles + 1) if max_tiles % r == 0 and r * r <= max_tiles)
+    return rows, max_tiles // rows
+
+
+def prepare_multimodal_data(out_dir: str, vision: str, max_tiles: int) -> str:
+    """The bundled image-text set, every image resized to the canvas of the full tile grid (so each
+    costs exactly max_tiles tiles + the thumbnail, the ViT work the FLOPs count assumes), preprocessed
+    into out_dir; returns its data.prefix."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+    from PIL import Image
+
+    from megatron_bluelm.config.data import ASSETS, BUNDLED_TOKENIZER
+    from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.data.images import ImageProcessor
+    from megatron_bluelm.data.multimodal import MultimodalOptions, preprocess_multimodal
+
+    v = load_config(None, ["--vision.preset", vision, "--vision.max_tiles", str(max_tiles)]).vision
+    v.resolve()
+    rows, cols = bench_grid(max_tiles)
+    size = (cols * v.image_size, rows * v.image_size)
+    src = os.path.join(ASSETS, "images")
+    records = []
+    with open(os.path.join(src, "captions.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            for k, name in enumerate(rec.get("images", [])):
+                out = os.path.join(out_dir, os.path.splitext(name)[0] + ".png")
+                Image.open(os.path.join(src, name)).convert("RGB").resize(size, Image.BICUBIC).save(out)
+                rec["images"][k] = out
+            records.append(rec)
+    tiles = ImageProcessor.from_config(v).num_tiles(*size)
+    assert tiles == max_tiles + int(v.thumbnail and max_tiles > 1), tiles
+    with open(os.path.join(out_dir, "captions.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    out = os.path.join(out_dir, "captions")
+    preprocess_multimodal(MultimodalOptions([os.path.join(out_dir, "captions.jsonl")], out, BUNDLED_TOKENIZER))
+    print(f"multimodal data: {len(records)} bundled records, images resized to {size[0]}x{size[1]} "
+          f"({rows}x{cols} tiles + thumbnail = {tiles} tiles per image)", flush=True)
+    return out + "_text_document"
 
 
 def _error_line(log: str) -> str:
@@ -79,7 +134,12 @@ def check_layout(layout: dict, args) -> str | None:
     from megatron_bluelm.config.validate import validate
 
     try:
-        validate(load_config(None, overrides(layout, args) + ["--data.mock", "true"]), world_size(layout))
+        cfg = load_config(None, overrides(layout, args))
+        validate(cfg, world_size(layout))
+        if cfg.vision.enabled:
+            from megatron_bluelm.stages.multimodal import multimodal_config
+
+            multimodal_config(cfg)
     except ConfigError as e:
         return str(e)
     return None
@@ -111,6 +171,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cpu", action="store_true", help="run on gloo CPU ranks (a functional smoke run)")
     ap.add_argument("--layouts", default=DEFAULT_LAYOUTS)
     ap.add_argument("--preset", default="bluelm-2.5-3b")
+    ap.add_argument("--vision", default="none", help="vision preset (vit-so400m, vit-tiny): the multimodal model")
+    ap.add_argument("--max-tiles", type=int, default=6, help="with --vision: tiles per image (+ thumbnail)")
     ap.add_argument("--vocab", type=int, default=100_000)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--mbs", type=int, default=1)
@@ -127,6 +189,8 @@ def main(argv=None) -> None:
             sys.exit("no CUDA device: pass --cpu for a gloo smoke run")
         args.gpus = args.gpus or torch.cuda.device_count()
     args.gpus = args.gpus or 1
+    tmp = tempfile.TemporaryDirectory()
+    args.mm_prefix = prepare_multimodal_data(tmp.name, args.vision, args.max_tiles) if args.vision != "none" else None
     names = [n.strip() for n in args.layouts.split(",") if n.strip()]
     if "1gpu" not in names:
         names.insert(0, "1gpu")
@@ -139,7 +203,10 @@ def main(argv=None) -> None:
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}), flush=True)
     base = next((r for r in results if r["layout"] == "1gpu" and "tokens_per_s_per_gpu" in r), None)
-    print(f"\n{args.preset}, seq {args.seq}, micro-batch {args.mbs} x {args.microbatches} per DP rank, "
+    model = args.preset
+    if args.vision != "none":
+        model += f" + {args.vision} ViT ({args.max_tiles} tiles + thumbnail)"
+    print(f"\n{model}, seq {args.seq}, micro-batch {args.mbs} x {args.microbatches} per DP rank, "
           f"{args.steps} steps (weak scaling)")
     print(f"{'layout':<14}{'GPUs':>5}{'tok/s/GPU':>12}{'TFLOP/s/GPU':>13}{'MFU':>8}{'mem GiB':>9}{'eff.':>8}")
     for r in results:
@@ -152,7 +219,9 @@ def main(argv=None) -> None:
               f"{mfu:>8}{r['peak_mem_gib']:>9.1f}{eff:>8}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "mm_prefix"}, "results": results},
+                      f, indent=2)
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

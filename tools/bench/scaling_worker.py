@@ -1,5 +1,6 @@
 """One layout of tools/bench/scaling_bench.py (run under torchrun): train a few steps on synthetic
-tokens through the pretrain stage and write the last-interval throughput and the peak memory (max
+tokens through the pretrain stage (or, with a vision preset, on image-text data through the
+multimodal stage) and write the last-interval throughput and the peak memory (max
 over ranks) as JSON. Usage: scaling_worker.py RESULT.json [--section.field value ...]"""
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from megatron_bluelm.config.loader import load_config  # noqa: E402
+from megatron_bluelm.stages.multimodal import run_multimodal  # noqa: E402
 from megatron_bluelm.stages.pretrain import run_pretrain  # noqa: E402
 
 
@@ -28,7 +30,8 @@ def collect(run) -> dict:
 
 def main() -> None:
     result_path, overrides = sys.argv[1], sys.argv[2:]
-    result = run_pretrain(load_config(None, overrides), collect=collect)
+    cfg = load_config(None, overrides)
+    result = (run_multimodal if cfg.vision.enabled else run_pretrain)(cfg, collect=collect)
     if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
         with open(result_path, "w") as f:
             json.dump(result["collected"], f)
