@@ -200,9 +200,9 @@ def _sum_rows_kernel(P, OUT, N, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr)
 # equal tile counts, a row split in two power-of-two column parts. Measured on one H100
 # (kernels/bench/results/h100_rmsnorm_s12_*): this set 0.0540 / 0.0655 ms (plain / residual
 # backward, 8192 x 2560); the previous set (2-row residual tiles, second dW kernel, no split)
-# 0.0546 / 0.0684 ms; prefetching 2 tiles or 16 warps per program (twice the resident warps)
-# changed < 1%; 2-row tiles, 3-4 programs per SM (fewer fit: a second wave) were slower, and
-# so were 3 per SM that do fit under an 80-register cap (0.0554 ms, no spills).
+# 0.0546 / 0.0684 ms; 16 warps per program (twice the resident warps) changed < 1%; prefetching
+# 2 tiles (0.0563 ms), 2-row tiles, 3-4 programs per SM (fewer fit: a second wave) were slower,
+# and so were 3 per SM that do fit under an 80-register cap (0.0554 ms, no spills).
 TUNE = {"fwd_rows": 2, "fwd_warps": 8, "bwd_rows": 1, "bwd_res_rows": 1, "bwd_warps": 8,
         "bwd_per_sm": 2, "bwd_prefetch": 1, "bwd_dw_atomic": 1, "bwd_even": 1, "bwd_split": 1,
         "bwd_maxnreg": 0, "bwd_programs_cpu": 4}
@@ -319,7 +319,7 @@ class _RMSNorm(torch.autograd.Function):
             s, dy2, dso, dx, weight, rstd, dw_part, dw_acc, counter, dw, s.stride(0),
             dy2.stride(0), dso.stride(0), dx.stride(0), m, h, HAS_DS_OUT=ds_out is not None,
             BLOCK_M=rows, BLOCK_A=block_a, BLOCK_B=block_b,
-            PREFETCH=bool(TUNE["bwd_prefetch"]), DW_ATOMIC=atomic,
+            PREFETCH=int(TUNE["bwd_prefetch"]), DW_ATOMIC=atomic,
             num_warps=_warps(h, "bwd_warps"), **_reg_cap(s.device),
         )
         if not atomic:
