@@ -67,16 +67,6 @@ def set_layout(cfg: RunConfig, tp: int, pp: int) -> RunConfig:
     return cfg
 
 
-def _resolve_vision(cfg: RunConfig) -> None:
-    from megatron_bluelm.models.multimodal import balanced_first_stage_layers
-
-    v, p = cfg.vision, cfg.parallel
-    v.resolve()
-    v.check(p.tp)
-    if p.pp > 1 and p.first_stage_layers is None and p.last_stage_layers is None and v.balance_pipeline:
-        p.first_stage_layers = balanced_first_stage_layers(cfg)
-
-
 def build_inference_model(cfg: RunConfig, vocab_size: int, image_token_id: int | None = None) -> InferenceModel:
     """Set up TP x PP groups from ``cfg.parallel`` and build this rank's stage, randomly initialized
     with the layout-independent init (the same model under every layout); load weights after.
@@ -89,7 +79,9 @@ def build_inference_model(cfg: RunConfig, vocab_size: int, image_token_id: int |
         if image_token_id is None:
             raise GenerationError(f"vision.preset {cfg.vision.preset!r}: the multimodal model needs the "
                                   "tokenizer's <image> id (image_token_id)")
-        _resolve_vision(cfg)
+        from megatron_bluelm.models.multimodal import resolve_vision_layout
+
+        resolve_vision_layout(cfg)
     p = cfg.parallel
     info = setup_parallel(p.tp, p.pp, None, 1, cfg.training.seed, p.dist_backend)
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=True)

@@ -117,6 +117,17 @@ def decoder_layer_flops(m, seq_length: int) -> float:
     return seq_length * per_token
 
 
+def resolve_vision_layout(cfg: RunConfig) -> None:
+    """Resolve the vision preset, check it against TP, and choose the first pipeline stage's decoder
+    layers by the cost model below unless a split is given (needs the model preset applied). Shared
+    by training (stages/multimodal.py) and generation (inference/model.py)."""
+    v, p = cfg.vision, cfg.parallel
+    v.resolve()
+    v.check(p.tp)
+    if p.pp > 1 and p.first_stage_layers is None and p.last_stage_layers is None and v.balance_pipeline:
+        p.first_stage_layers = balanced_first_stage_layers(cfg)
+
+
 def balanced_first_stage_layers(cfg: RunConfig, tiles_per_sample: Optional[float] = None) -> Optional[int]:
     """Decoder layers for the first pipeline stage so that (ViT + adapter + its layers) costs about
     what every other stage's layers cost.

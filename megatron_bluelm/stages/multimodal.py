@@ -34,21 +34,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, Optiona
 def multimodal_config(cfg: RunConfig) -> RunConfig:
     """Resolve the vision preset, check what the multimodal model supports, choose the PP split."""
     from megatron_bluelm.config.presets import apply_preset
-    from megatron_bluelm.models.multimodal import balanced_first_stage_layers
+    from megatron_bluelm.models.multimodal import resolve_vision_layout
 
-    v, p = cfg.vision, cfg.parallel
-    if not v.enabled:
+    p = cfg.parallel
+    if not cfg.vision.enabled:
         raise ConfigError("vision.preset: the multimodal stage needs a vision preset (vit-tiny, vit-so400m)")
-    v.resolve()
-    v.check(p.tp)
     if p.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel: not supported by the multimodal model yet (image "
                           "embeddings are spliced into the full sequence on the first stage)")
     if p.vpp is not None:
         raise ConfigError("parallel.vpp: not supported by the multimodal model (the ViT sits on the first chunk)")
     apply_preset(cfg.model)
-    if p.pp > 1 and p.first_stage_layers is None and p.last_stage_layers is None and v.balance_pipeline:
-        p.first_stage_layers = balanced_first_stage_layers(cfg)
+    resolve_vision_layout(cfg)
     return cfg
 
 
