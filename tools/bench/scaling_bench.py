@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 DEFAULT_LAYOUTS = ("1gpu,dp2,dp4,tp2,tp4,pp2,pp4,pp2-vpp2,pp4-vpp7,tp2-pp2,tp2-dp2,"
                    "dp2+ov,dp4+ov,tp2+sp,tp4+sp")
 
@@ -86,7 +87,8 @@ def prepare_multimodal_data(out_dir: str, vision: str, max_tiles: int) -> str:
     """The bundled image-text set, every image resized to the canvas of the full tile grid (so each
     costs exactly max_tiles tiles + the thumbnail, the ViT work the FLOPs count assumes), preprocessed
     into out_dir; returns its data.prefix."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
     from PIL import Image
 
     from megatron_bluelm.config.data import ASSETS, BUNDLED_TOKENIZER
@@ -128,7 +130,8 @@ def _error_line(log: str) -> str:
 
 def check_layout(layout: dict, args) -> str | None:
     """The trainer's own config validation, before spending a launch: None or the error."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
     from megatron_bluelm.config.errors import ConfigError
     from megatron_bluelm.config.loader import load_config
     from megatron_bluelm.config.validate import validate
@@ -165,6 +168,19 @@ def run_layout(name: str, args) -> dict:
             return {"layout": name, "world": world, **json.load(f)}
 
 
+def measure(names: list[str], args) -> list[dict]:
+    """Run every layout that fits args.gpus (one torchrun each); the others are marked skipped."""
+    results = []
+    for name in names:
+        if world_size(parse_layout(name)) > args.gpus:
+            results.append({"layout": name, "world": world_size(parse_layout(name)), "skipped": "needs more GPUs"})
+            continue
+        r = run_layout(name, args)
+        results.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}), flush=True)
+    return results
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", type=int, default=None, help="GPUs available (default: all visible)")
@@ -189,19 +205,12 @@ def main(argv=None) -> None:
             sys.exit("no CUDA device: pass --cpu for a gloo smoke run")
         args.gpus = args.gpus or torch.cuda.device_count()
     args.gpus = args.gpus or 1
-    tmp = tempfile.TemporaryDirectory()
-    args.mm_prefix = prepare_multimodal_data(tmp.name, args.vision, args.max_tiles) if args.vision != "none" else None
     names = [n.strip() for n in args.layouts.split(",") if n.strip()]
     if "1gpu" not in names:
         names.insert(0, "1gpu")
-    results = []
-    for name in names:
-        if world_size(parse_layout(name)) > args.gpus:
-            results.append({"layout": name, "world": world_size(parse_layout(name)), "skipped": "needs more GPUs"})
-            continue
-        r = run_layout(name, args)
-        results.append(r)
-        print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        args.mm_prefix = prepare_multimodal_data(tmp, args.vision, args.max_tiles) if args.vision != "none" else None
+        results = measure(names, args)
     base = next((r for r in results if r["layout"] == "1gpu" and "tokens_per_s_per_gpu" in r), None)
     model = args.preset
     if args.vision != "none":
@@ -221,7 +230,6 @@ def main(argv=None) -> None:
         with open(args.out, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items() if k != "mm_prefix"}, "results": results},
                       f, indent=2)
-    tmp.cleanup()
 
 
 if __name__ == "__main__":
