@@ -111,9 +111,10 @@ def _rmsnorm_bwd_kernel(
 ):
     # Program p walks the row tiles p, p + P, p + 2P, ... (grid-stride, P = programs) and keeps
     # its share of dW in fp32 registers; the P rows of dW sums are then combined in this kernel
-    # (DW_ATOMIC) or written as [P, H] partials for _sum_rows_kernel (fixed order). The loads of
-    # the next PREFETCH (0, 1 or 2) tiles are issued before this tile's arithmetic and stores
-    # (software pipelining by hand): PREFETCH + 1 tiles of loads in flight per program.
+    # (DW_ATOMIC) or written as [P, H] partials for _sum_rows_kernel (fixed order). With PREFETCH
+    # the next tile's loads are issued before this tile's arithmetic and stores (software
+    # pipelining by hand): two tiles of loads in flight per program. (Three, i.e. prefetching two
+    # tiles ahead, measured slower on an H100: kernels/bench/results/h100_rmsnorm_s12_sweep_e.log.)
     # A row is covered by column part A = [0, BLOCK_A) and, when BLOCK_B > 0, part B =
     # [BLOCK_A, BLOCK_A + BLOCK_B): two powers of two (H = 2560: 2048 + 512) instead of one
     # next_power_of_2(H) block (4096), so no lanes and registers go to padding.
@@ -129,15 +130,11 @@ def _rmsnorm_bwd_kernel(
     dwb = tl.zeros([BLOCK_M, BLOCK_B if HAS_B else 1], dtype=tl.float32)
     sa, dya, dsa, sb, dyb, dsb, rstd = _bwd_tile(S, DY, DS_OUT, RSTD, rows, ca, cb, stride_s,
                                                  stride_dy, stride_dso, M, H, HAS_DS_OUT, HAS_B)
-    if PREFETCH >= 2:
-        sa1, dya1, dsa1, sb1, dyb1, dsb1, rstd1 = _bwd_tile(
-            S, DY, DS_OUT, RSTD, rows + step, ca, cb, stride_s, stride_dy, stride_dso, M, H,
-            HAS_DS_OUT, HAS_B)
     for _ in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
-        if PREFETCH >= 1:  # tile i + PREFETCH
+        if PREFETCH:
             sa_n, dya_n, dsa_n, sb_n, dyb_n, dsb_n, rstd_n = _bwd_tile(
-                S, DY, DS_OUT, RSTD, rows + PREFETCH * step, ca, cb, stride_s, stride_dy,
-                stride_dso, M, H, HAS_DS_OUT, HAS_B)
+                S, DY, DS_OUT, RSTD, rows + step, ca, cb, stride_s, stride_dy, stride_dso, M, H,
+                HAS_DS_OUT, HAS_B)
         dot = tl.sum(dya.to(tl.float32) * wa * sa.to(tl.float32), axis=1)
         if HAS_B:
             dot += tl.sum(dyb.to(tl.float32) * wb * sb.to(tl.float32), axis=1)
@@ -147,15 +144,12 @@ def _rmsnorm_bwd_kernel(
             dwb += _bwd_part(DX, sb, dyb, dsb, wb, rstd, c, rows, cb, stride_dx, M, H,
                              HAS_DS_OUT)
         rows += step
-        if PREFETCH == 0:
+        if PREFETCH:
+            sa, dya, dsa, sb, dyb, dsb, rstd = sa_n, dya_n, dsa_n, sb_n, dyb_n, dsb_n, rstd_n
+        else:
             sa, dya, dsa, sb, dyb, dsb, rstd = _bwd_tile(
                 S, DY, DS_OUT, RSTD, rows, ca, cb, stride_s, stride_dy, stride_dso, M, H,
                 HAS_DS_OUT, HAS_B)
-        elif PREFETCH == 1:
-            sa, dya, dsa, sb, dyb, dsb, rstd = sa_n, dya_n, dsa_n, sb_n, dyb_n, dsb_n, rstd_n
-        else:
-            sa, dya, dsa, sb, dyb, dsb, rstd = sa1, dya1, dsa1, sb1, dyb1, dsb1, rstd1
-            sa1, dya1, dsa1, sb1, dyb1, dsb1, rstd1 = sa_n, dya_n, dsa_n, sb_n, dyb_n, dsb_n, rstd_n
     dw_a = tl.sum(dwa, axis=0)[None, :]
     if HAS_B:
         dw_b = tl.sum(dwb, axis=0)[None, :]
@@ -319,7 +313,7 @@ class _RMSNorm(torch.autograd.Function):
             s, dy2, dso, dx, weight, rstd, dw_part, dw_acc, counter, dw, s.stride(0),
             dy2.stride(0), dso.stride(0), dx.stride(0), m, h, HAS_DS_OUT=ds_out is not None,
             BLOCK_M=rows, BLOCK_A=block_a, BLOCK_B=block_b,
-            PREFETCH=int(TUNE["bwd_prefetch"]), DW_ATOMIC=atomic,
+            PREFETCH=bool(TUNE["bwd_prefetch"]), DW_ATOMIC=atomic,
             num_warps=_warps(h, "bwd_warps"), **_reg_cap(s.device),
         )
         if not atomic:

@@ -412,13 +412,12 @@ def sweep(dev, copy_gbs):
         # bwd_dw_atomic: dW summed in the backward kernel (1) or over partial rows by a second
         # kernel (0, the fixed-order path of deterministic mode); bwd_even: programs trimmed to
         # equal tile counts; bwd_split: a row in two power-of-two column parts, not one padded;
-        # bwd_prefetch: tiles whose loads are issued ahead (0-2); bwd_maxnreg: register cap per
+        # bwd_prefetch: the next tile's loads issued ahead (0 / 1); bwd_maxnreg: register cap per
         # thread (0: none), so that bwd_per_sm programs fit on an SM
         "rmsnorm": [dict(zip(rms_keys, v)) for v in [
             (2, 8, 1, 1, 8, 2, 1, 1, 1, 1, 0), (2, 8, 1, 2, 8, 2, 1, 0, 0, 0, 0),
-            (2, 8, 1, 1, 8, 2, 2, 1, 1, 1, 0), (2, 8, 1, 1, 16, 2, 1, 1, 1, 1, 0),
-            (2, 8, 1, 1, 8, 2, 1, 0, 1, 1, 0), (2, 8, 1, 1, 8, 3, 1, 1, 1, 1, 80),
-            (2, 8, 1, 1, 16, 2, 2, 1, 1, 1, 0)]],
+            (2, 8, 1, 1, 16, 2, 1, 1, 1, 1, 0),
+            (2, 8, 1, 1, 8, 2, 1, 0, 1, 1, 0), (2, 8, 1, 1, 8, 3, 1, 1, 1, 1, 80)]],
         "swiglu": [{"block": b, "rows": r, "warps": w, "bwd_block": bb, "bwd_rows": br,
                     "bwd_warps": bw}
                    for b, r, w, bb, br, bw in [(2048, 1, 8, 1024, 2, 8), (1024, 1, 4, 1024, 1, 4)]],

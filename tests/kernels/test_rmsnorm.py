@@ -75,7 +75,7 @@ def test_multi_row_tiles(monkeypatch, tune):
 
 @pytest.mark.parametrize("split,even", [(0, 0), (1, 1)])
 @pytest.mark.parametrize("atomic", [0, 1])
-@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("prefetch", [0, 1])
 @pytest.mark.parametrize("m,rows,programs", [(37, 4, 3), (100, 2, 40), (5, 4, 1), (9, 1, 9)])
 def test_backward_partial_sums(monkeypatch, split, even, atomic, prefetch, m, rows, programs):
     # Several row tiles per program (grid-stride), rows not a multiple of the tile, programs
