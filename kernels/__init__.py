@@ -8,12 +8,13 @@ from .attention import attention, attention_ref
 from .cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
 from .dispatch import triton_available, use_triton
 from .rmsnorm import FusedRMSNorm, rmsnorm, rmsnorm_ref
-from .rope import apply_rope, apply_rope_qk_, apply_rope_ref
+from .rope import apply_rope, apply_rope_qk, apply_rope_qk_, apply_rope_ref
 from .swiglu import swiglu, swiglu_ref
 
 __all__ = [
     "FusedRMSNorm",
     "apply_rope",
+    "apply_rope_qk",
     "apply_rope_qk_",
     "apply_rope_ref",
     "attention",

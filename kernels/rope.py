@@ -149,6 +149,29 @@ class _Rope(torch.autograd.Function):
         return dx, None
 
 
+def _rope_qk_backward(ctx, dq, dk):
+    """Gradients of q and k: the inverse rotation of both, one launch."""
+    (freqs,) = ctx.saved_tensors
+    dq, dk = _unit_last(dq), _unit_last(dk)
+    gq = torch.empty(dq.shape, device=dq.device, dtype=dq.dtype)
+    gk = torch.empty(dk.shape, device=dk.device, dtype=dk.dtype)
+    _launch([(dq, gq), (dk, gk)], freqs, inverse=True, copy_tail=True)
+    return gq, gk, None
+
+
+class _RopeQK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, freqs):
+        q, k, freqs = _unit_last(q), _unit_last(k), _prep_freqs(freqs)
+        qo = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        ko = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+        _launch([(q, qo), (k, ko)], freqs, inverse=False, copy_tail=True)
+        ctx.save_for_backward(freqs)
+        return qo, ko
+
+    backward = staticmethod(_rope_qk_backward)
+
+
 class _RopeQKInplace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, freqs):
@@ -158,14 +181,7 @@ class _RopeQKInplace(torch.autograd.Function):
         ctx.save_for_backward(freqs)
         return q, k
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        (freqs,) = ctx.saved_tensors
-        dq, dk = _unit_last(dq), _unit_last(dk)
-        gq = torch.empty(dq.shape, device=dq.device, dtype=dq.dtype)
-        gk = torch.empty(dk.shape, device=dk.device, dtype=dk.dtype)
-        _launch([(dq, gq), (dk, gk)], freqs, inverse=True, copy_tail=True)
-        return gq, gk, None
+    backward = staticmethod(_rope_qk_backward)
 
 
 def apply_rope(t, freqs):
@@ -173,6 +189,15 @@ def apply_rope(t, freqs):
     if not use_triton(t):
         return apply_rope_ref(t, freqs)
     return _Rope.apply(t, freqs)
+
+
+def apply_rope_qk(q, k, freqs):
+    """Rotate q [s, b, nq, d] and k [s, b, nkv, d] into new tensors, one launch (and one for the
+    backward) instead of one per tensor; returns (q_rot, k_rot). Inputs may be any views with a
+    unit last-dim stride (e.g. torch.split outputs of a fused QKV projection)."""
+    if not use_triton(q):
+        return apply_rope_ref(q, freqs), apply_rope_ref(k, freqs)
+    return _RopeQK.apply(q, k, freqs)
 
 
 def apply_rope_qk_(q, k, freqs):

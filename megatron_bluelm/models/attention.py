@@ -23,13 +23,16 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
 
-def torch_rope(t: torch.Tensor, freqs: torch.Tensor, config) -> torch.Tensor:
-    """megatron-core's unfused rotary embedding; t: [s, b, heads, d], freqs: [s, 1|b, 1, d]."""
-    return apply_rotary_pos_emb(t, freqs, config=config)
+def torch_rope(query: torch.Tensor, key: torch.Tensor, freqs: torch.Tensor, config):
+    """megatron-core's unfused rotary embedding of query and key ([s, b, heads, d], freqs
+    [s, 1|b, 1, d]); returns the rotated (query, key)."""
+    return (apply_rotary_pos_emb(query, freqs, config=config),
+            apply_rotary_pos_emb(key, freqs, config=config))
 
 
 class BlueLMSelfAttention(SelfAttention):
-    """SelfAttention whose training path applies ``rope_fn`` and calls the core directly."""
+    """SelfAttention whose training path applies ``rope_fn(query, key, freqs, config) ->
+    (query, key)`` and calls the core directly."""
 
     def __init__(self, *args, rope_fn: Optional[Callable] = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -50,8 +53,7 @@ class BlueLMSelfAttention(SelfAttention):
         query, key, value = self.get_query_key_value_tensors(hidden_states, None)  # [s, b, n, d]
         if rotary_pos_emb is not None:
             freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
-            query = self.rope_fn(query, freqs, self.config)
-            key = self.rope_fn(key, freqs, self.config)
+            query, key = self.rope_fn(query, key, freqs, self.config)
         if self.checkpoint_core_attention and self.training:
             core = self._checkpointed_attention_forward(query, key, value, attention_mask)
         else:

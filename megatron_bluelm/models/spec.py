@@ -49,10 +49,11 @@ def resolve_backend(requested: str) -> str:
     return requested
 
 
-def _fused_rope(t, freqs, config):
-    from kernels.rope import apply_rope
+def _fused_rope(query, key, freqs, config):
+    # query and key in one launch (and one for their gradients), not one per tensor
+    from kernels.rope import apply_rope_qk
 
-    return apply_rope(t, freqs)
+    return apply_rope_qk(query, key, freqs)
 
 
 class FusedSwiGLU(torch.nn.Module):

@@ -3,7 +3,7 @@ import torch
 from _kernel_check import assert_same, rel_err
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-from kernels import apply_rope, apply_rope_qk_, apply_rope_ref, use_triton
+from kernels import apply_rope, apply_rope_qk, apply_rope_qk_, apply_rope_ref, use_triton
 
 
 def _freqs(s, b, rot, per_token):
@@ -71,6 +71,37 @@ def test_qk_inplace_gqa(ratio, rot):
     assert_same(fused, lambda q, k: (apply_rope_ref(q, f), apply_rope_ref(k, f)), [q0, k0])
 
 
+@pytest.mark.parametrize("ratio", [1, 5])
+@pytest.mark.parametrize("rot", [16, 12])
+def test_qk_out_of_place_gqa(ratio, rot):
+    # The model's path: q and k rotated into new tensors in one launch; backward one launch too.
+    s, b, nkv, d = 5, 2, 2, 16
+    q0, k0 = torch.randn(s, b, nkv * ratio, d), torch.randn(s, b, nkv, d)
+    f = _freqs(s, b, rot, True)
+    assert_same(lambda q, k: apply_rope_qk(q, k, f),
+                lambda q, k: (apply_rope_ref(q, f), apply_rope_ref(k, f)), [q0, k0])
+
+
+def test_qk_out_of_place_split_views_of_a_fused_projection():
+    # torch.split outputs of a QKV buffer (multi-output views: in place is not allowed on them
+    # under autograd); the rotated tensors are new, the buffer and its gradient are as the ref's.
+    s, b, d = 4, 3, 16
+    f = _freqs(s, b, 12, False)
+
+    def run(rope):
+        qkv = torch.randn(s, b, 6, d, generator=torch.Generator().manual_seed(0))
+        qkv.requires_grad_()
+        q, k, v = torch.split(qkv * 1.0, [4, 1, 1], dim=2)
+        qr, kr = rope(q, k)
+        (qr.square().sum() + (kr * 3).sum() + v.sum()).backward()
+        return qr, kr, qkv.grad
+
+    got = run(lambda q, k: apply_rope_qk(q, k, f))
+    want = run(lambda q, k: (apply_rope_ref(q, f), apply_rope_ref(k, f)))
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-6
+
+
 def test_qk_inplace_strided_views():
     s, b, d = 4, 3, 16
     buf = torch.randn(s, b, 4 + 1, d)  # 4 query heads and 1 key head in one buffer
@@ -114,3 +145,28 @@ def test_head_steps(monkeypatch, nq, nk, heads):
 
     assert_same(fused, lambda q, k: (apply_rope_ref(q, f), apply_rope_ref(k, f)), [q0, k0])
     assert_same(lambda a: apply_rope(a, f), lambda a: apply_rope_ref(a, f), [q0])
+
+
+def test_model_rope_function_matches_megatron():
+    # The attention's rope_fn of the fused backend (one launch for q and k) against megatron-core's
+    # rotary (what the torch backend's rope_fn applies to each tensor), forward and backward, on
+    # the views the attention passes (torch.split of the QKV projection).
+    from megatron_bluelm.models.spec import _fused_rope
+
+    s, b, d = 6, 2, 16
+    f = _freqs(s, b, d, False)
+
+    def each(q, k, freqs, config):
+        return (_apply_rotary_pos_emb_bshd(q, freqs, rotary_interleaved=False),
+                _apply_rotary_pos_emb_bshd(k, freqs, rotary_interleaved=False))
+
+    def run(rope_fn):
+        qkv = torch.randn(s, b, 6, d, generator=torch.Generator().manual_seed(1))
+        qkv.requires_grad_()
+        q, k, _ = torch.split(qkv * 1.0, [4, 1, 1], dim=2)
+        qr, kr = rope_fn(q, k, f, None)
+        (qr * torch.arange(d) + kr.square().sum(2, keepdim=True)).sum().backward()
+        return qr, kr, qkv.grad
+
+    for g, w in zip(run(_fused_rope), run(each)):
+        assert rel_err(g, w) < 1e-6
