@@ -107,34 +107,32 @@ def _bwd_tile(S, DY, DS_OUT, RSTD, rows, ca, cb, stride_s, stride_dy, stride_dso
 def _rmsnorm_bwd_kernel(
     S, DY, DS_OUT, DX, W, RSTD, DW_PART, DW_ACC, COUNTER, DW, stride_s, stride_dy, stride_dso,
     stride_dx, M, H, HAS_DS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
-    BLOCK_B: tl.constexpr, PREFETCH: tl.constexpr, DW_ATOMIC: tl.constexpr,
+    BLOCK_B: tl.constexpr, DW_ATOMIC: tl.constexpr, STAGES: tl.constexpr,
 ):
     # Program p walks the row tiles p, p + P, p + 2P, ... (grid-stride, P = programs) and keeps
     # its share of dW in fp32 registers; the P rows of dW sums are then combined in this kernel
-    # (DW_ATOMIC) or written as [P, H] partials for _sum_rows_kernel (fixed order). With PREFETCH
-    # the next tile's loads are issued before this tile's arithmetic and stores (software
-    # pipelining by hand): two tiles of loads in flight per program. (Three, i.e. prefetching two
-    # tiles ahead, measured slower on an H100: kernels/bench/results/h100_rmsnorm_s12_sweep_e.log.)
+    # (DW_ATOMIC) or written as [P, H] partials for _sum_rows_kernel (fixed order).
+    # STAGES > 1 hands the loop to Triton's software pipeliner: the loads of the next
+    # STAGES - 1 tiles are issued as asynchronous copies (cp.async) into shared memory while this
+    # tile is computed, so the bytes in flight cost shared memory, not registers (an H100 keeps
+    # its copy engine busy with ~50-60 KB in flight per SM: 1 program x 6 stages of a 10 KB
+    # tile, kernels/bench/results/h100_rmsnorm_s13_*).
     # A row is covered by column part A = [0, BLOCK_A) and, when BLOCK_B > 0, part B =
     # [BLOCK_A, BLOCK_A + BLOCK_B): two powers of two (H = 2560: 2048 + 512) instead of one
     # next_power_of_2(H) block (4096), so no lanes and registers go to padding.
     HAS_B: tl.constexpr = BLOCK_B > 0
     pid = tl.program_id(0)
-    step = tl.num_programs(0) * BLOCK_M
-    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
     ca = tl.arange(0, BLOCK_A)[None, :]
     cb = BLOCK_A + tl.arange(0, BLOCK_B if HAS_B else 1)[None, :]
     wa = tl.load(W + ca, mask=ca < H, other=0.0).to(tl.float32)
     wb = tl.load(W + cb, mask=(cb < H) & HAS_B, other=0.0).to(tl.float32)
     dwa = tl.zeros([BLOCK_M, BLOCK_A], dtype=tl.float32)
     dwb = tl.zeros([BLOCK_M, BLOCK_B if HAS_B else 1], dtype=tl.float32)
-    sa, dya, dsa, sb, dyb, dsb, rstd = _bwd_tile(S, DY, DS_OUT, RSTD, rows, ca, cb, stride_s,
-                                                 stride_dy, stride_dso, M, H, HAS_DS_OUT, HAS_B)
-    for _ in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
-        if PREFETCH:
-            sa_n, dya_n, dsa_n, sb_n, dyb_n, dsb_n, rstd_n = _bwd_tile(
-                S, DY, DS_OUT, RSTD, rows + step, ca, cb, stride_s, stride_dy, stride_dso, M, H,
-                HAS_DS_OUT, HAS_B)
+    for t in tl.range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
+        rows = (t * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+        sa, dya, dsa, sb, dyb, dsb, rstd = _bwd_tile(S, DY, DS_OUT, RSTD, rows, ca, cb, stride_s,
+                                                     stride_dy, stride_dso, M, H, HAS_DS_OUT,
+                                                     HAS_B)
         dot = tl.sum(dya.to(tl.float32) * wa * sa.to(tl.float32), axis=1)
         if HAS_B:
             dot += tl.sum(dyb.to(tl.float32) * wb * sb.to(tl.float32), axis=1)
@@ -143,13 +141,6 @@ def _rmsnorm_bwd_kernel(
         if HAS_B:
             dwb += _bwd_part(DX, sb, dyb, dsb, wb, rstd, c, rows, cb, stride_dx, M, H,
                              HAS_DS_OUT)
-        rows += step
-        if PREFETCH:
-            sa, dya, dsa, sb, dyb, dsb, rstd = sa_n, dya_n, dsa_n, sb_n, dyb_n, dsb_n, rstd_n
-        else:
-            sa, dya, dsa, sb, dyb, dsb, rstd = _bwd_tile(
-                S, DY, DS_OUT, RSTD, rows, ca, cb, stride_s, stride_dy, stride_dso, M, H,
-                HAS_DS_OUT, HAS_B)
     dw_a = tl.sum(dwa, axis=0)[None, :]
     if HAS_B:
         dw_b = tl.sum(dwb, axis=0)[None, :]
@@ -189,17 +180,19 @@ def _sum_rows_kernel(P, OUT, N, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr)
 
 
 # Launch shape, chosen by kernels/bench (see docs/KERNELS.md). Keys: forward rows per program
-# and warps; backward rows per tile (without / with residual), warps, programs per SM, tiles
-# prefetched ahead, dW summed in the kernel (atomic) or by a second kernel, programs trimmed to
-# equal tile counts, a row split in two power-of-two column parts. Measured on one H100
-# (kernels/bench/results/h100_rmsnorm_s12_*): this set 0.0540 / 0.0655 ms (plain / residual
-# backward, 8192 x 2560); the previous set (2-row residual tiles, second dW kernel, no split)
-# 0.0546 / 0.0684 ms; 16 warps per program (twice the resident warps) changed < 1%; prefetching
-# 2 tiles (0.0563 ms), 2-row tiles, 3-4 programs per SM (fewer fit: a second wave) were slower,
-# and so were 3 per SM that do fit under an 80-register cap (0.0554 ms, no spills).
-TUNE = {"fwd_rows": 2, "fwd_warps": 8, "bwd_rows": 1, "bwd_res_rows": 1, "bwd_warps": 8,
-        "bwd_per_sm": 2, "bwd_prefetch": 1, "bwd_dw_atomic": 1, "bwd_even": 1, "bwd_split": 1,
-        "bwd_maxnreg": 0, "bwd_programs_cpu": 4}
+# and warps; backward warps, then per case (plain / with the residual's gradient: bwd_ /
+# bwd_res_) rows per tile, programs per SM and pipeline stages; dW summed in the kernel (atomic)
+# or by a second kernel, programs trimmed to equal tile counts, a row split in two power-of-two
+# column parts, a register cap (0: none). Measured on one H100
+# (kernels/bench/results/h100_rmsnorm_s13_*, 8192 x 2560 bf16): plain backward 1 program/SM x
+# 6 stages 0.0495 ms, residual 2/SM x 3 stages 0.0639 ms; the unpipelined loop with the next
+# tile prefetched into registers by hand (the previous kernel) 0.0540 / 0.0655 ms. Deeper or
+# shallower pipelines, 4 or 16 warps, 2-row tiles and 3-4 programs/SM were slower.
+TUNE = {"fwd_rows": 2, "fwd_warps": 8, "bwd_warps": 8,
+        "bwd_rows": 1, "bwd_per_sm": 1, "bwd_stages": 6,
+        "bwd_res_rows": 1, "bwd_res_per_sm": 2, "bwd_res_stages": 3,
+        "bwd_dw_atomic": 1, "bwd_even": 1, "bwd_split": 1, "bwd_maxnreg": 0,
+        "bwd_programs_cpu": 4}
 
 
 def _block(h):
@@ -210,19 +203,31 @@ def _warps(h, key):
     return max(1, min(TUNE[key], _block(h) // 128))
 
 
-def _bwd_programs(m, device, rows):
-    """Programs of the grid-stride backward: at most bwd_per_sm per SM, and as few as give every
+def _bwd_programs(m, device, rows, per_sm):
+    """Programs of the grid-stride backward: at most per_sm per SM, and as few as give every
     program the same number of row tiles (8192 tiles on 264 slots: 256 programs x 32 tiles, not
     264 with 8 of them doing a 32nd tile alone at the end)."""
     tiles = triton.cdiv(m, rows)
     if device.type == "cuda":
-        slots = TUNE["bwd_per_sm"] * torch.cuda.get_device_properties(device).multi_processor_count
+        slots = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         slots = TUNE["bwd_programs_cpu"]  # interpreter: few programs
     slots = max(1, min(tiles, slots))
     if TUNE["bwd_even"]:
         return triton.cdiv(tiles, triton.cdiv(tiles, slots))
     return slots
+
+
+def _bwd_stages(device, stages, per_sm, tile_bytes):
+    """Pipeline stages of the backward loop, fewer where per_sm programs' stage buffers would
+    not fit in 3/4 of an SM's shared memory (a large H): programs that are not all resident at
+    once run the grid-stride loop in a second, slow wave. CPU (interpreter): as tuned; stages do
+    not change results."""
+    if device.type != "cuda" or stages <= 1:
+        return stages
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 0) or 100 * 1024
+    return max(1, min(stages, (3 * smem // 4) // (per_sm * tile_bytes)))
 
 
 def _col_parts(h):
@@ -298,8 +303,9 @@ class _RMSNorm(torch.autograd.Function):
         dy2 = dy.reshape(-1, h).contiguous()
         dso = ds_out.reshape(-1, h).contiguous() if ds_out is not None else dy2
         dx = torch.empty_like(s)
-        rows = TUNE["bwd_res_rows" if ds_out is not None else "bwd_rows"]
-        nprog = _bwd_programs(m, s.device, rows)
+        case = "bwd_res_" if ds_out is not None else "bwd_"  # launch shape per case
+        rows = TUNE[case + "rows"]
+        nprog = _bwd_programs(m, s.device, rows, TUNE[case + "per_sm"])
         atomic = bool(TUNE["bwd_dw_atomic"]) and not torch.are_deterministic_algorithms_enabled()
         if atomic:  # dW summed in the kernel (order of the fp32 adds varies run to run)
             dw = torch.empty(h, device=s.device, dtype=weight.dtype)
@@ -309,11 +315,14 @@ class _RMSNorm(torch.autograd.Function):
             dw_part = torch.empty(nprog, h, device=s.device, dtype=torch.float32)
             dw = dw_acc = counter = dw_part  # unused by the kernel
         block_a, block_b = _col_parts(h)
+        tile_bytes = rows * (block_a + block_b) * s.element_size() * (3 if ds_out is not None
+                                                                       else 2)
+        stages = _bwd_stages(s.device, TUNE[case + "stages"], TUNE[case + "per_sm"], tile_bytes)
         _rmsnorm_bwd_kernel[(nprog,)](
             s, dy2, dso, dx, weight, rstd, dw_part, dw_acc, counter, dw, s.stride(0),
             dy2.stride(0), dso.stride(0), dx.stride(0), m, h, HAS_DS_OUT=ds_out is not None,
             BLOCK_M=rows, BLOCK_A=block_a, BLOCK_B=block_b,
-            PREFETCH=bool(TUNE["bwd_prefetch"]), DW_ATOMIC=atomic,
+            DW_ATOMIC=atomic, STAGES=stages,
             num_warps=_warps(h, "bwd_warps"), **_reg_cap(s.device),
         )
         if not atomic:

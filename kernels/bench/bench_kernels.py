@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import (
+    apply_rope,
+    apply_rope_qk,
     apply_rope_qk_,
     apply_rope_ref,
     attention,
@@ -314,7 +316,14 @@ def bench_rope(dev, s, b, nq, nkv, d, copy_gbs, only_ours=""):
     def ref(q, k):
         return apply_rope_ref(q, freqs), apply_rope_ref(k, freqs)
 
-    impls = {"ours": ours, "eager": ref, "compile": compiled(ref)}
+    def ours_model(q, k):  # the fused backend's path: q and k into new tensors, one launch
+        return apply_rope_qk(q, k, freqs)
+
+    def ours_each(q, k):  # one launch per tensor (the single-tensor op)
+        return apply_rope(q, freqs), apply_rope(k, freqs)
+
+    impls = {"ours": ours, "ours_model": ours_model, "ours_each": ours_each, "eager": ref,
+             "compile": compiled(ref)}
     # The in-place launch alone (what a model calls), without the clones of the wrapper above:
     inplace = {"ours_inplace": lambda q, k: apply_rope_qk_(q.detach(), k.detach(), freqs)}
     if only_ours:
@@ -406,18 +415,21 @@ def bench_cross_entropy(dev, n, h, v, chunks=(None,)):
 def sweep(dev, copy_gbs):
     """Time our kernels under several launch shapes (each checked in bf16 first)."""
     mods = {k: sys.modules[f"kernels.{k}"] for k in ("rmsnorm", "swiglu", "rope")}
-    rms_keys = ("fwd_rows", "fwd_warps", "bwd_rows", "bwd_res_rows", "bwd_warps", "bwd_per_sm",
-                "bwd_prefetch", "bwd_dw_atomic", "bwd_even", "bwd_split", "bwd_maxnreg")
+    rms_keys = ("fwd_rows", "fwd_warps", "bwd_warps", "bwd_rows", "bwd_per_sm", "bwd_stages",
+                "bwd_res_rows", "bwd_res_per_sm", "bwd_res_stages", "bwd_dw_atomic", "bwd_even",
+                "bwd_split", "bwd_maxnreg")
     variants = {
-        # bwd_dw_atomic: dW summed in the backward kernel (1) or over partial rows by a second
-        # kernel (0, the fixed-order path of deterministic mode); bwd_even: programs trimmed to
-        # equal tile counts; bwd_split: a row in two power-of-two column parts, not one padded;
-        # bwd_prefetch: the next tile's loads issued ahead (0 / 1); bwd_maxnreg: register cap per
-        # thread (0: none), so that bwd_per_sm programs fit on an SM
-        "rmsnorm": [dict(zip(rms_keys, v)) for v in [
-            (2, 8, 1, 1, 8, 2, 1, 1, 1, 1, 0), (2, 8, 1, 2, 8, 2, 1, 0, 0, 0, 0),
-            (2, 8, 1, 1, 16, 2, 1, 1, 1, 1, 0),
-            (2, 8, 1, 1, 8, 2, 1, 0, 1, 1, 0), (2, 8, 1, 1, 8, 3, 1, 1, 1, 1, 80)]],
+        # backward per case (plain, then with the residual's gradient): rows per tile, programs
+        # per SM, pipeline stages (1: the loop as written; k: loads of k - 1 tiles ahead in
+        # flight through shared memory); bwd_dw_atomic: dW summed in the backward kernel (1) or
+        # over partial rows by a second kernel (0, the fixed-order path of deterministic mode);
+        # bwd_even: programs trimmed to equal tile counts; bwd_split: a row in two power-of-two
+        # column parts, not one padded; bwd_maxnreg: register cap per thread (0: none)
+        "rmsnorm": [dict(zip(rms_keys, (2, 8, w, r, ps, st, r, ps, st, a, 1, 1, 0)))
+                    for w, r, ps, st, a in [
+                        (8, 1, 2, 1, 1), (8, 1, 2, 3, 1), (8, 1, 1, 4, 1), (8, 1, 1, 5, 1),
+                        (8, 1, 1, 6, 1), (8, 1, 1, 8, 1), (8, 1, 2, 4, 1), (8, 2, 1, 4, 1),
+                        (4, 1, 2, 4, 1), (8, 1, 1, 6, 0)]],
         "swiglu": [{"block": b, "rows": r, "warps": w, "bwd_block": bb, "bwd_rows": br,
                     "bwd_warps": bw}
                    for b, r, w, bb, br, bw in [(2048, 1, 8, 1024, 2, 8), (1024, 1, 4, 1024, 1, 4)]],
@@ -458,6 +470,15 @@ def choose(name, variants, tune):
         best = min(variants, key=total)
         keys = [k for k in best if k.startswith("bwd_") == (phase == "bwd")]
         chosen.update({k: best[k] for k in keys})
+        if name == "rmsnorm" and phase == "bwd":
+            # the backward's per-case keys (bwd_ / bwd_res_) from each case's own fastest variant
+            for op, pre in (("rmsnorm", "bwd_"), ("rmsnorm+res", "bwd_res_")):
+                def alone(v, op=op):
+                    return next((r["ms"] for r in RESULTS["ops"] if r["op"] == op
+                                 and r["impl"] == f"ours[{_tag(v)}]" and r["phase"] == "bwd"),
+                                float("inf"))
+                own = min(variants, key=alone)
+                chosen.update({pre + k: own[pre + k] for k in ("rows", "per_sm", "stages")})
     tune.update(chosen)
     RESULTS.setdefault("chosen", {})[name] = dict(tune)
     log(f"chosen {name}: {tune}")

@@ -75,13 +75,14 @@ def test_multi_row_tiles(monkeypatch, tune):
 
 @pytest.mark.parametrize("split,even", [(0, 0), (1, 1)])
 @pytest.mark.parametrize("atomic", [0, 1])
-@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("stages", [1, 3])
 @pytest.mark.parametrize("m,rows,programs", [(37, 4, 3), (100, 2, 40), (5, 4, 1), (9, 1, 9)])
-def test_backward_partial_sums(monkeypatch, split, even, atomic, prefetch, m, rows, programs):
+def test_backward_partial_sums(monkeypatch, split, even, atomic, stages, m, rows, programs):
     # Several row tiles per program (grid-stride), rows not a multiple of the tile, programs
     # with unequal tile counts, > 32 partial rows (several steps of the dW reduction) and
-    # H > 64 (several column blocks of it); with and without the prefetch of the next tile;
-    # dW summed in the kernel (atomic) or by the second kernel over partial rows; a row in one
+    # H > 64 (several column blocks of it); the loop as is and handed to the pipeliner (stages:
+    # the interpreter runs it as written, a GPU issues later tiles' loads early); dW summed in
+    # the kernel (atomic) or by the second kernel over partial rows; a row in one
     # padded column block or in two (64 + 64 for H = 100); programs trimmed to equal tile counts.
     from kernels.rmsnorm import TUNE
 
@@ -90,7 +91,8 @@ def test_backward_partial_sums(monkeypatch, split, even, atomic, prefetch, m, ro
     monkeypatch.setitem(TUNE, "bwd_even", even)
     monkeypatch.setitem(TUNE, "bwd_rows", rows)
     monkeypatch.setitem(TUNE, "bwd_res_rows", rows)
-    monkeypatch.setitem(TUNE, "bwd_prefetch", prefetch)
+    monkeypatch.setitem(TUNE, "bwd_stages", stages)
+    monkeypatch.setitem(TUNE, "bwd_res_stages", stages)
     monkeypatch.setitem(TUNE, "bwd_programs_cpu", programs)
     x, w, r = torch.randn(m, 100), torch.rand(100) + 0.5, torch.randn(m, 100)
     assert_same(lambda a, b, c: rmsnorm(a, b, residual=c),
@@ -142,8 +144,28 @@ def test_backward_programs_get_equal_tiles(monkeypatch, m, slots, want):
     mod = sys.modules["kernels.rmsnorm"]
     monkeypatch.setitem(mod.TUNE, "bwd_programs_cpu", slots)
     monkeypatch.setitem(mod.TUNE, "bwd_even", 1)
-    p = mod._bwd_programs(m, torch.device("cpu"), 1)
+    p = mod._bwd_programs(m, torch.device("cpu"), 1, 2)
     assert p == want and -(-m // p) == -(-m // min(m, slots))  # no more tiles per program
+
+
+@pytest.mark.parametrize("h,loads,per_sm,stages,want", [
+    (2560, 2, 1, 6, 6),     # the tuned plain case: 6 x 10 KB stages fit
+    (2560, 3, 2, 3, 3),     # the tuned residual case: 2 programs x 3 x 15 KB
+    (16384, 2, 1, 6, 2),    # 64 KB a stage: 2 fit in 3/4 of 228 KB
+    (16384, 3, 2, 3, 1),    # nothing fits twice: no pipelining
+    (2560, 2, 1, 1, 1)])
+def test_backward_stages_fit_shared_memory(monkeypatch, h, loads, per_sm, stages, want):
+    # The pipeliner's stage buffers live in shared memory; with per_sm programs per SM they must
+    # fit together, or the persistent grid spills into a second wave (large H).
+    mod = sys.modules["kernels.rmsnorm"]
+
+    class Props:
+        shared_memory_per_multiprocessor = 228 * 1024
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props())
+    tile = sum(mod._col_parts(h)) * 2 * loads  # bf16, 1 row a tile
+    assert mod._bwd_stages(torch.device("cuda"), stages, per_sm, tile) == want
+    assert mod._bwd_stages(torch.device("cpu"), stages, per_sm, tile) == stages
 
 
 def test_register_cap_applies_to_cuda_launches_only(monkeypatch):
