@@ -32,6 +32,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 
 from megatron_bluelm.config.errors import ConfigError
 from megatron_bluelm.config.loader import to_dict
+from megatron_bluelm.training.model_setup import use_fused_adam
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -223,6 +224,7 @@ def _load_optimizer(optimizer, state: dict) -> None:
         for param_state in opt.optimizer.state.values():
             if "step" in param_state:
                 param_state["step"] = param_state["step"].clone()
+    use_fused_adam(optimizer)  # the loaded groups carry the saved run's flags
 
 
 def build_sharded_state_dict(run, *, is_loading: bool, optimizer: bool = True, rng: bool = True) -> dict:
