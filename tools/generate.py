@@ -56,8 +56,9 @@ def _messages(args, text: str) -> list:
     return msgs + [{"role": "user", "content": text}]
 
 
-def _check_images(args, cfg) -> list:
-    """Fail before the model is built: unreadable files, placeholder counts, a text-only checkpoint."""
+def _check_images(args, cfg) -> tuple[list, list]:
+    """Fail before the model is built: unreadable files, placeholder counts, a text-only checkpoint.
+    Returns the image paths and the decoded images per prompt (each file is decoded once, here)."""
     from megatron_bluelm.inference import GenerationError
     from megatron_bluelm.inference.images import assign_images, load_image
 
@@ -65,9 +66,8 @@ def _check_images(args, cfg) -> list:
         raise GenerationError(f"--image {' '.join(args.image)}: checkpoint '{args.checkpoint}' is a text decoder "
                               "(vision.preset: none) and cannot take images; use a checkpoint of the multimodal "
                               "stage (docs/MULTIMODAL.md)")
-    for path in args.image:
-        load_image(path, "--image")
-    return assign_images(args.prompt, args.image)
+    decoded = [load_image(path, "--image") for path in args.image]
+    return assign_images(args.prompt, args.image), assign_images(args.prompt, decoded)
 
 
 def run(args) -> list:
@@ -78,7 +78,7 @@ def run(args) -> list:
     from megatron_bluelm.inference.model import build_inference_model, set_layout
 
     cfg = set_layout(checkpoint_run_config(args.checkpoint), args.tp, args.pp)
-    images = _check_images(args, cfg)
+    paths, images = _check_images(args, cfg)
     tok = load_tokenizer(args.tokenizer_model or cfg.data.tokenizer_model)
     check_tokenizer(cfg, tok, args.checkpoint)
     im = build_inference_model(cfg, tok.vocab_size, image_token_id=tok.special_ids["<image>"])
@@ -93,7 +93,7 @@ def run(args) -> list:
         outs = gen.generate(args.prompt, req, images)
     return [{"prompt": p, "images": imgs, "text": gen.decode(o), "finish_reason": o.finish_reason,
              "thinking_tokens": o.thinking_tokens, "forced_close": o.forced_close}
-            for p, imgs, o in zip(args.prompt, images, outs)]
+            for p, imgs, o in zip(args.prompt, paths, outs)]
 
 
 def main(argv=None) -> int:

@@ -40,15 +40,11 @@ def load_image(src, where: str) -> Image.Image:
         raise GenerationError(str(e)) from None
 
 
-def count_placeholders(text: str) -> int:
-    return text.count(IMAGE)
-
-
 def assign_images(texts: Sequence[str], images: Sequence) -> list[list]:
     """Spread one list of images (e.g. repeated ``--image``) over prompts: the k-th ``<image>``
     placeholder, counting through the prompts in order, takes the k-th image. Without any
     placeholder, a single prompt takes them all (in front of its text)."""
-    counts = [count_placeholders(t) for t in texts]
+    counts = [t.count(IMAGE) for t in texts]
     total = sum(counts)
     if not images:
         return [[] for _ in texts]
