@@ -20,6 +20,8 @@ setup(
         "pillow",
         "tensorboard",
         "psutil",  # megatron-core's torch_dist checkpoint writer calls it on every save
+        "sympy",  # math answer equivalence (eval/graders.py, shared with RL rewards)
+        "matplotlib",  # evaluation and training-metric plots (tools/evaluate.py, tools/plot_metrics.py)
     ],
     extras_require={
         "gpu": ["triton"],
