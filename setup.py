@@ -32,6 +32,14 @@ setup(
     entry_points={
         "console_scripts": [
             "bluelm-pretrain=megatron_bluelm.stages.pretrain:main",
+            "bluelm-sft=megatron_bluelm.stages.sft:main",
+            "bluelm-multimodal=megatron_bluelm.stages.multimodal:main",
+            "bluelm-rl=megatron_bluelm.stages.rl:main",
+            "bluelm-preprocess=tools.preprocess_data:main",
+            "bluelm-train-tokenizer=tools.train_tokenizer:main",
+            "bluelm-mixture-report=tools.mixture_report:main",
+            "bluelm-convert=tools.convert_checkpoint:main",
+            "bluelm-generate=tools.generate:main",
         ]
     },
 )

@@ -69,6 +69,15 @@ def _coerce(value: Any, tp, where: str) -> Any:
         return value
     if base is Any:
         return value
+    if typing.get_origin(base) is typing.Literal:
+        choices = typing.get_args(base)
+        if value in choices:
+            return value
+        as_text = str(value).lower() if isinstance(value, bool) else str(value)
+        if as_text in choices:  # e.g. YAML reads `recompute: none` as the string, `off` as False
+            return as_text
+        raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}"
+                          f"{_did_you_mean(as_text, [str(c) for c in choices])}")
     if base is bool:
         if isinstance(value, bool):
             return value

@@ -6,8 +6,10 @@ live in :mod:`megatron_bluelm.config.loader` and :mod:`megatron_bluelm.config.va
 """
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from megatron_bluelm.config.data import DataConfig
 from megatron_bluelm.config.vision import VisionConfig
@@ -17,80 +19,89 @@ from megatron_bluelm.config.vision import VisionConfig
 class ModelConfig:
     """The decoder's shape. ``preset`` fills every field left unset (None); explicit values win."""
 
-    preset: str = "tiny"
-    num_layers: Optional[int] = None
+    preset: str = "tiny"  # a decoder preset (config/presets.py)
+    num_layers: Optional[int] = None  # decoder layers
     hidden_size: Optional[int] = None
-    ffn_hidden_size: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None  # SwiGLU inner width
     num_attention_heads: Optional[int] = None
     num_query_groups: Optional[int] = None  # GQA key/value groups
     vocab_size: Optional[int] = None  # None: taken from the tokenizer
     make_vocab_size_divisible_by: int = 128  # the embedding is padded to a multiple of this (and TP)
-    rotary_base: Optional[float] = None
-    norm_eps: Optional[float] = None
-    init_std: Optional[float] = None
-    backend: str = "auto"  # auto | te | fused | torch (see models/spec.py)
+    rotary_base: Optional[float] = None  # RoPE theta
+    norm_eps: Optional[float] = None  # RMSNorm epsilon
+    init_std: Optional[float] = None  # weight init standard deviation
+    # auto: te with Transformer Engine on a GPU, else fused with Triton on a GPU, else torch (models/spec.py)
+    backend: Literal["auto", "te", "fused", "torch"] = "auto"
 
 
 @dataclass
 class ParallelConfig:
+    """Model-parallel layout; the data-parallel size is what is left: world size / (tp x pp x cp)."""
+
     tp: int = 1  # tensor parallel size
     pp: int = 1  # pipeline parallel size
     vpp: Optional[int] = None  # virtual pipeline stages per pipeline rank (interleaved 1F1B)
     cp: int = 1  # context parallel size (needs Transformer Engine attention)
     sequence_parallel: bool = False  # shard norms/dropout activations over TP (needs tp > 1)
     distributed_optimizer: bool = False  # ZeRO-1: optimizer state sharded over data parallel
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
-    # Uneven pipeline split: layers on the first / last stage; the rest split evenly.
-    first_stage_layers: Optional[int] = None
-    last_stage_layers: Optional[int] = None
-    dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    overlap_grad_reduce: bool = False  # all-reduce gradient buckets while backward runs
+    overlap_param_gather: bool = False  # all-gather parameters during forward (needs distributed_optimizer)
+    first_stage_layers: Optional[int] = None  # uneven pipeline split: layers on the first stage
+    last_stage_layers: Optional[int] = None  # layers on the last stage; the rest split evenly
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPU, gloo on CPU
 
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 3.0e-4
-    min_lr: float = 3.0e-5
+    """AdamW (megatron-core's optimizer)."""
+
+    lr: float = 3.0e-4  # peak learning rate
+    min_lr: float = 3.0e-5  # floor of the decay
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1.0e-8
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0  # global gradient-norm clip
 
 
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule in optimizer steps (megatron-core OptimizerParamScheduler)."""
 
-    style: str = "cosine"  # cosine | wsd | linear | constant
-    warmup_steps: int = 10
+    style: Literal["cosine", "wsd", "linear", "constant"] = "cosine"  # wsd: warmup-stable-decay
+    warmup_steps: int = 10  # linear warm-up from 0 to optimizer.lr
     decay_steps: Optional[int] = None  # None: the rest of training after warm-up
     wsd_decay_steps: Optional[int] = None  # WSD: length of the final decay phase
-    wsd_decay_style: str = "exponential"  # WSD decay shape: linear | cosine | exponential | minus_sqrt
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "exponential"  # WSD decay shape
 
 
 @dataclass
 class TrainingConfig:
-    train_steps: int = 50
-    micro_batch_size: int = 2
-    global_batch_size: int = 8
+    """Steps and batch sizes: global = micro x data-parallel size x micro-batches per step."""
+
+    train_steps: int = 50  # optimizer steps
+    micro_batch_size: int = 2  # sequences per forward pass per rank
+    global_batch_size: int = 8  # sequences per optimizer step over all ranks
     seed: int = 1234
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    recompute: str = "none"  # none | selective (attention core) | full (whole layers)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    recompute: Literal["none", "selective", "full"] = "none"  # selective: the attention core; full: whole layers
     recompute_num_layers: int = 1  # full recompute: layers per recompute block
     eval_interval: int = 25  # 0 disables periodic evaluation
-    eval_steps: int = 2
-    exit_on_nan: bool = True
+    eval_steps: int = 2  # validation batches per evaluation
+    exit_on_nan: bool = True  # stop when the loss is NaN or inf
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 5
-    output_dir: str = "outputs/run"
+    """Step lines, metrics.jsonl, TensorBoard and wandb, all under output_dir."""
+
+    log_interval: int = 5  # steps between step lines
+    output_dir: str = "outputs/run"  # metrics.jsonl, TensorBoard and wandb files
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "megatron_bluelm"
-    wandb_mode: str = "offline"  # offline keeps runs local: `wandb sync` uploads them later
+    # offline keeps runs local: `wandb sync` uploads them later
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     peak_tflops: Optional[float] = None  # per-GPU bf16 peak for MFU; None: by device name
 
 
@@ -99,7 +110,7 @@ class CheckpointConfig:
     save: Optional[str] = None  # directory; None disables saving
     load: Optional[str] = None  # directory to resume from
     save_interval: int = 0  # steps; 0: only at the end and on preemption signals
-    keep_last: int = 2
+    keep_last: int = 2  # checkpoints kept; older ones are deleted
 
 
 @dataclass
@@ -108,25 +119,28 @@ class RLConfig:
     samples, rewards, group advantages, then ``updates_per_step`` optimizer steps over them."""
 
     task: str = "arithmetic"  # arithmetic (built-in toy) | a JSONL of prompts (see docs/RL.md)
-    prompts_per_step: int = 8
-    group_size: int = 8
-    max_new_tokens: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
+    prompts_per_step: int = 8  # over all data-parallel ranks
+    group_size: int = 8  # samples per prompt
+    max_new_tokens: int = 8  # response length cap
+    temperature: float = 1.0  # rollout sampling
+    top_p: float = 1.0  # rollout nucleus sampling
     thinking_budget: Optional[int] = 0  # per prompt unless the record sets one; 0 = non-thinking
     updates_per_step: int = 1  # mini-batches per rollout batch (each an optimizer step)
-    clip_low: float = 0.2
+    clip_low: float = 0.2  # PPO ratio clip below 1
     clip_high: float = 0.28  # > clip_low: the clip-higher option
     kl_coef: float = 0.0  # > 0 keeps a frozen reference model and adds beta * KL (k3)
     normalize_std: bool = True  # GRPO; false: Dr. GRPO (mean-centred only)
     filter_zero_variance: bool = True  # drop groups with equal rewards from the loss (false: keep, A = 0)
+    # per data source: {reward: weight}
     rewards: dict = field(default_factory=lambda: {"default": {"exact_match": 1.0}})
     warmup_sft_steps: int = 0  # supervised steps on the task's warm-up pairs before RL
-    seed: int = 7
+    seed: int = 7  # prompt order and sampling
 
 
 @dataclass
 class RunConfig:
+    """One run: a YAML recipe's top-level sections."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -137,3 +151,22 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)  # multimodal runs only (preset: none = text)
+
+
+def literal_choices(tp) -> Optional[tuple]:
+    """The allowed values of a ``Literal[...]`` (or ``Optional[Literal[...]]``) type, else None."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if typing.get_origin(arg) is Literal:
+                return typing.get_args(arg)
+    return None
+
+
+def choices_of(cls, name: str) -> tuple:
+    """Allowed values of the ``Literal`` field ``name`` of dataclass ``cls``: the one place they are written."""
+    choices = literal_choices(typing.get_type_hints(cls)[name])
+    if choices is None:
+        raise KeyError(f"{cls.__name__}.{name} is not a Literal field")
+    return choices

@@ -1,19 +1,12 @@
 """Checks that run before any heavy work: every failure names the field(s) at fault."""
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 from megatron_bluelm.config.errors import ConfigError
 from megatron_bluelm.config.presets import apply_preset
 from megatron_bluelm.config.schema import RunConfig
-
-_CHOICES = {
-    "model.backend": ("auto", "te", "fused", "torch"),
-    "parallel.dist_backend": ("auto", "nccl", "gloo"),
-    "training.precision": ("auto", "bf16", "fp32"),
-    "training.recompute": ("none", "selective", "full"),
-    "schedule.style": ("cosine", "wsd", "linear", "constant"),
-    "schedule.wsd_decay_style": ("linear", "cosine", "exponential", "minus_sqrt"),
-    "logging.wandb_mode": ("offline", "online", "disabled"),
-}
 
 
 def _get(cfg, dotted):
@@ -29,9 +22,17 @@ def _require(cond: bool, msg: str) -> None:
 
 
 def _check_choices(cfg: RunConfig) -> None:
-    for key, choices in _CHOICES.items():
-        value = _get(cfg, key)
-        _require(value in choices, f"{key}: {value!r} is not one of {list(choices)}")
+    """Fields typed ``Literal[...]`` hold one of its values (the loader checks the same when it parses;
+    this catches values set in code)."""
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            tp = hints[f.name]
+            if typing.get_origin(tp) is typing.Literal:
+                value = getattr(obj, f.name)
+                _require(value in typing.get_args(tp),
+                         f"{section.name}.{f.name}: {value!r} is not one of {list(typing.get_args(tp))}")
 
 
 def _check_positive(cfg: RunConfig) -> None:
@@ -95,8 +96,20 @@ def pipeline_layer_split(cfg: RunConfig) -> list[int]:
     return split
 
 
+def _check_world_size(cfg: RunConfig, world_size: int) -> int:
+    p = cfg.parallel
+    model_parallel = p.tp * p.pp * p.cp
+    _require(world_size % model_parallel == 0,
+             f"world size ({world_size}) is not divisible by parallel.tp x parallel.pp x parallel.cp "
+             f"({p.tp} x {p.pp} x {p.cp} = {model_parallel}): launch a multiple of {model_parallel} processes, "
+             f"e.g. `torchrun --nproc-per-node {model_parallel} -m megatron_bluelm.stages.<stage> ...`, "
+             f"or choose sizes whose product divides {world_size}, e.g. --parallel.tp 1 --parallel.pp 1")
+    return world_size // model_parallel
+
+
 def _check_parallel(cfg: RunConfig, world_size: int) -> int:
     p, t = cfg.parallel, cfg.training
+    dp = _check_world_size(cfg, world_size)
     split = pipeline_layer_split(cfg)
     if p.vpp is not None:
         _require(p.pp > 1 and p.vpp >= 2, "parallel.vpp (virtual stages) needs parallel.pp > 1 and vpp >= 2")
@@ -104,11 +117,6 @@ def _check_parallel(cfg: RunConfig, world_size: int) -> int:
                  "parallel.vpp cannot be combined with first_stage_layers / last_stage_layers")
         _require(split[0] % p.vpp == 0,
                  f"layers per pipeline stage ({split[0]}) is not divisible by parallel.vpp ({p.vpp})")
-    model_parallel = p.tp * p.pp * p.cp
-    _require(world_size % model_parallel == 0,
-             f"world size ({world_size}) is not divisible by parallel.tp x parallel.pp x parallel.cp "
-             f"({p.tp} x {p.pp} x {p.cp} = {model_parallel})")
-    dp = world_size // model_parallel
     _require(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
     _require(cfg.data.seq_length % p.tp == 0 or not p.sequence_parallel,
              f"data.seq_length ({cfg.data.seq_length}) must be divisible by parallel.tp ({p.tp}) "
@@ -137,6 +145,15 @@ def _check_schedule(cfg: RunConfig) -> None:
                  "schedule.wsd_decay_steps: required (> 0) with schedule.style: wsd")
     _require(cfg.logging.log_interval > 0, "logging.log_interval: must be > 0")
     _require(t.eval_interval >= 0, "training.eval_interval: must be >= 0")
+
+
+def check_launch(cfg: RunConfig, world_size: int) -> int:
+    """The subset of :func:`validate` that holds before a stage adjusts the config (e.g. the multimodal
+    stage choosing the pipeline split): choices, preset, positive sizes, world size. Returns dp."""
+    _check_choices(cfg)
+    apply_preset(cfg.model)
+    _check_positive(cfg)
+    return _check_world_size(cfg, world_size)
 
 
 def validate(cfg: RunConfig, world_size: int) -> int:

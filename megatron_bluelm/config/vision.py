@@ -25,7 +25,7 @@ FREEZABLE = ("vision", "adapter", "decoder")
 
 @dataclass
 class VisionConfig:
-    preset: str = "none"  # none (text-only) | vit-so400m | vit-tiny
+    preset: str = "none"  # a ViT preset (VISION_PRESETS), or none: a text-only run
     num_layers: Optional[int] = None
     hidden_size: Optional[int] = None
     ffn_hidden_size: Optional[int] = None

@@ -22,14 +22,10 @@ from megatron_bluelm.training import checkpointing as ckpt
 
 def start_single_process() -> None:
     """A one-rank gloo group (conversion runs as a plain process, no launcher), on a free port."""
-    import socket
-
     from megatron_bluelm.parallel.setup import setup_parallel
 
-    if not dist.is_initialized() and "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if not dist.is_initialized():  # one rank whatever the environment says; setup_parallel picks a free port
+        os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
     setup_parallel(1, 1, None, 1, seed=0, dist_backend="gloo")
 
 

@@ -26,10 +26,11 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_bluelm.config.errors import ConfigError
+from megatron_bluelm.config.schema import ModelConfig, choices_of
 from megatron_bluelm.models.attention import BlueLMSelfAttention, SDPACoreAttention, torch_rope
 from megatron_bluelm.models.norm import RMSNorm
 
-BACKENDS = ("te", "fused", "torch")
+BACKENDS = tuple(b for b in choices_of(ModelConfig, "backend") if b != "auto")  # the schema lists them
 
 
 def triton_usable() -> bool:

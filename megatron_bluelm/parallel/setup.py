@@ -38,6 +38,15 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (the OS picks it), for a single-process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(dist_backend: str = "auto", timeout_minutes: int = 10) -> torch.device:
     """Start torch.distributed (if not started) and pick this process's device."""
     use_cuda = torch.cuda.is_available()
@@ -53,7 +62,13 @@ def init_distributed(dist_backend: str = "auto", timeout_minutes: int = 10) -> t
         device = torch.device("cpu")
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29512")
+        if "MASTER_PORT" not in os.environ:
+            if world_size_from_env() > 1:
+                raise ConfigError("WORLD_SIZE > 1 but MASTER_PORT is not set: start multi-process runs with "
+                                  "torchrun (it sets both)")
+            # Without a launcher there is no one to agree a port with: any free one does, so two runs on one
+            # machine (or a port held by another program) never collide.
+            os.environ["MASTER_PORT"] = str(free_port(os.environ["MASTER_ADDR"]))
         dist.init_process_group(
             backend=backend,
             rank=int(os.environ.get("RANK", "0")),

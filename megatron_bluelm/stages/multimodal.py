@@ -14,21 +14,11 @@ model. ``checkpoint.load`` resumes the same stage; when it points at a text chec
 """
 from __future__ import annotations
 
-import argparse
 from functools import partial
 from typing import Callable, Optional, Sequence
 
 from megatron_bluelm.config.errors import ConfigError
-from megatron_bluelm.config.loader import load_config
 from megatron_bluelm.config.schema import RunConfig
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, Optional[str]]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="YAML recipe (examples/mm_stage*_tiny.yaml)")
-    ap.add_argument("--pretrained", default=None, help="text or multimodal checkpoint to start from")
-    args, overrides = ap.parse_known_args(argv)
-    return load_config(args.config, overrides), args.pretrained
 
 
 def multimodal_config(cfg: RunConfig) -> RunConfig:
@@ -128,10 +118,27 @@ def run_multimodal(cfg: RunConfig, pretrained: Optional[str] = None, collect: Op
     return run_stage(run, body, collect, initial_weights=initial)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    from megatron_bluelm.training.loop import cli
+def early_check(cfg: RunConfig, world_size: int) -> None:
+    """What can be checked before torch loads: the multimodal stage chooses the pipeline split itself
+    (models/multimodal.py), so the full validation runs after that, in :func:`run_multimodal`."""
+    from megatron_bluelm.config.validate import check_launch
 
-    cli(lambda: run_multimodal(*parse_args(argv)))
+    check_launch(cfg, world_size)
+    if not cfg.vision.enabled:
+        raise ConfigError("vision.preset: the multimodal stage needs a vision preset (vit-tiny, vit-so400m)")
+    cfg.vision.resolve()
+    cfg.vision.check(cfg.parallel.tp)
+    cfg.data.validate()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from megatron_bluelm.config.cli import run_stage_cli
+
+    def add_arguments(ap):
+        ap.add_argument("--pretrained", default=None, help="text or multimodal checkpoint to start from")
+
+    run_stage_cli(__doc__, lambda cfg, args: run_multimodal(cfg, args.pretrained), argv, check=early_check,
+                  add_arguments=add_arguments)
 
 
 if __name__ == "__main__":

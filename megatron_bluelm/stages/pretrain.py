@@ -3,24 +3,17 @@
     torchrun --nproc-per-node 4 -m megatron_bluelm.stages.pretrain --config examples/pretrain_tiny.yaml \\
         --parallel.tp 2 --parallel.pp 2
 
-Any config field can be overridden with ``--section.field VALUE``; see ``megatron_bluelm/config/schema.py``.
+Any config field can be overridden with ``--section.field VALUE``; ``--help`` lists every field and
+``--print-config`` checks the config and prints it without training. This module imports nothing heavy
+at the top: arguments and config are checked before torch and megatron-core load (config/cli.py).
 """
 from __future__ import annotations
 
-import argparse
 from functools import partial
 from typing import Callable, Optional, Sequence
 
 from megatron_bluelm.config.errors import ConfigError
-from megatron_bluelm.config.loader import load_config
 from megatron_bluelm.config.schema import RunConfig
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> RunConfig:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="YAML recipe (examples/*.yaml)")
-    args, overrides = ap.parse_known_args(argv)
-    return load_config(args.config, overrides)
 
 
 def run_pretrain(cfg: RunConfig, collect: Optional[Callable] = None) -> dict:
@@ -53,9 +46,9 @@ def run_pretrain(cfg: RunConfig, collect: Optional[Callable] = None) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from megatron_bluelm.training.loop import cli
+    from megatron_bluelm.config.cli import run_stage_cli
 
-    cli(lambda: run_pretrain(parse_args(argv)))
+    run_stage_cli(__doc__, lambda cfg, args: run_pretrain(cfg), argv)
 
 
 if __name__ == "__main__":

@@ -12,20 +12,10 @@ model weights of a pretrain checkpoint (any layout; optimizer and step start fre
 """
 from __future__ import annotations
 
-import argparse
 from functools import partial
 from typing import Callable, Optional, Sequence
 
-from megatron_bluelm.config.loader import load_config
 from megatron_bluelm.config.schema import RunConfig
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, Optional[str]]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="YAML recipe (examples/sft_tiny.yaml)")
-    ap.add_argument("--pretrained", default=None, help="pretrain checkpoint directory to start from")
-    args, overrides = ap.parse_known_args(argv)
-    return load_config(args.config, overrides), args.pretrained
 
 
 def sft_config(cfg: RunConfig) -> RunConfig:
@@ -69,9 +59,12 @@ def run_sft(cfg: RunConfig, pretrained: Optional[str] = None, collect: Optional[
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from megatron_bluelm.training.loop import cli
+    from megatron_bluelm.config.cli import run_stage_cli
 
-    cli(lambda: run_sft(*parse_args(argv)))
+    def add_arguments(ap):
+        ap.add_argument("--pretrained", default=None, help="pretrain checkpoint directory to start from")
+
+    run_stage_cli(__doc__, lambda cfg, args: run_sft(cfg, args.pretrained), argv, add_arguments=add_arguments)
 
 
 if __name__ == "__main__":
