@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,8 +50,14 @@ def parse_args(argv=None) -> Options:
     )
 
 
+def _terminate(signum, frame):
+    # SIGTERM (a scheduler's cancel, `kill`) unwinds like Ctrl-C: the writers' abort removes the temporaries.
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     if "--chat" in argv:  # SFT conversations: tokens + loss mask (megatron_bluelm/data/sft.py)
         from megatron_bluelm.data.sft import chat_main
 
@@ -68,6 +75,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no output written (temporary files removed)", file=sys.stderr)
         return 130
+    except OSError as e:  # writing or reading outside the checked paths, e.g. a disk that filled up
+        print(f"error: {e.filename or opts.output_prefix}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(summary.format())
     return 0
 

@@ -2,15 +2,17 @@
 
 Both files are written under temporary names and renamed into place only in `finalize()`, so an
 interrupted run never leaves an .idx that loads as valid: the old .idx is removed first, then the
-.bin and finally the .idx are renamed (a crash in between leaves no .idx at all).
+.bin and finally the .idx are renamed (a crash in between leaves no .idx at all). Temporaries of a
+killed run (``.tmp-PID`` of a process that no longer exists) are deleted by the next writer of the prefix.
 The .idx layout is exactly `megatron.core.datasets.indexed_dataset._IndexWriter`'s; we write it
 with numpy (vectorised pointers) instead of its per-sequence Python loop.
 """
 from __future__ import annotations
 
+import glob
 import os
 import struct
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import numpy as np
 
@@ -34,6 +36,7 @@ class IndexedWriter:
         self._bin_tmp, self._idx_tmp = self.bin_path + suffix, self.idx_path + suffix
         try:
             os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+            remove_stale_temporaries(prefix)
             self._bin = open(self._bin_tmp, "wb", buffering=_WRITE_BUF)  # noqa: SIM115 (closed in finalize/abort)
         except OSError as e:
             raise ConfigError(f"--output-prefix: cannot write '{self._bin_tmp}': {e.strerror}") from e
@@ -41,14 +44,27 @@ class IndexedWriter:
         self._doc_counts: list[np.ndarray] = []  # sequences per document
         self.num_tokens = 0
 
+    def _write_failed(self, path: str, e: OSError) -> ConfigError:
+        return ConfigError(f"--output-prefix: cannot write '{path}': {e.strerror or e} "
+                           f"(nothing was written; free space or choose another --output-prefix)")
+
     def add(self, tokens: np.ndarray, seq_lengths: np.ndarray, doc_seq_counts: np.ndarray) -> None:
         """Append a batch: concatenated tokens, their per-sequence lengths, sequences per doc."""
-        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
+        try:
+            self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
+        except OSError as e:  # e.g. a full disk
+            raise self._write_failed(self._bin_tmp, e) from None
         self._lengths.append(np.asarray(seq_lengths, dtype=np.int32))
         self._doc_counts.append(np.asarray(doc_seq_counts, dtype=np.int64))
         self.num_tokens += int(tokens.size)
 
     def finalize(self) -> None:
+        try:
+            self._write_index()
+        except OSError as e:
+            raise self._write_failed(e.filename or self._idx_tmp, e) from None
+
+    def _write_index(self) -> None:
         self._bin.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
         docs = np.concatenate(self._doc_counts) if self._doc_counts else np.zeros(0, np.int64)
@@ -71,10 +87,35 @@ class IndexedWriter:
         os.replace(self._idx_tmp, self.idx_path)
 
     def abort(self) -> None:
-        self._bin.close()
+        # Unlink first: closing flushes the write buffer, which fails again on a full disk.
         for p in (self._bin_tmp, self._idx_tmp):
-            if os.path.exists(p):
+            with suppress(FileNotFoundError):
                 os.unlink(p)
+        with suppress(OSError):
+            self._bin.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(prefix: str) -> list[str]:
+    """Delete ``PREFIX.{bin,idx}.tmp-PID`` left by a run that was killed (kill -9, power loss): their
+    process is gone. A temporary whose process still runs (a concurrent writer) is left alone."""
+    removed = []
+    for path in glob.glob(glob.escape(prefix) + ".*.tmp-*"):
+        pid = path.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            with suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+    return removed
 
 
 @contextmanager

@@ -187,6 +187,8 @@ def check_options(opts: Options) -> None:
     if not opts.inputs:
         raise ConfigError("--input: no input files given")
     for path in opts.inputs:
+        if os.path.isdir(path):
+            raise ConfigError(f"--input: '{path}' is a directory; give the JSONL files in it (e.g. {path}/*.jsonl)")
         if not os.path.isfile(path):
             raise ConfigError(f"--input: no such file '{path}'")
     if not os.path.isfile(opts.tokenizer_model):
@@ -195,6 +197,11 @@ def check_options(opts: Options) -> None:
         raise ConfigError(f"--on-error: must be 'fail' or 'skip', got '{opts.on_error}'")
     if opts.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {opts.workers}")
+    if opts.threads < 0:
+        raise ConfigError(f"--threads: must be >= 0 (0: cores / workers), got {opts.threads}")
+    if opts.chunk_bytes < 1 or opts.max_line_bytes < 1:
+        raise ConfigError(f"--chunk-bytes / --max-line-bytes: must be >= 1, got {opts.chunk_bytes} / "
+                          f"{opts.max_line_bytes}")
     out_dir = os.path.dirname(os.path.abspath(opts.output_prefix))
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -229,12 +236,22 @@ def preprocess(opts: Options) -> Summary:
                 if bar is not None:
                     bar.update(len(encoded[0][2]))
                     bar.set_postfix_str(f"{summary.bytes / 1e6 / (time.time() - t0):.1f} MB/s", refresh=False)
+            check_not_empty(summary, opts)
     finally:
         if bar is not None:
             bar.close()
     summary.tokens = writers[0].num_tokens
     summary.seconds = time.time() - t0
     return summary
+
+
+def check_not_empty(summary: Summary, opts: Options) -> None:
+    """Zero documents make a dataset megatron-core cannot load: an error, and nothing is written."""
+    if summary.documents:
+        return
+    why = (f"all {summary.lines:,} lines were skipped ({', '.join(k for k, _ in summary.skipped.most_common(3))}); "
+           f"e.g. {summary.examples[0]}" if summary.lines else "the input is empty")
+    raise ConfigError(f"--input: no documents in {', '.join(opts.inputs)}: {why}")
 
 
 def _record_bad(path: str, bad: list[BadLine], opts: Options, summary: Summary) -> None:
