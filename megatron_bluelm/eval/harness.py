@@ -1,0 +1,321 @@
+"""Budget sweeps: every benchmark item at every thinking budget, graded, written item by item, summarized.
+
+    gen = engine_generate_fn(text_generator)               # or any GenerateFn (SFT, an HF model)
+    summary = evaluate(gen, [load_benchmark("arithmetic")], EvalSettings(budgets=[0, 16, None]),
+                       results_path="out/results.jsonl")
+
+Budgets: 0 is the non-thinking mode (empty think block); N a thinking budget of N tokens (the engine
+forces ``</think>`` + the bridge at N); None unlimited thinking. A run generates ``samples`` responses
+per item and budget (greedy unless ``temperature`` > 0): pass@1 is the mean correctness over all
+samples, pass@k the unbiased estimator 1 - C(n-c, k) / C(n, k) for each k of ``pass_k``.
+
+The results file is JSONL: a header line with the settings, then one line per (benchmark, budget,
+item) holding the prompt, every sample's response, thinking length, finish reason and verdict. It is
+appended batch by batch; a run with the same file skips what it holds (resume after an interruption:
+a torn last line is dropped), so the summary of a resumed run equals an uninterrupted one. The
+summary is computed from the results file alone.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+from megatron_bluelm.config.errors import ConfigError
+from megatron_bluelm.eval.benchmarks import Benchmark, Item
+from megatron_bluelm.eval.graders import extract_answer, grade
+
+
+@dataclass
+class EvalSettings:
+    budgets: list = field(default_factory=lambda: [0, None])  # 0: non-thinking, None: unlimited
+    samples: int = 1  # responses per item and budget (n of pass@k)
+    pass_k: list = field(default_factory=lambda: [1])
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    max_new_tokens: int = 512  # unlimited budget: the whole response
+    answer_tokens: int = 64  # budget N: N + the forced close + this many answer tokens
+    batch_size: int = 16  # items per generation call (x samples prompts)
+    bridge_text: Optional[str] = None  # None: data/sft.DEFAULT_BRIDGE (what SFT teaches)
+
+    def check(self) -> None:
+        if not self.budgets:
+            raise ConfigError("budgets: give at least one (0 = non-thinking, none = unlimited)")
+        for b in self.budgets:
+            if b is not None and (not isinstance(b, int) or b < 0):
+                raise ConfigError(f"budgets: {b!r} is not a token count >= 0 or none")
+        if self.samples < 1 or self.batch_size < 1:
+            raise ConfigError("samples and batch_size must be >= 1")
+        if any(k < 1 or k > self.samples for k in self.pass_k):
+            raise ConfigError(f"pass_k {self.pass_k}: every k must be in 1..samples ({self.samples}); "
+                              "raise --samples")
+        if self.samples > 1 and self.temperature == 0.0:
+            raise ConfigError(f"samples {self.samples} with temperature 0: greedy decoding gives the same response "
+                              "every time; set a temperature > 0 for pass@k")
+
+    def bridge(self) -> str:
+        if self.bridge_text is not None:
+            return self.bridge_text
+        from megatron_bluelm.data.sft import DEFAULT_BRIDGE
+
+        return DEFAULT_BRIDGE
+
+    def max_tokens(self, budget: Optional[int], forced_length: int) -> int:
+        """max_new_tokens of a call: budget N leaves room for the forced close and the answer."""
+        return self.max_new_tokens if budget is None else budget + forced_length + self.answer_tokens
+
+    def identity(self) -> dict:
+        """Settings that change results: a resumed run must match them."""
+        d = asdict(self)
+        for k in ("budgets", "pass_k", "batch_size"):
+            d.pop(k)
+        d["bridge_text"] = self.bridge()
+        return d
+
+
+@dataclass
+class Sample:
+    response: str  # the generated text (thinking, then the answer; stop token removed)
+    thinking_tokens: int
+    tokens: int  # generated tokens in all
+    finish_reason: str
+    forced_close: bool = False
+
+
+# generate(conversations, images per conversation, budget, max_new_tokens, seed, samples)
+#   -> samples responses per conversation, conversation-major
+GenerateFn = Callable[[list, list, Optional[int], int, int, int], list]
+
+
+def budget_label(b: Optional[int]) -> str:
+    return "nothink" if b == 0 else "inf" if b is None else str(b)
+
+
+def _parse_budget_label(s: str) -> Optional[int]:
+    return 0 if s == "nothink" else None if s == "inf" else int(s)
+
+
+def response_for_grading(sample: Sample, budget: Optional[int]) -> str:
+    """What the graders read: thinking-mode responses begin inside the think block the prompt opened."""
+    return sample.response if budget == 0 else "<think>" + sample.response
+
+
+# ----------------------------------------------------------------------------- the results file
+
+class ResultsFile:
+    def __init__(self, path: Optional[str], settings: EvalSettings, meta: dict, writer: bool = True):
+        self.path, self.writer = path, writer
+        self.rows: dict = {}  # (bench, budget label, item id) -> row
+        header = {"header": {"settings": settings.identity(), **meta}}
+        if path is None:
+            return
+        if os.path.exists(path):
+            self._load(header)
+        elif writer:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(header) + "\n")
+
+    def _load(self, header: dict) -> None:
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.readlines()
+        good = 0  # bytes of complete lines
+        for lineno, line in enumerate(lines, 1):
+            try:
+                rec = json.loads(line)
+                if not line.endswith("\n"):
+                    raise ValueError("torn line")
+            except ValueError:
+                if lineno == len(lines):  # the write an interruption cut short: redone below
+                    break
+                raise ConfigError(f"{self.path}:{lineno}: not a results line (invalid JSON)") from None
+            good += len(line.encode("utf-8"))
+            if lineno == 1:
+                self._check_header(rec, header)
+            else:
+                self.rows[(rec["bench"], rec["budget"], rec["id"])] = rec
+        if self.writer and good != os.path.getsize(self.path):
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+
+    def _check_header(self, rec: dict, header: dict) -> None:
+        old = rec.get("header", {}) if isinstance(rec, dict) else {}
+        if "settings" not in old:
+            raise ConfigError(f"{self.path}:1: not a results file of tools/evaluate.py (no header)")
+        for key in sorted(set(old["settings"]) | set(header["header"]["settings"])):
+            a, b = old["settings"].get(key), header["header"]["settings"].get(key)
+            if a != b:
+                raise ConfigError(f"{self.path}: written with {key}={a!r}, this run has {key}={b!r}; resume with the "
+                                  "same settings or write to another output")
+        for key in ("checkpoint",):
+            if old.get(key) != header["header"].get(key):
+                raise ConfigError(f"{self.path}: written for {key} {old.get(key)!r}, this run evaluates "
+                                  f"{header['header'].get(key)!r}; write to another output")
+
+    def append(self, rows: list) -> None:
+        for r in rows:
+            self.rows[(r["bench"], r["budget"], r["id"])] = r
+        if self.path is None or not self.writer:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------- running
+
+def _render_prompt(item: Item, budget: Optional[int]) -> str:
+    from megatron_bluelm.data.chat_template import render_chat
+
+    return render_chat(item.messages, thinking=budget != 0, add_generation_prompt=True)
+
+
+def _row(bench: Benchmark, item: Item, budget: Optional[int], samples: list) -> dict:
+    out = []
+    for s in samples:
+        text = response_for_grading(s, budget)
+        out.append({"response": s.response, "answer": extract_answer(item.grader, text),
+                    "correct": grade(item.grader, text, item.answer, choices=item.choices),
+                    "thinking_tokens": s.thinking_tokens, "tokens": s.tokens,
+                    "finish_reason": s.finish_reason, "forced_close": s.forced_close})
+    return {"bench": bench.name, "budget": budget_label(budget), "id": item.id, "where": item.where,
+            "level": item.level, "prompt": _render_prompt(item, budget), "reference": item.answer, "samples": out}
+
+
+def _batch_seed(seed: int, bench: str, budget: Optional[int], first_index: int) -> int:
+    """A seed per batch that does not depend on what ran before (a resumed batch draws the same)."""
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(f"{bench}|{budget_label(budget)}|{first_index}".encode())) % 2**31
+
+
+def evaluate(generate: GenerateFn, benchmarks: Sequence[Benchmark], settings: EvalSettings,
+             results_path: Optional[str] = None, meta: Optional[dict] = None, progress: bool = True,
+             writer: bool = True, stop_after_batches: Optional[int] = None) -> dict:
+    """Run the sweep (resuming from ``results_path``) and return the summary. Every rank of a model
+    calls it with the same arguments; only ``writer`` writes. ``stop_after_batches``: end early (tests
+    of resume use it to stand for an interruption)."""
+    settings.check()
+    meta = dict(meta or {})
+    results = ResultsFile(results_path, settings, meta, writer)
+    todo = []  # (bench, budget, [items]) per generation call, in a fixed order
+    for bench in benchmarks:
+        for budget in settings.budgets:
+            pending = [(i, it) for i, it in enumerate(bench.items)
+                       if (bench.name, budget_label(budget), it.id) not in results.rows]
+            for start in range(0, len(bench.items), settings.batch_size):
+                batch = [p for p in pending if start <= p[0] < start + settings.batch_size]
+                if batch:
+                    todo.append((bench, budget, start, [it for _, it in batch]))
+    bar = _progress(sum(len(t[3]) for t in todo), progress and writer)
+    t0, n_items, n_tokens = time.perf_counter(), 0, 0
+    for calls, (bench, budget, start, items) in enumerate(todo):
+        if stop_after_batches is not None and calls >= stop_after_batches:
+            break
+        seed = _batch_seed(settings.seed, bench.name, budget, start)
+        outs = generate([it.messages for it in items], [it.images for it in items], budget,
+                        settings.max_tokens(budget, getattr(generate, "forced_length", 1)), seed, settings.samples)
+        k = settings.samples
+        rows = [_row(bench, it, budget, outs[j * k:(j + 1) * k]) for j, it in enumerate(items)]
+        results.append(rows)
+        n_items += len(items)
+        n_tokens += sum(s.tokens for s in outs)
+        if bar is not None:
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{bench.name} budget {budget_label(budget)} | {n_items / dt:.2f} items/s "
+                                f"{n_tokens / dt:,.0f} tok/s")
+            bar.update(len(items))
+    if bar is not None:
+        bar.close()
+    dt = time.perf_counter() - t0
+    summary = summarize(results.rows, benchmarks, settings)
+    summary["throughput"] = {"items": n_items, "generated_tokens": n_tokens, "seconds": dt,
+                             "items_per_s": n_items / dt if dt > 0 else 0.0,
+                             "tokens_per_s": n_tokens / dt if dt > 0 else 0.0}
+    summary.update(meta)
+    return summary
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="item", dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- summary
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al., 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def summarize(rows: dict, benchmarks: Sequence[Benchmark], settings: EvalSettings) -> dict:
+    out = {"settings": asdict(settings) | {"bridge_text": settings.bridge()}, "benchmarks": {}}
+    for bench in benchmarks:
+        per_budget = {}
+        for budget in settings.budgets:
+            label = budget_label(budget)
+            got = [rows[(bench.name, label, it.id)] for it in bench.items if (bench.name, label, it.id) in rows]
+            if not got:
+                continue
+            per_budget[label] = _stats(got, budget, settings)
+        out["benchmarks"][bench.name] = {"path": bench.path, "items": len(bench.items), "budgets": per_budget}
+    return out
+
+
+def _stats(rows: list, budget: Optional[int], settings: EvalSettings) -> dict:
+    samples = [s for r in rows for s in r["samples"]]
+    n = len(rows)
+    stats = {"budget": budget, "mode": "nothink" if budget == 0 else "think", "items": n,
+             "accuracy": sum(s["correct"] for s in samples) / len(samples),
+             "mean_thinking_tokens": sum(s["thinking_tokens"] for s in samples) / len(samples),
+             "max_thinking_tokens": max(s["thinking_tokens"] for s in samples),
+             "mean_tokens": sum(s["tokens"] for s in samples) / len(samples),
+             "forced_close_rate": sum(bool(s["forced_close"]) for s in samples) / len(samples),
+             "unfinished_rate": sum(s["finish_reason"] != "stop" for s in samples) / len(samples)}
+    for k in settings.pass_k:
+        stats[f"pass@{k}"] = sum(pass_at_k(len(r["samples"]), sum(s["correct"] for s in r["samples"]), k)
+                                 for r in rows) / n
+    levels = sorted({r["level"] for r in rows if r.get("level") is not None})
+    if levels:
+        stats["accuracy_by_level"] = {
+            str(lv): sum(s["correct"] for r in rows if r.get("level") == lv for s in r["samples"])
+            / sum(len(r["samples"]) for r in rows if r.get("level") == lv) for lv in levels}
+    return stats
+
+
+def format_table(summary: dict) -> str:
+    """Accuracy and mean thinking tokens per benchmark, budget and mode, as a Markdown table."""
+    ks = [k for k in summary["settings"]["pass_k"] if k != 1]
+    head = ["benchmark", "budget", "mode", "items", "accuracy", *[f"pass@{k}" for k in ks], "thinking tokens",
+            "max thinking", "forced close"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, b in summary["benchmarks"].items():
+        for label, s in b["budgets"].items():
+            cells = [name, label if label != "inf" else "none", s["mode"], str(s["items"]), f"{s['accuracy']:.3f}",
+                     *[f"{s[f'pass@{k}']:.3f}" for k in ks], f"{s['mean_thinking_tokens']:.1f}",
+                     str(s["max_thinking_tokens"]), f"{s['forced_close_rate']:.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def budget_points(summary: dict, bench: str) -> tuple[list, Optional[tuple]]:
+    """(thinking-mode points sorted by thinking tokens spent, the non-thinking point or None) for the plot."""
+    points, nothink = [], None
+    for label, s in summary["benchmarks"][bench]["budgets"].items():
+        p = (s["mean_thinking_tokens"], s["accuracy"], _parse_budget_label(label))
+        if label == "nothink":
+            nothink = p
+        else:
+            points.append(p)
+    return sorted(points, key=lambda p: (p[0], math.inf if p[2] is None else p[2])), nothink
