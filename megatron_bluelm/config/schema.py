@@ -88,6 +88,14 @@ class TrainingConfig:
     recompute_num_layers: int = 1  # full recompute: layers per recompute block
     eval_interval: int = 25  # 0 disables periodic evaluation
     eval_steps: int = 2  # validation batches per evaluation
+    # Benchmark evaluation by generation every eval_interval (SFT; eval/periodic.py, docs/EVALUATION.md):
+    # bundled names (arithmetic, word_problems, choice) or JSONL paths; accuracy per budget to metrics.jsonl
+    eval_benchmarks: list[str] = field(default_factory=list)
+    eval_budgets: list[Optional[int]] = field(default_factory=lambda: [0, None])  # 0: non-thinking; none: unlimited
+    eval_limit: Optional[int] = 64  # first N items of each benchmark
+    eval_max_new_tokens: int = 256  # response length with an unlimited budget
+    eval_answer_tokens: int = 32  # budget N: tokens allowed after the think block
+    eval_batch_size: int = 32  # items per generation call
     exit_on_nan: bool = True  # stop when the loss is NaN or inf
 
 
