@@ -121,11 +121,13 @@ def _evaluate(run: Run, make_valid_iterators: Optional[Callable]) -> Optional[fl
 
 
 def train(run: Run, make_train_iterators: Callable, make_valid_iterators: Optional[Callable] = None,
-          on_step_end: Optional[Callable[[Run], None]] = None) -> Run:
+          on_step_end: Optional[Callable[[Run], None]] = None,
+          on_eval: Optional[Callable[[Run], dict]] = None) -> Run:
     """Run ``cfg.training.train_steps`` optimizer steps from ``run.step``.
 
     ``make_*_iterators(consumed_samples)`` return one data iterator per model chunk, positioned at
-    ``consumed_samples`` of the global sample stream (exact resume)."""
+    ``consumed_samples`` of the global sample stream (exact resume). ``on_eval(run)`` runs at every
+    evaluation on every rank (benchmark generation, eval/periodic.py) and returns metrics logged as split ``eval``."""
     cfg, t = run.cfg, run.cfg.training
     iterators = make_train_iterators(run.consumed_samples)
     meter = Throughput(run)
@@ -152,6 +154,11 @@ def train(run: Run, make_train_iterators: Callable, make_valid_iterators: Option
             if val is not None:
                 run.logger.log(run.step, {"loss": val, "ppl": math.exp(min(val, 50))}, prefix="valid")
                 run.logger.print(f"step {run.step:>6}/{t.train_steps} | valid loss {val:.4f}")
+            if on_eval is not None:
+                scores = on_eval(run)
+                run.logger.log(run.step, scores, prefix="eval")
+                run.logger.print(f"step {run.step:>6}/{t.train_steps} | eval " + ", ".join(
+                    f"{k.rsplit('/', 1)[0]} {v:.3f}" for k, v in scores.items() if k.endswith("/accuracy")))
             meter.reset()
         if on_step_end is not None:
             on_step_end(run)
