@@ -146,6 +146,11 @@ def metrics_plot(runs: Sequence[tuple[str, list]], path: str, panels: Optional[S
                         color=colour, marker="o" if len(xs) < 30 else None, markersize=3, label=name)
         if log and all(y > 0 for _, rows in runs for sp, k in series for y in _series(rows, sp, k)[1]):
             ax.set_yscale("log")
+            from matplotlib.ticker import FuncFormatter
+
+            plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2, 3, 4 rather than 2x10^0
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
