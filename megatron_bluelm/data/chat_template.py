@@ -18,6 +18,9 @@ from __future__ import annotations
 ROLES = ("system", "user", "assistant", "tool")
 END = "<|end|>"
 THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n"
+# After a budget-forced close, before the answer: SFT's budget-aware samples and generation's
+# forced close both take it from here.
+DEFAULT_BRIDGE = "\nTime is up; the answer:\n"
 
 CHAT_TEMPLATE = (
     "{%- set thinking = enable_thinking if enable_thinking is defined else true -%}"
@@ -58,3 +61,25 @@ def render_chat(messages: list[dict], thinking: bool = True, add_generation_prom
     if add_generation_prompt:
         out.append("<|assistant|>\n" + (THINK_OPEN if thinking else think_block("")))
     return "".join(out)
+
+
+def budget_close_text(bridge_text: str, message: str = "") -> str:
+    """What follows the thinking when a budget closes it: the optional budget message, ``\\n</think>\\n``,
+    then the bridge — the same text SFT's budget-aware samples hold there (``data/sft.py``)."""
+    return message + THINK_CLOSE + bridge_text.lstrip("\n")
+
+
+def encode_continuation(tok, text: str) -> list[int]:
+    """Token ids of ``text`` as it tokenizes *after* earlier tokens (no SentencePiece dummy-prefix
+    "▁" at its start), found by encoding it behind an anchor whose tokens are a prefix."""
+    for anchor in ("x", "0", "a", ".", "Z"):
+        head = tok.encode(anchor)
+        full = tok.encode(anchor + text)
+        if full[:len(head)] == head:
+            return full[len(head):]
+    raise ValueError(f"cannot tokenize {text!r} as a continuation with this tokenizer")
+
+
+def budget_close_ids(tok, bridge_text: str, message: str = "") -> list[int]:
+    """The tokens generation forces when the thinking budget is spent (one source of truth)."""
+    return encode_continuation(tok, budget_close_text(bridge_text, message))

@@ -28,10 +28,10 @@ from typing import Callable
 import numpy as np
 
 from megatron_bluelm.config.errors import ConfigError
+from megatron_bluelm.data.chat_template import DEFAULT_BRIDGE
 from megatron_bluelm.data.indexed_writer import IndexedWriter, committed, token_dtype
 from megatron_bluelm.data.jsonl import BadLine, iter_lines, open_input
 
-DEFAULT_BRIDGE = "\nTime is up; the answer:\n"
 MASK_SUFFIX = "_loss_mask_document"
 TEXT_SUFFIX = "_text_document"
 

@@ -1,12 +1,15 @@
-"""Generation for the BlueLM decoder and the multimodal model (image prompts): megatron-core's static
-KV cache under TP / PP, our own loop.
+"""Generation for the BlueLM decoder and the multimodal model (image prompts) under TP / PP: a
+continuous-batching engine over the training model's own parameters, decode steps in CUDA graphs.
 
     from megatron_bluelm.inference import build_inference_model, TextGenerator, load_weights
     im = build_inference_model(cfg, tokenizer.vocab_size); load_weights([im.model], "ckpt/")
     gen = TextGenerator(im, tokenizer)
     outs = gen.chat(conversations, gen.request(max_new_tokens=256, thinking_budget=128))
 
-See docs/SFT_AND_GENERATION.md for the design (why megatron-core's cache but our own loop).
+    engine = make_engine(training_chunk, device)      # colocated: RL rollouts, no weight copy
+    outs = generate_ids(engine, prompt_ids, GenerationRequest(...), ids=..., vocab_size=..., max_context=...)
+
+See docs/SFT_AND_GENERATION.md for the design.
 """
 from megatron_bluelm.inference.budget import ThinkingBudget
 from megatron_bluelm.inference.errors import GenerationError
@@ -15,12 +18,13 @@ from megatron_bluelm.inference.generate import (
     GenerationRequest,
     SpecialIds,
     generate_ids,
+    make_engine,
 )
 from megatron_bluelm.inference.sampling import SamplingParams
 
 __all__ = [
     "GenerationError", "GenerationOutput", "GenerationRequest", "SamplingParams", "SpecialIds",
-    "TextGenerator", "ThinkingBudget", "build_inference_model", "generate_ids", "load_weights",
+    "TextGenerator", "ThinkingBudget", "build_inference_model", "generate_ids", "load_weights", "make_engine",
 ]
 
 

@@ -17,15 +17,16 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import replace
 
+from megatron_bluelm.inference.decode_state import TokenTables
 from megatron_bluelm.inference.errors import GenerationError
 from megatron_bluelm.inference.generate import (
     GenerationOutput,
     GenerationRequest,
     SpecialIds,
     generate_ids,
+    make_engine,
 )
 from megatron_bluelm.inference.images import IMAGE, PromptImages
-from megatron_bluelm.inference.runner import ModelRunner
 
 END_TOKENS = ("</s>", "<|end|>")  # default stop tokens: end of document, end of turn
 
@@ -41,13 +42,16 @@ def render_prompt(messages: list, thinking: bool) -> str:
 
 
 class TextGenerator:
-    def __init__(self, inference_model, tokenizer):
+    """``engine_options``: ``batcher.GenerationEngine`` settings (max_slots, cuda_graphs, check_every, ...)."""
+
+    def __init__(self, inference_model, tokenizer, **engine_options):
         self.im, self.tok = inference_model, tokenizer
         embedding_rows = _embedding_rows(inference_model)
         if embedding_rows is not None and tokenizer.vocab_size > embedding_rows:
             raise GenerationError(f"tokenizer '{tokenizer.model_path}' has {tokenizer.vocab_size} tokens but the "
                                   f"model's embedding only {embedding_rows}: checkpoint/tokenizer mismatch")
-        self.runner = ModelRunner(inference_model.model, inference_model.info.device)
+        self.engine = make_engine(inference_model.model, inference_model.info.device, **engine_options)
+        self.tables = TokenTables.from_tokenizer(tokenizer, tokenizer.vocab_size)
         s = tokenizer.special_ids
         self.ids = SpecialIds(pad=tokenizer.pad, think=s["<think>"], end_think=s["</think>"])
         self.default_stops = [s[t] for t in END_TOKENS]
@@ -55,16 +59,20 @@ class TextGenerator:
         if getattr(inference_model, "is_multimodal", False):
             self.images = PromptImages.for_model(inference_model.cfg.vision, tokenizer, inference_model.has_vision)
 
-    def request(self, bridge_text: str = "", stop_tokens: Sequence[int] | None = None,
-                **kwargs) -> GenerationRequest:
+    def request(self, bridge_text: str | None = None, budget_message: str = "",
+                stop_tokens: Sequence[int] | None = None, **kwargs) -> GenerationRequest:
+        """A request whose forced close is SFT's: ``budget_message`` + "\n</think>\n" + the bridge
+        (default: the bridge SFT's budget-aware samples use), tokenized as it follows the thinking."""
+        from megatron_bluelm.data.chat_template import DEFAULT_BRIDGE, budget_close_ids
+
         req = GenerationRequest(**kwargs)
         req.stop_token_ids = list(self.default_stops if stop_tokens is None else stop_tokens)
-        if bridge_text:
-            req.bridge_ids = self.tok.encode(bridge_text)
+        bridge = DEFAULT_BRIDGE if bridge_text is None else bridge_text
+        req.close_ids = budget_close_ids(self.tok, bridge, budget_message)
         return req
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], req: GenerationRequest,
-                     images: Sequence[Sequence] | None = None) -> list[GenerationOutput]:
+                     images: Sequence[Sequence] | None = None, on_finish=None) -> list[GenerationOutput]:
         """``images``: one list per prompt (paths or PIL images) for its ``<image>`` placeholders."""
         pixel_values, banned = None, ()
         if self.images is not None:
@@ -75,8 +83,10 @@ class TextGenerator:
             raise GenerationError(f"{sum(len(i) for i in images)} image(s) given, but this model is a text decoder "
                                   "(its checkpoint has vision.preset: none); image prompts need a checkpoint of "
                                   "the multimodal stage (docs/MULTIMODAL.md)")
-        return generate_ids(self.runner, prompts, req, ids=self.ids, vocab_size=self.im.vocab_size,
-                            max_context=self.im.max_context, pixel_values=pixel_values, banned_ids=banned)
+        image_id = self.images.ids[IMAGE] if self.images is not None else None
+        return generate_ids(self.engine, prompts, req, ids=self.ids, vocab_size=self.im.vocab_size,
+                            max_context=self.im.max_context, pixel_values=pixel_values, banned_ids=banned,
+                            image_token_id=image_id, tables=self.tables, on_finish=on_finish)
 
     def generate(self, texts: Sequence[str], req: GenerationRequest,
                  images: Sequence[Sequence] | None = None) -> list[GenerationOutput]:

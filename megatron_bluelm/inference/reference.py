@@ -1,4 +1,8 @@
-"""The generation loop over token ids: prefill, then one decode step per new token.
+"""The reference generation loop: megatron-core's own forward and static KV cache, one step per token.
+
+Kept as what the tests compare the engine (``batcher.py``) with: it runs the training model's module
+forward unchanged, so equal greedy tokens show that the engine's decoder math, cache and positions
+are the model's. It is host-driven (a Python loop over rows each step) and not used for real work.
 
 Batching: prompts are left-padded to the longest (see ``runner.py`` for positions and masks, which
 make every row equal to its unbatched generation). Each step the last pipeline stage samples, the
@@ -8,50 +12,15 @@ forcing and stop logic, so all ranks agree on the batch state without further me
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_bluelm.inference.budget import ThinkingBudget
 from megatron_bluelm.inference.errors import GenerationError
+from megatron_bluelm.inference.generate import GenerationOutput, GenerationRequest, SpecialIds, _budgets
 from megatron_bluelm.inference.runner import ModelRunner
-from megatron_bluelm.inference.sampling import SamplingParams, sample
-
-
-@dataclass
-class GenerationRequest:
-    max_new_tokens: int = 64
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop_token_ids: Sequence[int] = ()
-    # None: unlimited; an int for every sample or one per sample. 0 = non-thinking.
-    thinking_budget: None | int | Sequence[int | None] = None
-    bridge_ids: Sequence[int] = ()  # forced after a budget-forced </think>
-
-
-@dataclass
-class GenerationOutput:
-    prompt: list[int]
-    tokens: list[int]  # generated ids, the stop token included when one ended the sample
-    finish_reason: str  # "stop" | "length" (max_new_tokens) | "context" (context full)
-    thinking_tokens: int = 0
-    forced_close: bool = False  # the budget closed the think block
-
-
-@dataclass
-class SpecialIds:
-    pad: int
-    think: int
-    end_think: int
-
-
-def _budgets(req: GenerationRequest, n: int) -> list[int | None]:
-    b = req.thinking_budget
-    budgets = list(b) if isinstance(b, (list, tuple)) else [b] * n
-    if len(budgets) != n:
-        raise GenerationError(f"thinking_budget: {len(budgets)} budgets for {n} prompts")
-    return budgets
+from megatron_bluelm.inference.sampling import sample
 
 
 def check_request(prompts: Sequence[Sequence[int]], req: GenerationRequest, max_context: int,
@@ -66,18 +35,11 @@ def check_request(prompts: Sequence[Sequence[int]], req: GenerationRequest, max_
         if len(p) == 0:
             raise GenerationError(f"prompt {i} is empty")
         if len(p) >= max_context:
-            raise GenerationError(f"prompt {i} has {len(p)} tokens; the model's context is {max_context} "
-                                  "(data.seq_length), which leaves no room to generate")
+            raise GenerationError(f"prompt {i} has {len(p)} tokens; the model's context is {max_context}")
     budgets = _budgets(req, len(prompts))
     for b in budgets:
-        if b is None:
-            continue
-        if b < 0:
-            raise GenerationError(f"thinking_budget: must be >= 0 (0 = non-thinking), got {b}")
-        if b + forced_length > req.max_new_tokens:
-            raise GenerationError(
-                f"thinking_budget {b} + {forced_length} closing token(s) exceeds max_new_tokens "
-                f"{req.max_new_tokens}: the answer would never start; raise max_new_tokens or lower the budget")
+        if b is not None and b + forced_length > req.max_new_tokens:
+            raise GenerationError(f"thinking_budget {b} + {forced_length} closing token(s) exceeds max_new_tokens")
     return budgets
 
 
@@ -112,7 +74,7 @@ class _Batch:
 
 
 @torch.no_grad()
-def generate_ids(runner: ModelRunner, prompts: Sequence[Sequence[int]], req: GenerationRequest, *,
+def reference_generate_ids(runner: ModelRunner, prompts: Sequence[Sequence[int]], req: GenerationRequest, *,
                  ids: SpecialIds, vocab_size: int, max_context: int, pixel_values: torch.Tensor | None = None,
                  banned_ids: Sequence[int] = ()) -> list[GenerationOutput]:
     """Generate for a batch of token-id prompts. Every rank of the model calls it with the same

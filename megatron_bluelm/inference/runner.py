@@ -69,9 +69,10 @@ def per_sample_rope(model: torch.nn.Module, pad: torch.Tensor):
 class ModelRunner:
     """Runs prefill / decode steps of one model chunk (no virtual pipeline) of this rank."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None):
         self.model = model.eval()
-        self.device, self.dtype = device, dtype
+        # the pipeline's hidden states travel in the model's dtype (bf16 on GPU)
+        self.device, self.dtype = device, dtype or next(model.parameters()).dtype
         self.hidden = model.config.hidden_size
         self.context: StaticInferenceContext | None = None
         self.pad: torch.Tensor | None = None

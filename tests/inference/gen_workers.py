@@ -13,11 +13,11 @@ def model_overrides(tp=1, pp=1, seq_length=96):
 
 
 def _setup(overrides):
+    from megatron_bluelm.inference.generate import make_engine
     from megatron_bluelm.inference.model import build_inference_model
-    from megatron_bluelm.inference.runner import ModelRunner
 
     im = build_inference_model(load_config(None, overrides), 8192)
-    return im, ModelRunner(im.model, im.info.device)
+    return im, make_engine(im.model, im.info.device)
 
 
 def _gen(im, runner, prompts, **kw):

@@ -1,0 +1,431 @@
+"""The generation engine: continuous batching over a per-slot KV cache, decode steps on the device.
+
+    engine = GenerationEngine(model, device)          # the training model's chunk: same tensors
+    outs = engine.generate(prompts, request, ids=..., vocab_size=..., max_context=...)
+
+How a call runs:
+1. Samples are grouped by prompt (the G samples of an RL group share one prefill: its keys and
+   values are computed once and written into each sample's slot).
+2. Slots are admitted lowest-first; a prefill writes the prompt minus its last token into the cache
+   (chunked: ``prefill_chunk`` positions at a time, rows batched up to ``prefill_tokens``); the last
+   prompt token is the first decode input, so every generated token comes from the decode step.
+3. Decode steps run ``check_every`` at a time with no host involvement: the step (embedding, layers,
+   logits, sampling, budget, stop — ``decode_state.advance``) is one CUDA graph per batch bucket
+   (PP = 1 on CUDA), replayed; then the host reads which rows finished, collects their tokens,
+   log-probs and forced mask, and refills the freed slots with waiting prompts.
+4. When no prompt waits, the remaining rows are moved to the lowest slots so a smaller bucket runs.
+
+Per row: its own token limit (``min(max_new_tokens, context - prompt)``), its own budget, its own
+RNG stream. Pipeline parallel: each stage runs its layers on its own cache; hidden states go to the
+next stage, and the last stage broadcasts the new tokens and row states to the others (eager, no
+graphs). Tensor parallel: all-reduces inside the step (captured with it).
+"""
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_bluelm.inference import decode_state as ds
+from megatron_bluelm.inference.attention import num_splits
+from megatron_bluelm.inference.decode_state import DecodeState, TokenTables, advance, sample_key
+from megatron_bluelm.inference.errors import GenerationError
+from megatron_bluelm.inference.kv_cache import KVCache
+from megatron_bluelm.inference.stage import StageWeights
+
+_REASONS = {ds.FINISH_STOP: "stop", ds.FINISH_LENGTH: "length", ds.FINISH_CONTEXT: "context"}
+
+
+def _buckets(slots: int) -> list[int]:
+    out, b = [], 1
+    while b < slots:
+        out.append(b)
+        b *= 2
+    return out + [slots]
+
+
+def _prompt_state(prompt: Sequence[int], think: int, end_think: int) -> int:
+    state = ds.BEFORE
+    for t in prompt:
+        if state == ds.BEFORE and t == think:
+            state = ds.THINKING
+        elif state == ds.THINKING and t == end_think:
+            state = ds.CLOSED
+    return state
+
+
+class _Parallel:
+    """This rank's place in the TP x PP layout (1 x 1 when torch.distributed / megatron is not set up)."""
+
+    def __init__(self):
+        self.tp_group = self.pp_group = None
+        self.first = self.last = True
+        self.pp = 1
+        try:
+            from megatron.core import parallel_state as ps
+
+            if not ps.model_parallel_is_initialized():
+                return
+        except ImportError:
+            return
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            self.tp_group = ps.get_tensor_model_parallel_group()
+        self.pp = ps.get_pipeline_model_parallel_world_size()
+        if self.pp > 1:
+            self.pp_group = ps.get_pipeline_model_parallel_group()
+            self.first = ps.is_pipeline_first_stage(ignore_virtual=True)
+            self.last = ps.is_pipeline_last_stage(ignore_virtual=True)
+            self.prev = ps.get_pipeline_model_parallel_prev_rank()
+            self.next = ps.get_pipeline_model_parallel_next_rank()
+            self.last_rank = ps.get_pipeline_model_parallel_last_rank()
+
+
+class GenerationEngine:
+    def __init__(self, model: torch.nn.Module, device: torch.device, *, max_slots: int = 256,
+                 cuda_graphs: bool | None = None, check_every: int = 8, prefill_tokens: int = 16384,
+                 prefill_chunk: int = 4096, memory_fraction: float = 0.85):
+        self.par = _Parallel()
+        self.w = StageWeights(model, self.par.tp_group)
+        self.device = torch.device(device)
+        self.dtype = self.w.dtype
+        self.max_slots, self.check_every = max_slots, check_every
+        self.prefill_tokens, self.prefill_chunk = prefill_tokens, prefill_chunk
+        self.memory_fraction = memory_fraction
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and self.par.pp == 1
+        if cuda_graphs and self.par.pp > 1:
+            raise GenerationError("cuda_graphs: not supported with pipeline parallelism (the stages exchange "
+                                  "hidden states between steps); use cuda_graphs=False")
+        self.cuda_graphs = cuda_graphs
+        self.cache: KVCache | None = None
+        self.state: DecodeState | None = None
+        self.graphs: dict = {}
+        self.pool = None
+        self.stats = {"decode_steps": 0, "row_steps": 0, "prefill_tokens": 0, "graph_captures": 0}
+        self.timing, self._events = False, []
+
+    # -- sizing -------------------------------------------------------------------------------------
+    def _slots_for(self, samples: int, capacity: int) -> int:
+        slots = min(self.max_slots, samples)
+        if self.device.type == "cuda":
+            per_slot = KVCache.bytes_per_slot(self.w.num_layers, self.w.groups, capacity, self.w.head_dim, self.dtype)
+            held = 0 if self.cache is None else self.cache.k.numel() * self.cache.k.element_size() * 2
+            free = torch.cuda.mem_get_info(self.device)[0] + held
+            # headroom for the step's activations and logits ([slots, vocab] fp32, a few copies)
+            vocab = self.state.vocab if self.state is not None else 0
+            budget = free * self.memory_fraction - 8 * slots * (vocab * 4 + 64 * self.w.hidden)
+            fit = int(budget // max(1, per_slot))
+            if fit < 1:
+                raise GenerationError(f"KV cache: one slot of {capacity} positions needs {per_slot / 2**30:.2f} GiB; "
+                                      f"{free / 2**30:.1f} GiB are free")
+            slots = min(slots, fit)
+        return slots
+
+    def _ensure(self, slots: int, capacity: int, max_new: int, vocab: int) -> None:
+        st, c = self.state, self.cache
+        if c is not None and c.fits(slots, capacity) and st.max_new >= max_new and st.vocab == vocab:
+            return
+        slots = max(slots, c.slots if c is not None else 0)
+        capacity = max(capacity, c.capacity if c is not None else 0)
+        max_new = max(max_new, st.max_new if st is not None else 0)
+        self.graphs.clear()
+        self.cache = self.state = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        splits = num_splits(slots, self.w.groups, capacity, self.device)
+        self.cache = KVCache(self.w.num_layers, slots, self.w.groups, capacity, self.w.head_dim,
+                             self.dtype, self.device, splits)
+        self.state = DecodeState(slots, max_new, vocab, self.device)
+        self.cos, self.sin = self.w.rope_tables(capacity)
+
+    # -- one decode step ----------------------------------------------------------------------------
+    def _forward(self, rows: int, filtered: bool) -> None:
+        st = self.state
+        if self.par.first:
+            x = self.w.embed(st.token[:rows])
+        else:
+            x = torch.empty(rows, self.w.hidden, dtype=self.dtype, device=self.device)
+            dist.recv(x, src=self.par.prev)
+        x = self.w.decode(x, st.pos[:rows], self.cache, self.cos, self.sin, rows)
+        if not self.par.last:
+            dist.send(x.contiguous(), dst=self.par.next)
+        if self.par.last:
+            advance(st, self.w.logits(x), rows, filtered)
+        if self.par.pp > 1:
+            self._sync_rows(rows)
+
+    def _sync_rows(self, rows: int) -> None:
+        """PP: the last stage's new tokens and row states to every stage."""
+        st = self.state
+        names = ("token", "pos", "active", "gen", "finish", "bcount")
+        packed = torch.stack([getattr(st, n)[:rows].long() for n in names])
+        dist.broadcast(packed, src=self.par.last_rank, group=self.par.pp_group)
+        if not self.par.last:
+            for n, row in zip(names, packed):
+                getattr(st, n)[:rows].copy_(row)
+
+    def _graph(self, rows: int, filtered: bool):
+        key = (rows, filtered)
+        if key not in self.graphs:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up (all rows inactive: no row state changes)
+                self._forward(rows, filtered)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                self._forward(rows, filtered)
+            self.graphs[key] = g
+            self.stats["graph_captures"] += 1
+        return self.graphs[key]
+
+    def _decode(self, rows: int, filtered: bool, steps: int) -> None:
+        timed = self.timing and self.device.type == "cuda"
+        if timed:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        for _ in range(steps):
+            if self.cuda_graphs:
+                self.graphs[(rows, filtered)].replay()
+            else:
+                self._forward(rows, filtered)
+        if timed:
+            end.record()
+            self._events.append((start, end))
+        self.stats["decode_steps"] += steps
+        self.stats["row_steps"] += steps * rows
+
+    def gpu_decode_seconds(self) -> float:
+        """With ``timing``: GPU time of the decode bursts since the last call (synchronizes)."""
+        torch.cuda.synchronize(self.device)
+        total = sum(a.elapsed_time(b) for a, b in self._events) / 1e3
+        self._events.clear()
+        return total
+
+    def release(self) -> None:
+        """Free the KV cache and graphs (e.g. between RL rollouts, to give the memory to training)."""
+        self.graphs.clear()
+        self.cache = self.state = None
+        self.pool = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- prefill ------------------------------------------------------------------------------------
+    def _prefill(self, groups: list[tuple[list[int], list[int], torch.Tensor | None]]) -> None:
+        """groups: (prompt tokens, slots, image tiles or None). Writes positions 0..len-2."""
+        work = [(p[:-1], s, t) for p, s, t in groups if len(p) > 1]
+        work.sort(key=lambda g: -len(g[0]))
+        i = 0
+        while i < len(work):
+            longest = len(work[i][0])
+            rows = max(1, self.prefill_tokens // max(1, min(longest, self.prefill_chunk)))
+            batch = work[i:i + rows]
+            i += len(batch)
+            self._prefill_batch(batch)
+
+    def _prefill_batch(self, batch) -> None:
+        n, longest = len(batch), len(batch[0][0])
+        tokens = torch.zeros(n, longest, dtype=torch.long)
+        for r, (p, _, _) in enumerate(batch):
+            tokens[r, :len(p)] = torch.tensor(p)
+        tokens = tokens.to(self.device)
+        embeds = None
+        if self.par.first:
+            tiles = [t for _, _, t in batch if t is not None and t.shape[0]]
+            if self.w.vlm is not None and tiles:
+                pix = torch.cat(tiles).to(self.device)
+                embeds = self.w.vlm._decoder_input(tokens, None, pix).transpose(0, 1)
+            else:
+                embeds = self.w.embed(tokens)
+        slots = [s for _, s, _ in batch]
+        lengths = [len(p) for p, _, _ in batch]
+        for start in range(0, longest, self.prefill_chunk):
+            end = min(longest, start + self.prefill_chunk)
+            live = [r for r in range(n) if lengths[r] > start]  # sorted longest-first: a prefix of rows
+            m = len(live)
+            if self.par.first:
+                x = embeds[:m, start:end].contiguous()
+            else:
+                x = torch.empty(m, end - start, self.w.hidden, dtype=self.dtype, device=self.device)
+                dist.recv(x, src=self.par.prev)
+            x = self.w.prefill(x, start, lengths[:m], slots[:m], self.cache, self.cos, self.sin)
+            if not self.par.last:
+                dist.send(x.contiguous(), dst=self.par.next)
+        self.stats["prefill_tokens"] += sum(lengths)
+
+    # -- the call -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], samples_cfg: list[dict], *, ids, vocab_size: int,
+                 close_ids: Sequence[int], stop_ids: Sequence[int], tables: TokenTables | None,
+                 banned_ids: Sequence[int] = (), tiles: Sequence[torch.Tensor | None] | None = None,
+                 on_finish=None) -> list[dict]:
+        """Low-level call (``generate.generate_ids`` is the public one). ``samples_cfg[i]``: limit,
+        limit_reason, budget, grace, temperature, top_p, top_k, seed (checked by the caller).
+        Returns per sample a dict of tokens, logprobs, forced, finish, thinking."""
+        n = len(prompts)
+        if len(stop_ids) > ds.MAX_STOP_IDS or len(close_ids) > ds.MAX_CLOSE_IDS:
+            raise GenerationError(f"at most {ds.MAX_STOP_IDS} stop tokens and {ds.MAX_CLOSE_IDS} forced close "
+                                  f"tokens, got {len(stop_ids)} and {len(close_ids)}")
+        capacity = max(len(p) + c["limit"] for p, c in zip(prompts, samples_cfg))
+        max_new = max(c["limit"] for c in samples_cfg)
+        padded_vocab = self.w.output.shape[0] * self.w.tp if self.w.post_process else vocab_size
+        padded_vocab = self._agree_vocab(padded_vocab)
+        self._ensure(self._slots_for(n, capacity), capacity, max_new, padded_vocab)
+        st = self.state
+        self._set_shared(ids, vocab_size, banned_ids, stop_ids, close_ids, tables)
+        filtered = any(c["top_p"] < 1.0 or c["top_k"] > 0 for c in samples_cfg if c["temperature"] > 0)
+        buckets = [b for b in _buckets(st.slots)]
+        st.active.zero_()
+        if self.cuda_graphs:
+            for b in buckets:
+                self._graph(b, filtered)
+
+        groups: dict = {}
+        for i, p in enumerate(prompts):
+            key = (tuple(p), None if tiles is None or tiles[i] is None else _tile_key(tiles[i]))
+            groups.setdefault(key, []).append(i)
+        waiting = deque(groups.values())
+        free = list(range(st.slots))
+        heapq.heapify(free)
+        slot_of: dict[int, int] = {}  # slot -> sample
+        results: list = [None] * n
+        while waiting or slot_of:
+            if waiting and free:
+                self._admit(waiting, free, slot_of, prompts, samples_cfg, tiles, ids)
+            rows = next(b for b in buckets if b > max(slot_of))
+            self._decode(rows, filtered, self.check_every)
+            self._harvest(rows, slot_of, free, results, prompts, on_finish)
+            if not waiting and slot_of:
+                self._compact(slot_of, free, buckets)
+        return results
+
+    def _agree_vocab(self, v: int) -> int:
+        if self.par.pp > 1:  # non-last stages have no output layer: take the last stage's size
+            t = torch.tensor([v], device=self.device)
+            dist.broadcast(t, src=self.par.last_rank, group=self.par.pp_group)
+            v = int(t)
+        return v
+
+    def _set_shared(self, ids, vocab_size, banned_ids, stop_ids, close_ids, tables) -> None:
+        st = self.state
+        ban = torch.zeros(st.vocab)
+        ban[vocab_size:] = float("-inf")
+        for b in banned_ids:
+            ban[b] = float("-inf")
+        st.ban.copy_(ban)
+        stop = torch.full((ds.MAX_STOP_IDS,), -1, dtype=torch.long)
+        stop[:len(stop_ids)] = torch.tensor(list(stop_ids), dtype=torch.long)
+        st.stop_ids.copy_(stop)
+        close = torch.zeros(ds.MAX_CLOSE_IDS, dtype=torch.long)
+        close[:len(close_ids)] = torch.tensor(list(close_ids), dtype=torch.long)
+        st.close_ids.copy_(close)
+        st.close_len.fill_(len(close_ids))
+        st.think_ids.copy_(torch.tensor([ids.think, ids.end_think]))
+        tables = tables or TokenTables.empty(st.vocab)
+        st.utf8.zero_()
+        st.sentence_end.zero_()
+        st.utf8[:len(tables.utf8)] = tables.utf8[:st.vocab].to(self.device)
+        st.sentence_end[:len(tables.sentence_end)] = tables.sentence_end[:st.vocab].to(self.device)
+
+    def _admit(self, waiting, free, slot_of, prompts, cfgs, tiles, ids) -> None:
+        admitted, groups = [], []
+        while waiting and free:
+            group = waiting[0]
+            take = group[:len(free)]
+            rest = group[len(take):]
+            if rest:
+                waiting[0] = rest
+            else:
+                waiting.popleft()
+            slots = [heapq.heappop(free) for _ in take]
+            for s, i in zip(slots, take):
+                slot_of[s] = i
+                admitted.append((s, i))
+            first = take[0]
+            groups.append((list(prompts[first]), slots, None if tiles is None else tiles[first]))
+        self._prefill(groups)
+        st = self.state
+        vals = {k: [] for k in ("token", "pos", "limit", "limit_reason", "key", "temperature", "top_p", "top_k",
+                                "bstate", "budget", "grace", "force_idx")}
+        for s, i in admitted:
+            p, c = prompts[i], cfgs[i]
+            state = _prompt_state(p, ids.think, ids.end_think)
+            budget = -1 if c["budget"] is None else c["budget"]
+            vals["token"].append(p[-1])
+            vals["pos"].append(len(p) - 1)
+            vals["limit"].append(c["limit"])
+            vals["limit_reason"].append(c["limit_reason"])
+            vals["key"].append(sample_key(c["seed"], c["sample"]))
+            vals["temperature"].append(c["temperature"])
+            vals["top_p"].append(c["top_p"])
+            vals["top_k"].append(c["top_k"])
+            vals["bstate"].append(state)
+            vals["budget"].append(budget)
+            vals["grace"].append(c["grace"])
+            vals["force_idx"].append(0 if state == ds.THINKING and budget == 0 else -1)
+        idx = torch.tensor([s for s, _ in admitted], device=self.device)
+        for name, v in vals.items():
+            t = getattr(st, name)
+            t[idx] = torch.tensor(v, dtype=t.dtype).to(self.device)
+        for name in ("gen", "finish", "bcount", "utf8_pending"):
+            getattr(st, name)[idx] = 0
+        st.active[idx] = True
+
+    def _harvest(self, rows, slot_of, free, results, prompts, on_finish) -> None:
+        st = self.state
+        active = st.active[:rows].cpu()
+        done = [s for s in slot_of if not bool(active[s])]
+        if not done:
+            return
+        idx = torch.tensor(done, device=self.device)
+        longest = int(st.gen[idx].max())
+        gen = st.gen[idx].cpu().tolist()
+        toks = st.out_token[idx, :longest].cpu()
+        logp = st.out_logp[idx, :longest].float().cpu()
+        forced = st.out_forced[idx, :longest].cpu()
+        finish = st.finish[idx].cpu().tolist()
+        thinking = st.bcount[idx].cpu().tolist()
+        if self.par.pp > 1:  # the recorded tokens, log-probs and forced mask live on the last stage
+            packed = torch.stack([toks.double(), logp.double(), forced.double()]).to(self.device)
+            dist.broadcast(packed, src=self.par.last_rank, group=self.par.pp_group)
+            packed = packed.cpu()
+            toks, logp, forced = packed[0].long(), packed[1].float(), packed[2].bool()
+        for r, s in enumerate(done):
+            i = slot_of.pop(s)
+            heapq.heappush(free, s)
+            k = gen[r]
+            results[i] = {"tokens": toks[r, :k].tolist(), "logprobs": logp[r, :k].tolist(),
+                          "forced": forced[r, :k].tolist(), "finish": _REASONS[finish[r]], "thinking": thinking[r]}
+            if on_finish is not None:
+                on_finish(i, results[i])
+
+    def _compact(self, slot_of, free, buckets) -> None:
+        """Move the highest occupied slots into lower free ones when a smaller bucket would then do."""
+        n = len(slot_of)
+        target = next(b for b in buckets if b >= n)
+        high = sorted(s for s in slot_of if s >= target)
+        if not high:
+            return
+        low = sorted(s for s in free if s < target)[:len(high)]
+        src = torch.tensor(high, device=self.device)
+        dst = torch.tensor(low, device=self.device)
+        self.cache.move(src, dst)
+        self.state.move(src, dst)
+        self.state.active[src] = False
+        free_set = set(free) - set(low) | set(high)
+        free[:] = list(free_set)
+        heapq.heapify(free)
+        for s, d in zip(high, low):
+            slot_of[d] = slot_of.pop(s)
+
+
+def _tile_key(t: torch.Tensor) -> str:
+    """Images take part in the prefill-sharing key: equal tokens with other images are other prompts."""
+    import hashlib
+
+    return hashlib.sha1(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()

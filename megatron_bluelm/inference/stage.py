@@ -1,0 +1,201 @@
+"""The decoder forward for generation, over the training model's own parameter tensors.
+
+The generation engine does not run megatron-core's module forward (a Python call per module per
+token, a [b, 1, q, k] mask per step, its own KV-cache bookkeeping: what made decode host-bound).
+Instead it reads the parameters of this rank's pipeline stage — the *same* tensors the optimizer
+updates, no copy, no weight sync — and runs the layer math directly:
+
+    x = embed(token)                                   (vocab-parallel: masked lookup + TP all-reduce)
+    per layer: h = rmsnorm(x); q, k, v = split(h @ Wqkv^T)   (megatron's per-query-group layout)
+               rope(q, k) at each row's own position; k, v -> the KV cache
+               x = x + allreduce(attention(q, cache) @ Wproj^T)
+               x = x + allreduce(swiglu(rmsnorm(x) @ Wfc1^T) @ Wfc2^T)
+    logits = allgather(rmsnorm(x) @ Wout^T)            (last stage only)
+
+The math is megatron-core's (same split of the fused QKV weight, the same rotate-half RoPE with
+fp32 angles cast to the activation dtype, RMSNorm statistics in fp32, SwiGLU on fc1's [gate, up]),
+which the tests check token for token against the model's own forward. Every shape is static in
+the batch, so a decode step can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_bluelm.inference.attention import decode_attention, prefill_attention
+from megatron_bluelm.inference.errors import GenerationError
+
+
+@dataclass
+class LayerWeights:
+    norm1: torch.Tensor
+    qkv: torch.Tensor
+    proj: torch.Tensor
+    norm2: torch.Tensor
+    fc1: torch.Tensor
+    fc2: torch.Tensor
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module") and not hasattr(model, "decoder") and not hasattr(model, "language_model"):
+        model = model.module  # DDP / Float16Module wrappers
+    return model
+
+
+def _param(module, name: str, where: str) -> torch.Tensor:
+    p = getattr(module, name, None)
+    if p is None:
+        raise GenerationError(f"generation engine: {where} has no '{name}' (a layer spec this engine does not know)")
+    return p
+
+
+class StageWeights:
+    """Views of one pipeline stage's decoder parameters (not copies), plus the shapes the math needs."""
+
+    def __init__(self, model: torch.nn.Module, tp_group=None):
+        model = _unwrap(model)
+        self.vlm = model if hasattr(model, "language_model") else None
+        lm = getattr(model, "language_model", model)
+        cfg = lm.config
+        self.tp_group = tp_group
+        self.tp = 1 if tp_group is None else dist.get_world_size(tp_group)
+        self.heads = cfg.num_attention_heads // self.tp
+        self.groups = (cfg.num_query_groups or cfg.num_attention_heads) // self.tp
+        self.head_dim = cfg.kv_channels
+        self.hidden = cfg.hidden_size
+        self.eps = cfg.layernorm_epsilon
+        self.pre_process = getattr(lm, "pre_process", True)
+        self.post_process = getattr(lm, "post_process", True)
+        self.layers = []
+        for i, layer in enumerate(lm.decoder.layers):
+            where = f"decoder layer {i}"
+            att, mlp = layer.self_attention, layer.mlp
+            self.layers.append(LayerWeights(
+                _param(layer.input_layernorm, "weight", where), _param(att.linear_qkv, "weight", where),
+                _param(att.linear_proj, "weight", where), _param(layer.pre_mlp_layernorm, "weight", where),
+                _param(mlp.linear_fc1, "weight", where), _param(mlp.linear_fc2, "weight", where)))
+        self.embedding = self.vocab_start = None
+        if self.pre_process:
+            emb = lm.embedding.word_embeddings
+            self.embedding = emb.weight
+            self.vocab_start = int(getattr(emb, "vocab_start_index", 0))
+        self.final_norm = self.output = None
+        if self.post_process:
+            self.final_norm = _param(lm.decoder.final_layernorm, "weight", "the final norm")
+            self.output = _param(lm.output_layer, "weight", "the output layer")
+        rope = getattr(lm, "rotary_pos_emb", None)
+        self.inv_freq = None if rope is None else rope.inv_freq
+        if self.inv_freq is None:  # a middle stage builds no RoPE module; the angles are the same everywhere
+            self.inv_freq = 1.0 / (float(lm.rotary_base if hasattr(lm, "rotary_base") else 10000)
+                                   ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        ref = self.layers[0].qkv if self.layers else (self.embedding if self.embedding is not None else self.output)
+        self.dtype, self.device = ref.dtype, ref.device
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    # -- pieces -------------------------------------------------------------------------------------
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp > 1:
+            dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (y * w.float()).to(x.dtype)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (any shape) -> embeddings [..., hidden]; vocab-parallel under TP."""
+        if self.tp == 1:
+            return F.embedding(tokens, self.embedding)
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.embedding.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.embedding)
+        out = out.masked_fill(outside[..., None], 0.0)
+        return self._all_reduce(out)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden [n, hidden] -> fp32 logits over the (padded) vocabulary [n, V]."""
+        local = self._norm(x, self.final_norm) @ self.output.t()
+        if self.tp > 1:
+            parts = [torch.empty_like(local) for _ in range(self.tp)]
+            dist.all_gather(parts, local.contiguous(), group=self.tp_group)
+            local = torch.cat(parts, dim=-1)
+        return local.float()
+
+    def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, head_dim] in the activation dtype (megatron: fp32 angles, cast)."""
+        pos = torch.arange(length, device=self.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.to(self.device, torch.float32))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def _split_qkv(self, h: torch.Tensor, w: torch.Tensor):
+        """h [..., hidden] -> q [..., heads, d], k, v [..., groups, d] (megatron's grouped layout)."""
+        per_group = self.heads // self.groups
+        qkv = (h @ w.t()).view(*h.shape[:-1], self.groups, per_group + 2, self.head_dim)
+        q = qkv[..., :per_group, :].reshape(*h.shape[:-1], self.heads, self.head_dim)
+        return q, qkv[..., per_group, :], qkv[..., per_group + 1, :]
+
+    def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        gate, up = (self._norm(x, lw.norm2) @ lw.fc1.t()).chunk(2, dim=-1)
+        return x + self._all_reduce((F.silu(gate) * up) @ lw.fc2.t())
+
+    # -- steps --------------------------------------------------------------------------------------
+    def decode(self, x: torch.Tensor, pos: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor,
+               rows: int) -> torch.Tensor:
+        """One token per row for the first ``rows`` cache slots. x [rows, hidden] at positions
+        ``pos`` [rows]; writes each row's k, v at its position and attends to positions 0..pos."""
+        slot = torch.arange(rows, device=x.device)
+        c, s = cos[pos][:, None, :], sin[pos][:, None, :]
+        lengths = pos + 1
+        for i, lw in enumerate(self.layers):
+            q, k, v = self._split_qkv(self._norm(x, lw.norm1), lw.qkv)
+            q, k = _rotate(q, c, s), _rotate(k, c, s)
+            kc, vc = cache.k[i], cache.v[i]
+            kc[slot, :, pos] = k
+            vc[slot, :, pos] = v
+            o = decode_attention(q, kc[:rows], vc[:rows], lengths, cache.splits)
+            x = x + self._all_reduce(o.reshape(rows, -1) @ lw.proj.t())
+            x = self._mlp(x, lw)
+        return x
+
+    def prefill(self, x: torch.Tensor, start: int, lengths: list[int], slots: list[list[int]], cache,
+                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rows of prompt positions start..start+P-1 (right-padded to P; row r is valid for its first
+        ``lengths[r]``): write their k, v into every slot of ``slots[r]`` (a group's samples share the
+        prefill) and return the hidden states [n, P, hidden]. Rows with start > 0 attend to the
+        positions their first slot already holds (chunked prefill)."""
+        n, p = x.shape[0], x.shape[1]
+        flat = torch.tensor([s for group in slots for s in group], device=x.device)
+        src = torch.tensor([r for r, group in enumerate(slots) for _ in group], device=x.device)
+        first = torch.tensor([group[0] for group in slots], device=x.device)
+        c, s = cos[start:start + p][:, None, :], sin[start:start + p][:, None, :]
+        mask = None
+        if start > 0:  # queries start+j see keys 0..start+j of their row
+            qpos = torch.arange(start, start + p, device=x.device)
+            mask = torch.arange(start + p, device=x.device)[None, :] <= qpos[:, None]
+        for i, lw in enumerate(self.layers):
+            q, k, v = self._split_qkv(self._norm(x, lw.norm1), lw.qkv)  # [n, P, heads|groups, d]
+            q, k = _rotate(q, c, s), _rotate(k, c, s)
+            kc, vc = cache.k[i], cache.v[i]
+            kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [n, groups, P, d]
+            kc[flat, :, start:start + p] = kt[src]
+            vc[flat, :, start:start + p] = vt[src]
+            if start > 0:
+                kt, vt = kc[first, :, :start + p], vc[first, :, :start + p]
+            o = prefill_attention(q.transpose(1, 2), kt, vt, mask)  # [n, heads, P, d]
+            x = x + self._all_reduce(o.transpose(1, 2).reshape(n, p, -1) @ lw.proj.t())
+            x = self._mlp(x, lw)
+        del lengths  # padded positions write garbage beyond each row's length, never read
+        return x
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """megatron-core's rotate-half RoPE: t * cos + rotate_half(t) * sin, cos/sin broadcast over heads."""
+    t1, t2 = t.chunk(2, dim=-1)
+    return t * cos + torch.cat((-t2, t1), dim=-1) * sin

@@ -1,0 +1,233 @@
+"""Generation throughput of the engine on one GPU, side by side with HF transformers' generate.
+
+    python tools/bench/generate_bench.py                        # the full table (H200: ~8 min)
+    python tools/bench/generate_bench.py --cases 256x128x256 --hf dynamic,static
+    python tools/bench/generate_bench.py --preset tiny --cases 4x16x16 --hf none     # CPU smoke run
+
+The full ``bluelm-2.5-3b`` decoder with random weights (bf16), prompts of random token ids, no stop
+tokens in the fixed-length cases (every sample generates exactly ``new`` tokens), greedy decoding.
+Cases are BATCHxPROMPTxNEW. The mixed workload (``--mixed N``) has N thinking-mode samples with
+per-sample budgets drawn log-uniformly from 64..4096 (forced close at the budget) and answers of
+16..256 tokens (per-sample max_new_tokens), with the real stop tokens set; it runs through the same
+slots as the fixed-length batch-256 case and is compared with it.
+
+Per case: tokens/s (generated tokens over wall time, prefill included), ms per decode step, the
+roofline: bytes a decode step must read (all weights but the embedding table's unused rows, plus
+every row's cached keys and values at the case's mean context) over the copy bandwidth measured in
+this run, and the GPU's busy fraction (GPU time of the decode bursts over wall time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from megatron_bluelm.config.loader import load_config  # noqa: E402
+from megatron_bluelm.inference.generate import GenerationRequest, SpecialIds, generate_ids, make_engine  # noqa: E402
+from megatron_bluelm.inference.model import build_inference_model  # noqa: E402
+
+VOCAB = 100_000
+THINK, END_THINK, PAD = 4, 5, 0
+STOPS = [3, 13]  # </s>, <|end|> in our tokenizers
+NEWLINE = 8112  # the forced close of a random model: "\n</think>\n" stand-ins
+
+
+def copy_bandwidth(device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    x = torch.empty(1 << 29, dtype=torch.float16, device=device)  # 1 GiB
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 2 * 20 / (time.perf_counter() - t)
+
+
+def weight_bytes(model, batch: int) -> int:
+    total = 0
+    for name, p in model.named_parameters():
+        if "word_embeddings" in name:
+            total += batch * p.shape[1] * p.element_size()  # a lookup reads only the batch's rows
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_per_token(cfg) -> int:
+    m = cfg.model
+    return 2 * m.num_layers * m.num_query_groups * (m.hidden_size // m.num_attention_heads) * 2
+
+
+def run_ours(engine, im, batch, prompt, new, seed=0):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(10, VOCAB) for _ in range(prompt)] for _ in range(batch)]
+    req = GenerationRequest(max_new_tokens=new)
+    kw = dict(ids=SpecialIds(PAD, THINK, END_THINK), vocab_size=VOCAB, max_context=im.max_context)
+    generate_ids(engine, prompts[:min(batch, 4)], GenerationRequest(max_new_tokens=8), **kw)  # warm-up, capture
+    _sync(im)
+    engine.gpu_decode_seconds()
+    steps0 = engine.stats["decode_steps"]
+    t = time.perf_counter()
+    outs = generate_ids(engine, prompts, req, **kw)
+    _sync(im)
+    wall = time.perf_counter() - t
+    gpu = engine.gpu_decode_seconds() if im.info.device.type == "cuda" else float("nan")
+    tokens = sum(len(o.tokens) for o in outs)
+    return {"tok_s": tokens / wall, "wall_s": wall, "tokens": tokens,
+            "ms_per_step": 1e3 * gpu / max(1, engine.stats["decode_steps"] - steps0), "busy": gpu / wall}
+
+
+def run_mixed(engine, im, n, seed=0):
+    rng = random.Random(seed)
+    prompts, budgets, max_new = [], [], []
+    for _ in range(n):
+        prompts.append([rng.randrange(10, VOCAB) for _ in range(128)] + [THINK])
+        b = int(math.exp(rng.uniform(math.log(64), math.log(4096))))
+        budgets.append(b)
+        max_new.append(b + 3 + rng.randint(16, 256))
+    req = GenerationRequest(max_new_tokens=max_new, thinking_budget=budgets, stop_token_ids=STOPS,
+                            close_ids=[NEWLINE, END_THINK, NEWLINE])
+    kw = dict(ids=SpecialIds(PAD, THINK, END_THINK), vocab_size=VOCAB, max_context=im.max_context)
+    _sync(im)
+    engine.gpu_decode_seconds()
+    t = time.perf_counter()
+    outs = generate_ids(engine, prompts, req, **kw)
+    _sync(im)
+    wall = time.perf_counter() - t
+    gpu = engine.gpu_decode_seconds() if im.info.device.type == "cuda" else float("nan")
+    tokens = sum(len(o.tokens) for o in outs)
+    over = sum(o.thinking_tokens > b for o, b in zip(outs, budgets))
+    return {"tok_s": tokens / wall, "wall_s": wall, "tokens": tokens, "busy": gpu / wall,
+            "mean_len": tokens / n, "budget_violations": over}
+
+
+def check_against_reference(engine, im, prompts=4, new=32) -> dict:
+    """Greedy tokens of the engine (graphs, decode kernel) vs the reference loop (megatron-core's
+    forward and static cache) on the same model: the share of samples equal token for token, and the
+    mean position of the first difference (bf16 rounding differs between the two paths)."""
+    from megatron_bluelm.inference.reference import reference_generate_ids
+    from megatron_bluelm.inference.runner import ModelRunner
+
+    rng = random.Random(1)
+    ps = [[rng.randrange(10, VOCAB) for _ in range(rng.randint(5, 60))] for _ in range(prompts)]
+    kw = dict(ids=SpecialIds(PAD, THINK, END_THINK), vocab_size=VOCAB, max_context=im.max_context)
+    ours = generate_ids(engine, ps, GenerationRequest(max_new_tokens=new), **kw)
+    ref = reference_generate_ids(ModelRunner(im.model, im.info.device), ps, GenerationRequest(max_new_tokens=new),
+                                 **kw)
+    first = [next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), new) for a, b in zip(ours, ref)]
+    return {"equal_samples": sum(f == new for f in first) / prompts, "mean_first_difference": sum(first) / prompts}
+
+
+def run_hf(kind, cfg, batch, prompt, new, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = cfg.model
+    hf_cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+                         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                         num_key_value_heads=m.num_query_groups, max_position_embeddings=prompt + new + 8,
+                         rope_theta=m.rotary_base, tie_word_embeddings=False)
+    model = LlamaForCausalLM(hf_cfg).to(device, torch.bfloat16).eval()
+    ids = torch.randint(10, VOCAB, (batch, prompt), device=device)
+    kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    if kind == "static":
+        kw["cache_implementation"] = "static"
+    with torch.no_grad():
+        model.generate(ids[:, :16], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+        _sync_dev(device)
+        t = time.perf_counter()
+        out = model.generate(ids, **kw)
+        _sync_dev(device)
+    wall = time.perf_counter() - t
+    tokens = (out.shape[1] - prompt) * batch
+    del model
+    torch.cuda.empty_cache()
+    return {"tok_s": tokens / wall, "wall_s": wall, "ms_per_step": 1e3 * wall / new}
+
+
+def _sync(im):
+    _sync_dev(im.info.device)
+
+
+def _sync_dev(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="bluelm-2.5-3b")
+    ap.add_argument("--cases", default="1x128x256,32x128x256,256x128x256,1x1024x256,32x1024x256,256x1024x256,"
+                                       "1x128x2048,32x128x2048,256x128x2048")
+    ap.add_argument("--hf", default="dynamic,static", help="comma list of dynamic,static or none")
+    ap.add_argument("--hf-cases", default="1x128x256,256x128x256")
+    ap.add_argument("--mixed", type=int, default=512, help="samples of the mixed workload (0: skip)")
+    ap.add_argument("--slots", type=int, default=256)
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--check", action="store_true", help="first compare greedy tokens with the reference loop")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    a = ap.parse_args()
+
+    cfg = load_config(None, ["--model.preset", a.preset, "--data.seq_length", str(a.context),
+                             "--model.backend", "torch", "--training.precision",
+                             "bf16" if torch.cuda.is_available() else "fp32"])
+    im = build_inference_model(cfg, VOCAB)
+    device = im.info.device
+    engine = make_engine(im.model, device, max_slots=a.slots)
+    engine.timing = True
+    if a.check:
+        print("check vs reference loop:", json.dumps(check_against_reference(engine, im)), flush=True)
+    bw = copy_bandwidth(device)
+    kv_tok = kv_bytes_per_token(im.cfg)
+    rows = []
+    for case in filter(None, a.cases.split(",")):
+        b, p, n = map(int, case.split("x"))
+        r = run_ours(engine, im, b, p, n)
+        mean_ctx = p + n / 2
+        step_bytes = weight_bytes(im.model, b) + b * mean_ctx * kv_tok
+        roof = b / (step_bytes / bw)
+        r.update(case=case, system="ours", roofline_tok_s=roof, pct_roofline=100 * r["tok_s"] / roof)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    hf_kinds = [k for k in a.hf.split(",") if k and k != "none"]
+    for case in filter(None, a.hf_cases.split(",")) if hf_kinds else []:
+        b, p, n = map(int, case.split("x"))
+        for kind in hf_kinds:
+            try:
+                r = run_hf(kind, im.cfg, b, p, n, device)
+            except Exception as e:  # report and go on: the other rows still count
+                r = {"error": f"{type(e).__name__}: {e}"[:300]}
+            r.update(case=case, system=f"hf-{kind}")
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    if a.mixed:
+        r = run_mixed(engine, im, a.mixed)
+        r.update(case=f"mixed{a.mixed}", system="ours")
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; KV {kv_tok} B/token; slots {a.slots}")
+    print(f"{'case':>14} {'system':>11} {'tok/s':>10} {'ms/step':>8} {'%roof':>6} {'busy':>5}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['case']:>14} {r['system']:>11} {r['error']}")
+            continue
+        print(f"{r['case']:>14} {r['system']:>11} {r['tok_s']:>10.0f} {r.get('ms_per_step', float('nan')):>8.2f} "
+              f"{r.get('pct_roofline', float('nan')):>6.1f} {r.get('busy', float('nan')):>5.2f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"copy_bandwidth": bw, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
