@@ -140,6 +140,10 @@ def generate_ids(engine, prompts: Sequence[Sequence[int]], req: GenerationReques
     ``banned_ids`` are never sampled. ``tables``: ``decode_state.TokenTables`` of the tokenizer (UTF-8
     byte roles, sentence ends) for the budget's forcing rules. ``on_finish(i, output)`` is called as
     each sample finishes (e.g. to write results while the rest still run)."""
+    from megatron_bluelm.inference.runner import ModelRunner
+
+    if isinstance(engine, ModelRunner):  # a caller holding the module runner: the engine over its model
+        engine = make_engine(engine.model, engine.device)
     close = close_sequence(req, ids)
     cfgs, warnings = check_request(prompts, req, max_context, forced_length=len(close))
     tiles = split_tiles(prompts, pixel_values, image_token_id)
