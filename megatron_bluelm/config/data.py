@@ -75,6 +75,9 @@ def check_prefix(prefix: str, field_name: str) -> None:
     for ext in (".idx", ".bin"):
         if not os.path.isfile(prefix + ext):
             raise ConfigError(f"{field_name}: no such file '{prefix}{ext}' — {PREPROCESS_HINT}")
+    if os.path.getsize(prefix + ".bin") == 0:  # megatron-core cannot map an empty file
+        raise ConfigError(f"{field_name}: '{prefix}' holds no documents (its .bin is empty); remove it or "
+                          f"preprocess non-empty input")
 
 
 def _check_split(split: str) -> None:
