@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory of our training (save dir or iter_*)")
-    src.add_argument("--hf", help="HF export directory (tools/convert_checkpoint.py --to hf); text only")
+    src.add_argument("--hf", help="HF export directory (tools/convert_checkpoint.py mcore-to-hf); text only")
     src.add_argument("--compare", nargs="+", help="summary.json files or output directories: overlay plot only")
     p.add_argument("--labels", default=None, help="--compare: comma-separated names of the runs")
     p.add_argument("--bench", action="append", default=None,

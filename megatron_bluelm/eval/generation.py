@@ -33,7 +33,7 @@ class EngineGenerate:
 
 
 class HFGenerate:
-    """``GenerateFn`` over an HF export (``tools/convert_checkpoint.py --to hf``): the tokenizer's chat
+    """``GenerateFn`` over an HF export (``tools/convert_checkpoint.py mcore-to-hf``): the tokenizer's chat
     template renders the prompt (``enable_thinking``), and the budget is enforced as in our engine:
     after N thinking tokens ``</think>`` and the bridge are forced, then decoding continues. Text
     models only; one sample at a time with the KV cache (a reference path, not a fast one)."""

@@ -1,0 +1,73 @@
+"""End to end on the tiny model: SFT with periodic benchmark evaluation, then tools/evaluate.py over
+thinking budgets on the checkpoint. Per-item thinking lengths never exceed the budget (and the
+budget binds: unlimited thinking runs longer, budgeted samples show the forced close and bridge);
+an interrupted sweep resumed gives the uninterrupted summary; the PNG is written."""
+import json
+import os
+
+import pytest
+from distributed import run_distributed
+from eval_workers import sft_then_evaluate
+
+from megatron_bluelm.data.sft import DEFAULT_BRIDGE
+from megatron_bluelm.eval.plots import read_metrics
+
+BUDGETS = [0, 2, 5, None]
+ARGV = ["--bench", "arithmetic", "--bench", "word_problems", "--limit", "3", "--budgets", "0,2,5,none",
+        "--max-new-tokens", "12", "--answer-tokens", "4", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval_toy")
+    return str(tmp), run_distributed(sft_then_evaluate, 1, str(tmp), ARGV, 2)[0]
+
+
+@pytest.mark.slow
+def test_thinking_never_exceeds_the_budget(toy):
+    _, out = toy
+    rows = out["full_rows"]
+    assert len(rows) == 2 * 3 * len(BUDGETS)
+    spent = {}
+    for r in rows:
+        budget = None if r["budget"] == "inf" else 0 if r["budget"] == "nothink" else int(r["budget"])
+        for s in r["samples"]:
+            spent.setdefault(r["budget"], []).append(s["thinking_tokens"])
+            if budget is not None:
+                assert s["thinking_tokens"] <= budget, (r["where"], r["budget"], s)
+            if s["forced_close"]:  # the engine closed the block: </think>, then the bridge SFT teaches
+                assert "</think>" in s["response"] and DEFAULT_BRIDGE.strip() in s["response"], s["response"]
+        assert r["prompt"].endswith("<think>\n" if budget != 0 else "<think>\n\n</think>\n")
+    assert set(spent["nothink"]) == {0}
+    assert max(spent["inf"]) > 5, "unlimited thinking must run past the budgets, or the test shows nothing"
+    assert any(s["forced_close"] for r in rows if r["budget"] == "2" for s in r["samples"])
+    summary = out["full"]["benchmarks"]
+    for name in ("arithmetic", "word_problems"):
+        b = summary[name]["budgets"]
+        assert list(b) == ["nothink", "2", "5", "inf"]
+        assert b["2"]["max_thinking_tokens"] <= 2 and b["5"]["max_thinking_tokens"] <= 5
+
+
+@pytest.mark.slow
+def test_resumed_sweep_gives_the_same_summary(toy):
+    _, out = toy
+    strip = lambda s: {k: v for k, v in s.items() if k not in ("throughput",)}  # noqa: E731
+    assert strip(out["part"]) == strip(out["full"])
+    assert out["part"]["throughput"]["items"] == len(out["full_rows"]) - 2  # only the missing items ran again
+    key = lambda r: (r["bench"], r["budget"], r["id"])  # noqa: E731
+    assert sorted(out["part_rows"], key=key) == sorted(out["full_rows"], key=key)
+
+
+@pytest.mark.slow
+def test_outputs_written_and_periodic_eval_logged(toy):
+    tmp, _ = toy
+    png = os.path.join(tmp, "full", "budget.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+    table = open(os.path.join(tmp, "full", "table.md")).read()
+    assert "| word_problems | none | think | 3 |" in table
+    json.load(open(os.path.join(tmp, "full", "summary.json")))
+    evals = [r for r in read_metrics(os.path.join(tmp, "run")) if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert 0 <= r["arithmetic/nothink/accuracy"] <= 1 and 0 <= r["arithmetic/2/accuracy"] <= 1
+        assert r["arithmetic/nothink/thinking_tokens"] == 0 and 0 < r["arithmetic/2/thinking_tokens"] <= 2
