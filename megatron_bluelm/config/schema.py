@@ -96,7 +96,13 @@ class TrainingConfig:
     eval_max_new_tokens: int = 256  # response length with an unlimited budget
     eval_answer_tokens: int = 32  # budget N: tokens allowed after the think block
     eval_batch_size: int = 32  # items per generation call
-    exit_on_nan: bool = True  # stop when the loss is NaN or inf
+    # A step whose gradients (or loss) are NaN/inf is never applied. stop: end the run with an error
+    # (nothing of that step is saved; the last checkpoint stays). skip: drop the step and go on.
+    nan_policy: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 10  # nan_policy skip: stop once more steps than this were skipped in a run
+    # Samples the training set is built for (>= train_steps x global_batch_size): megatron-core shuffles
+    # for this count, so runs that share it see one data order whatever their train_steps (docs/CHECKPOINTS.md)
+    train_samples: Optional[int] = None
 
 
 @dataclass
@@ -119,6 +125,7 @@ class CheckpointConfig:
     load: Optional[str] = None  # directory to resume from
     save_interval: int = 0  # steps; 0: only at the end and on preemption signals
     keep_last: int = 2  # checkpoints kept; older ones are deleted
+    async_save: bool = False  # write the shards in a background process while training goes on
 
 
 @dataclass

@@ -80,6 +80,7 @@ def pipeline_layer_split(cfg: RunConfig) -> list[int]:
              f"({layers})")
     if middle_stages == 0:
         _require(rest == 0, f"parallel.first_stage_layers + last_stage_layers must equal model.num_layers ({layers})")
+        _check_no_empty_stage([first, last], cfg)
         return [first, last]
     _require(rest % middle_stages == 0,
              f"model.num_layers ({layers}) is not divisible by parallel.pp ({p.pp})"
@@ -93,7 +94,20 @@ def pipeline_layer_split(cfg: RunConfig) -> list[int]:
         split[0] = first
     if last is not None:
         split[-1] = last
+    _check_no_empty_stage(split, cfg)
     return split
+
+
+def _check_no_empty_stage(split: list[int], cfg: RunConfig) -> None:
+    """megatron-core builds no decoder block for a stage without layers (it fails after the process
+    groups are up), so every pipeline stage needs at least one."""
+    empty = [i for i, n in enumerate(split) if n < 1]
+    if empty:
+        p = cfg.parallel
+        raise ConfigError(f"pipeline stage(s) {empty} would hold no decoder layer (split {split} of model.num_layers "
+                          f"{cfg.model.num_layers} over parallel.pp {p.pp}, first_stage_layers "
+                          f"{p.first_stage_layers}, last_stage_layers {p.last_stage_layers}): every stage needs "
+                          f">= 1 layer")
 
 
 def _check_world_size(cfg: RunConfig, world_size: int) -> int:
@@ -145,6 +159,11 @@ def _check_schedule(cfg: RunConfig) -> None:
                  "schedule.wsd_decay_steps: required (> 0) with schedule.style: wsd")
     _require(cfg.logging.log_interval > 0, "logging.log_interval: must be > 0")
     _require(t.eval_interval >= 0, "training.eval_interval: must be >= 0")
+    need = t.train_steps * t.global_batch_size
+    _require(t.train_samples is None or t.train_samples >= need,
+             f"training.train_samples ({t.train_samples}) is less than training.train_steps x "
+             f"training.global_batch_size ({t.train_steps} x {t.global_batch_size} = {need})")
+    _require(t.max_skipped_steps >= 0, f"training.max_skipped_steps: must be >= 0, got {t.max_skipped_steps}")
 
 
 def check_launch(cfg: RunConfig, world_size: int) -> int:

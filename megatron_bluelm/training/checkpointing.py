@@ -12,16 +12,29 @@ either the previous ``latest`` (the new directory has no ``meta.json`` and is ig
 new one, complete. Tensors are stored by *global* name and shape (megatron-core ShardedTensors), so a
 checkpoint loads into any TP x PP x DP layout; the optimizer state too (``fully_reshardable``
 for the distributed optimizer). RNG states are per rank and restored only into the same layout.
+
+With ``checkpoint.async_save`` the shards are written by a forked writer process while training
+goes on; ``meta.json`` and ``latest`` are written only when every rank's writer has finished (its
+files fsynced), at a later step end, so the completion rule above holds unchanged. Writer processes
+ignore the preemption signal (torchrun sends SIGTERM to the whole process group) and die with the
+training process (``PR_SET_PDEATHSIG``), so neither a preemption nor a kill -9 leaves a half-written
+checkpoint marked complete or an orphaned writer behind.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import multiprocessing as mp
 import os
 import random
 import re
 import shutil
 import signal
+import sys
 import time
+from functools import partial
+from multiprocessing.managers import SyncManager
 from typing import Optional
 
 import numpy as np
@@ -29,6 +42,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from torch.distributed.checkpoint.api import CheckpointException as _DCPError  # a BaseException, not Exception
 
 from megatron_bluelm.config.errors import ConfigError
 from megatron_bluelm.config.loader import to_dict
@@ -38,18 +52,24 @@ FORMAT_VERSION = 1
 META = "meta.json"
 LATEST = "latest"
 ITER_RE = re.compile(r"^iter_(\d{7})$")
-# Test hook only (tests/checkpoint/test_crash.py): "ITER:SECONDS" sleeps that long in the save of
-# iteration ITER, after the tensors are written and before the checkpoint is marked complete, so the
-# test can kill -9 the run in the middle of a save. Unset in normal runs.
+# Test hooks only (tests/checkpoint/): "ITER:SECONDS" sleeps that long in the save of iteration ITER.
+# SLOW_SAVE_ENV: after the tensors are written, before the checkpoint is marked complete (so a test can
+# kill -9 the run in the middle of a save). SLOW_WRITE_ENV: in the async writer process, before it
+# writes (so a test can watch training go on, and kill -9 the run while the shards are being written).
 SLOW_SAVE_ENV = "MEGATRON_BLUELM_TEST_SLOW_SAVE"
+SLOW_WRITE_ENV = "MEGATRON_BLUELM_TEST_SLOW_ASYNC_WRITE"
 # The distributed optimizer's format whose tensors are per *model* parameter: reshardable over TP/PP/DP.
 SHARDED_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                     "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# megatron-core's own files in a torch_dist checkpoint directory.
+MCORE_METADATA = "metadata.json"
+DCP_METADATA = ".metadata"
+COMMON = "common.pt"
 
 
 class CheckpointError(ConfigError):
-    """A checkpoint directory is missing, incomplete, or does not fit the configured model."""
+    """A checkpoint directory is missing, incomplete, damaged, or does not fit the configured model."""
 
 
 class Preempted(Exception):
@@ -99,8 +119,13 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def read_meta(path: str) -> dict:
-    with open(os.path.join(path, META)) as f:
-        return json.load(f)
+    file = os.path.join(path, META)
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is damaged (not valid JSON: {e}); resume from an earlier "
+                              f"iteration directory or repair the file") from e
 
 
 def resolve_checkpoint(root: str) -> tuple[Optional[str], list[str]]:
@@ -123,6 +148,46 @@ def resolve_checkpoint(root: str) -> tuple[Optional[str], list[str]]:
     return path, notes
 
 
+def verify_files(path: str) -> None:
+    """Check the files of a complete checkpoint before megatron-core reads them, so that a damaged
+    one fails naming the file (megatron-core's and torch's errors name none): megatron-core's
+    ``metadata.json``, torch DCP's ``.metadata`` (which lists every shard file with the byte range of
+    each tensor), every shard file's presence and length, and ``common.pt``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    def damaged(name: str, why: str, cause: Optional[BaseException] = None):
+        err = CheckpointError(f"checkpoint file {os.path.join(path, name)} {why}; resume from another "
+                              f"iteration directory (checkpoint.load: .../iter_NNNNNNN) or save again")
+        raise err from cause
+
+    for name in (MCORE_METADATA, DCP_METADATA, COMMON):
+        if not os.path.isfile(os.path.join(path, name)):
+            damaged(name, "is missing")
+    try:
+        with open(os.path.join(path, MCORE_METADATA)) as f:
+            json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        damaged(MCORE_METADATA, f"is damaged (not valid JSON: {e})", e)
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as e:  # unpickling a truncated or garbled file raises many types
+        damaged(DCP_METADATA, f"is damaged ({type(e).__name__}: {e})", e)
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            damaged(name, f"is missing ({DCP_METADATA} lists it)")
+        size = os.path.getsize(file)
+        if size < end:
+            damaged(name, f"is truncated: {size} bytes, {DCP_METADATA} needs {end}")
+    try:
+        torch.load(os.path.join(path, COMMON), map_location="cpu", weights_only=True)
+    except Exception as e:
+        damaged(COMMON, f"is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", e)
+
+
 def prune(root: str, keep_last: int, latest: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints; never the one ``latest`` names."""
     complete = [i for i in list_iterations(root) if i <= latest and is_complete(iter_dir(root, i))]
@@ -137,6 +202,148 @@ def mark_complete(root: str, iteration: int, meta: dict, keep_last: int) -> None
     _write_atomic(os.path.join(iter_dir(root, iteration), META), json.dumps(meta, indent=1))
     _write_atomic(os.path.join(root, LATEST), str(iteration))
     prune(root, keep_last, iteration)
+
+
+def check_writable(root: str) -> None:
+    """Create ``root`` and write, fsync and delete a probe file in it: a save directory that cannot be
+    written fails before training starts, not at the first save (with save_interval 0: at the end)."""
+    probe = os.path.join(root, f".write_probe.{os.getpid()}")
+    try:
+        os.makedirs(root, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint.save: cannot write to '{root}' ({e.strerror or e}); choose a "
+                              f"writable directory") from e
+
+
+# ----------------------------------------------------------------------------- writer processes
+
+_FORK_PARENT: dict = {}
+_WRITER_MANAGER: Optional[SyncManager] = None
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        except (OSError, AttributeError):
+            return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _guard_forked_child() -> None:
+    _die_with_parent(_FORK_PARENT["pid"])
+
+
+def _writer_manager_init(parent_pid: int) -> None:
+    """In megatron-core's results-queue Manager process: survive the preemption signal (torchrun sends
+    SIGTERM to the whole process group; the save it triggers needs this process) and die with the
+    training process."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
+
+
+def guard_writer_processes() -> None:
+    """Make megatron-core's checkpoint writer processes safe under preemption and kill -9.
+
+    * Forked writers (the per-save workers and the async writer) inherit this process's signal
+      handlers (the preemption flag), so a SIGTERM to the process group leaves them writing; an
+      at-fork hook gives each forked child ``PR_SET_PDEATHSIG`` so none outlives a killed trainer.
+    * The results queue is served by a spawned Manager process, which starts with default handlers:
+      we start it ourselves, ignoring the preemption signals and dying with its parent.
+    """
+    global _WRITER_MANAGER
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if "pid" not in _FORK_PARENT:
+        os.register_at_fork(before=lambda: _FORK_PARENT.update(pid=os.getpid()),
+                            after_in_child=_guard_forked_child)
+        _FORK_PARENT["pid"] = os.getpid()
+    if filesystem_async._results_queue is None:
+        _WRITER_MANAGER = SyncManager(ctx=mp.get_context("spawn"))
+        _WRITER_MANAGER.start(initializer=_writer_manager_init, initargs=(os.getpid(),))
+        filesystem_async._results_queue = _WRITER_MANAGER.Queue()
+
+
+def _stop_writer_manager() -> None:
+    """Stop the results-queue Manager (megatron-core never stops the one it starts)."""
+    global _WRITER_MANAGER
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = filesystem_async._results_queue
+    manager = _WRITER_MANAGER or getattr(queue, "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+    filesystem_async._results_queue = None
+    _WRITER_MANAGER = None
+
+
+def _slow_write(seconds: float, write_fn, *args, **kwargs):
+    print(f"test hook {SLOW_WRITE_ENV}: async writer pausing {seconds}s", flush=True)
+    time.sleep(seconds)
+    return write_fn(*args, **kwargs)
+
+
+def _hook_seconds(env: str, iteration: int) -> Optional[float]:
+    spec = os.environ.get(env)
+    if spec:
+        at, seconds = spec.split(":")
+        if int(at) == iteration:
+            return float(seconds)
+    return None
+
+
+def _describe_write_failure(path: str, root: str, exc: BaseException) -> str:
+    """A one-paragraph account of a failed save: what failed, where, and the likely cause."""
+    causes, todo = [], [exc]
+    while todo:  # the exception chain, and the per-rank failures torch DCP wraps in its CheckpointException
+        e = todo.pop()
+        if e is None or any(e is c for c in causes):
+            continue
+        causes.append(e)
+        todo += [e.__cause__, e.__context__]
+        todo += [f[0] if isinstance(f, tuple) else f for f in (getattr(e, "failures", None) or {}).values()]
+    os_errors = [c for c in causes if isinstance(c, OSError)]
+    root_cause = causes[-1]
+    detail = f"{type(root_cause).__name__}: {str(root_cause).splitlines()[0] if str(root_cause) else ''}"
+    hints = []
+    for c in os_errors:
+        if c.errno in (errno.ENOSPC, errno.EDQUOT):
+            hints.append("the disk (or quota) is full")
+        elif c.errno == errno.EFBIG:
+            hints.append("a file exceeds the file-size limit")
+        elif c.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            hints.append("the directory is not writable")
+        if c.filename:
+            hints.append(f"file {c.filename}")
+    try:
+        free = shutil.disk_usage(root).free
+        hints.append(f"{free / 2**30:.2f} GiB free on its filesystem")
+    except OSError:
+        pass
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            hints.append(f"this process's file-size limit (ulimit -f) is {limit} bytes")
+            full = [f for f in sorted(os.listdir(path)) if os.path.getsize(os.path.join(path, f)) >= limit]
+            hints += [f"{os.path.join(path, f)} reached that limit" for f in full]
+    except (ImportError, ValueError, OSError):
+        pass
+    latest = read_latest(root) if os.path.isdir(root) else None
+    return (f"writing checkpoint '{path}' failed on rank {dist.get_rank()} ({detail}); "
+            + "; ".join(dict.fromkeys(hints)) + ". The directory has no meta.json and is ignored on resume; "
+            + (f"the last complete checkpoint is iteration {latest}" if latest is not None
+               else "there is no complete checkpoint yet"))
 
 
 # ----------------------------------------------------------------------------- state
@@ -168,6 +375,18 @@ def _rng_object(state) -> ShardedObject:
     offset = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
               parallel_state.get_data_parallel_rank())
     return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+
+
+def finish_param_gather(model) -> None:
+    """Bring every rank's full parameters up to date. With ``overlap_param_gather`` the distributed
+    optimizer updates only this rank's shard of each parameter and the all-gather of the others runs
+    during the next forward pass; reading the weights before that (a save, an export) would see the
+    other ranks' shards one step old. A synchronous all-gather now; the next forward then finds the
+    gather done and starts none."""
+    for chunk in model:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.use_distributed_optimizer and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
 def model_sharded_state_dict(model) -> dict:
@@ -228,6 +447,8 @@ def _load_optimizer(optimizer, state: dict) -> None:
 
 
 def build_sharded_state_dict(run, *, is_loading: bool, optimizer: bool = True, rng: bool = True) -> dict:
+    if not is_loading:
+        finish_param_gather(run.model)
     sd = model_sharded_state_dict(run.model)
     if optimizer:
         if is_loading:
@@ -254,25 +475,41 @@ def check_shapes(sharded: dict, ckpt_path: str) -> None:
                                       f"the configured model has {tuple(ten.global_shape)}")
 
 
-def _test_delay(iteration: int) -> None:
-    spec = os.environ.get(SLOW_SAVE_ENV)
-    if spec:
-        at, seconds = spec.split(":")
-        if int(at) == iteration:
-            print(f"test hook {SLOW_SAVE_ENV}: pausing the save of iteration {iteration}", flush=True)
-            time.sleep(float(seconds))
+def check_optimizer_layout(meta: dict, run, path: str) -> None:
+    """The plain and the distributed optimizer store their state in different sharded layouts
+    (megatron-core fails with a KeyError such as 'pre_wd_mult' when they are mixed): name the setting."""
+    saved = meta["layout"].get("distributed_optimizer")
+    have = run.cfg.parallel.distributed_optimizer
+    if saved is not None and bool(saved) != bool(have):
+        raise CheckpointError(
+            f"checkpoint '{path}' holds the {'distributed' if saved else 'plain'} optimizer's state "
+            f"(saved with parallel.distributed_optimizer={str(saved).lower()}), this run has "
+            f"parallel.distributed_optimizer={str(have).lower()}: their optimizer states are stored "
+            f"differently. Resume with --parallel.distributed_optimizer {str(saved).lower()} (any TP/PP/DP "
+            f"layout loads), or start a new run from its weights alone")
 
 
-def _stop_writer_manager() -> None:
-    """megatron-core's torch_dist writer starts a multiprocessing Manager process (for its results
-    queue) on the first save and never stops it; seen outliving our process. Stop it when we are done."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    queue = filesystem_async._results_queue
-    manager = getattr(queue, "_manager", None)
-    if manager is not None:
-        manager.shutdown()
-        filesystem_async._results_queue = None
+def adopt_sample_count(cfg, meta: dict, log) -> None:
+    """Keep the data order of a resumed run: megatron-core sizes (and so shuffles) the training set
+    for the number of samples asked for, so a resume that asks for more (a larger train_steps or
+    global batch) would reorder everything, repeating samples already trained on. The dataset is
+    built with the checkpoint's count when that covers this run; otherwise it must grow, and we say so."""
+    t = cfg.training
+    saved = meta.get("train_samples")
+    need = t.train_steps * t.global_batch_size
+    if saved is None:
+        return
+    if t.train_samples is None and saved >= need:
+        t.train_samples = saved
+        return
+    current = max(need, t.train_samples or 0)
+    if current != saved:
+        log(f"warning: the training set is built for {current} samples (training.train_samples / "
+            f"training.train_steps x training.global_batch_size), the checkpoint's for {saved}: megatron-core "
+            f"shuffles the data anew for the new count, so the data order from sample "
+            f"{meta.get('consumed_samples')} on differs from the one trained so far (some samples repeat). "
+            f"To let a run grow without this, start it with training.train_samples set to the most samples "
+            f"it may ever train on")
 
 
 # ----------------------------------------------------------------------------- the hooks
@@ -286,7 +523,11 @@ class Checkpointer:
         self.last_saved: Optional[int] = None
         self._signalled = False
         self._old_handlers = {}
+        self._async_queue = None
+        self._pending: Optional[int] = None  # iteration of the async save in flight
+        self.save_seconds = 0.0  # time the training loop spent in saves (blocking part only)
         if self.cfg.save:
+            check_writable(self.cfg.save)
             for sig in PREEMPTION_SIGNALS:
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
 
@@ -328,9 +569,17 @@ class Checkpointer:
         run = self.run
         full = "optimizer" in meta["contents"]
         same_layout = meta["layout"] == _layout(run)
+        if full:
+            check_optimizer_layout(meta, run, path)
+        verify_files(path)
         sharded = build_sharded_state_dict(run, is_loading=True, optimizer=full, rng=full and same_layout)
         check_shapes(sharded, path)
-        state = dist_checkpointing.load(sharded, path)
+        try:
+            state = dist_checkpointing.load(sharded, path)
+        except CheckpointError:
+            raise
+        except (Exception, _DCPError) as e:
+            raise CheckpointError(f"loading checkpoint '{path}' failed: {type(e).__name__}: {e}") from e
         for i, chunk in enumerate(run.model):
             getattr(chunk, "module", chunk).load_state_dict(state[f"model{i}"], strict=True)
         if full:
@@ -340,6 +589,7 @@ class Checkpointer:
             run.step, run.consumed_samples = meta["iteration"], meta["consumed_samples"]
             if same_layout:
                 _set_rng_state(state["rng_state"])
+            adopt_sample_count(run.cfg, meta, run.logger.print)
         else:
             run.optimizer.reload_model_params()  # main (fp32) copies follow the loaded weights
         run.logger.print(f"resumed from '{path}': step {run.step}, {run.consumed_samples} samples consumed"
@@ -350,9 +600,10 @@ class Checkpointer:
     def on_step_end(self, run) -> None:
         if not self.cfg.save:
             return
+        self._poll_async()
         preempt = self._agree_on_signal()
         if preempt or (self.cfg.save_interval and run.step % self.cfg.save_interval == 0):
-            self.save()
+            self.save(blocking=preempt)  # a preemption leaves no time for a save in the background
         if preempt:
             raise Preempted(f"preemption signal: saved step {run.step} to '{self.cfg.save}', stopping")
 
@@ -361,35 +612,107 @@ class Checkpointer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
-    def save(self) -> str:
+    def save(self, blocking: bool = False) -> str:
+        """Save this step. Blocking: returns once the checkpoint is complete. Asynchronous
+        (``checkpoint.async_save`` and not ``blocking``): returns once the state is handed to the
+        writer; it is marked complete at the first step end after every rank's writer finished."""
+        t0 = time.perf_counter()
+        self.wait_for_pending_save()  # one save in flight at most
         run, root = self.run, self.cfg.save
         path = iter_dir(root, run.step)
-        run.logger.print(f"saving checkpoint {path}")
-        t0 = time.perf_counter()
-        if dist.get_rank() == 0:
-            if os.path.exists(path):  # an interrupted earlier save of this same step
-                shutil.rmtree(path)
-            os.makedirs(path)
-        dist.barrier()
-        dist_checkpointing.save(build_sharded_state_dict(run, is_loading=False), path)
-        _test_delay(run.step)
-        dist.barrier()  # every rank's shards are on disk
-        if dist.get_rank() == 0:
-            mark_complete(root, run.step, self._meta(), self.cfg.keep_last)
-        dist.barrier()
-        self.last_saved = run.step
-        run.logger.print(f"saved checkpoint {path} in {time.perf_counter() - t0:.1f}s")
+        background = self.cfg.async_save and not blocking
+        run.logger.print(f"saving checkpoint {path}" + (" (async)" if background else ""))
+        guard_writer_processes()  # before megatron-core starts its own writer helpers
+        try:
+            if dist.get_rank() == 0:
+                if os.path.exists(path):  # an interrupted earlier save of this same step
+                    shutil.rmtree(path)
+                os.makedirs(path)
+            dist.barrier()
+            sharded = build_sharded_state_dict(run, is_loading=False)
+            finalize = partial(self._mark_complete, path, run.step, self._meta(), t0)
+            if background:
+                request = dist_checkpointing.save(sharded, path, async_sharded_save=True)
+                seconds = _hook_seconds(SLOW_WRITE_ENV, run.step)
+                if seconds is not None and request.async_fn is not None:
+                    request = request._replace(async_fn=partial(_slow_write, seconds, request.async_fn))
+                request.add_finalize_fn(finalize)
+                self._queue().schedule_async_request(request)
+                self._pending = run.step
+            else:
+                dist_checkpointing.save(sharded, path)
+                finalize()
+        except (CheckpointError, Preempted):
+            raise
+        except (Exception, _DCPError) as e:
+            raise CheckpointError(_describe_write_failure(path, root, e)) from e
+        finally:
+            self.save_seconds += time.perf_counter() - t0
         return path
+
+    def _mark_complete(self, path: str, iteration: int, meta: dict, t0: float) -> None:
+        seconds = _hook_seconds(SLOW_SAVE_ENV, iteration)
+        if seconds is not None:
+            print(f"test hook {SLOW_SAVE_ENV}: pausing the save of iteration {iteration}", flush=True)
+            time.sleep(seconds)
+        dist.barrier()  # every rank's shards are on disk (fsynced by the writers)
+        if dist.get_rank() == 0:
+            mark_complete(self.cfg.save, iteration, meta, self.cfg.keep_last)
+        dist.barrier()
+        self.last_saved = iteration
+        self.run.logger.print(f"saved checkpoint {path} in {time.perf_counter() - t0:.1f}s")
+
+    def _queue(self):
+        if self._async_queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._async_queue = AsyncCallsQueue(persistent=False)
+        return self._async_queue
+
+    def _poll_async(self) -> None:
+        """Mark a finished async save complete (a collective: every rank calls it at each step end)."""
+        if self._pending is None:
+            return
+        t0 = time.perf_counter()
+        self._finalize(blocking=False)
+        self.save_seconds += time.perf_counter() - t0
+
+    def _finalize(self, blocking: bool) -> None:
+        path = iter_dir(self.cfg.save, self._pending)
+        try:
+            self._async_queue.maybe_finalize_async_calls(blocking=blocking)
+        except CheckpointError:
+            raise
+        except (Exception, _DCPError) as e:
+            self._pending = None
+            raise CheckpointError(_describe_write_failure(path, self.cfg.save, e)) from e
+        if self._async_queue.get_num_unfinalized_calls() == 0:
+            self._pending = None
+
+    def wait_for_pending_save(self) -> None:
+        """Block until an async save in flight is complete (``latest`` moved)."""
+        if self._pending is not None:
+            self._finalize(blocking=True)
 
     def _meta(self) -> dict:
         run = self.run
+        t = run.cfg.training
         return {"format_version": FORMAT_VERSION, "iteration": run.step, "consumed_samples": run.consumed_samples,
+                "train_samples": max(t.train_steps * t.global_batch_size, t.train_samples or 0),
                 "contents": ["model", "optimizer", "rng"], "scheduler": run.scheduler.state_dict(),
                 "layout": _layout(run), "config": to_dict(run.cfg)}
 
     def finish(self) -> None:
+        self.wait_for_pending_save()
         if self.cfg.save and self.last_saved != self.run.step:
-            self.save()
+            self.save(blocking=True)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the writer helpers and restore the signal handlers (also after a failed run)."""
+        if self._async_queue is not None:
+            self._async_queue.close(abort=self._pending is not None)
+            self._async_queue = None
         _stop_writer_manager()
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)

@@ -43,31 +43,77 @@ def check_logging_backends(cfg) -> None:
 
 
 class RunLogger:
+    """``metrics.jsonl`` (one JSON record per line), TensorBoard and wandb under ``logging.output_dir``.
+
+    The files are opened by :meth:`begin` (``run_stage`` calls it once the checkpoint is loaded, or
+    the first ``log`` does): a fresh run (step 0) starts ``metrics.jsonl`` empty; a resumed run keeps
+    the records up to its step and appends (records after it came from steps the checkpoint does not
+    hold, and are re-logged). wandb continues the same run: its id is kept in ``output_dir/wandb_id``
+    and passed back with ``resume="allow"``."""
+
+    WANDB_ID = "wandb_id"
+
     def __init__(self, cfg, enabled: bool, run_config: dict):
         self.enabled = enabled
+        self.cfg = cfg
+        self.run_config = run_config
         self.tb = None
         self.wandb = None
+        self.started = False
         self.history: list[dict] = []
         if not enabled:
             return
-        out = cfg.logging.output_dir
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
+        self.out = cfg.logging.output_dir
+        os.makedirs(self.out, exist_ok=True)
+        with open(os.path.join(self.out, "config.json"), "w") as f:
             json.dump(run_config, f, indent=2, default=str)
-        self.metrics_path = os.path.join(out, "metrics.jsonl")
-        open(self.metrics_path, "w").close()
-        if cfg.logging.tensorboard:
+        self.metrics_path = os.path.join(self.out, "metrics.jsonl")
+
+    def begin(self, step: int) -> None:
+        """Start logging at ``step`` (0: a fresh run; > 0: a resumed one)."""
+        if self.started:
+            return
+        self.started = True
+        if not self.enabled:
+            return
+        self._keep_records_until(step)
+        if self.cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=os.path.join(out, "tensorboard"))
-        if cfg.logging.wandb:
-            import wandb
+            # purge_step drops TensorBoard events after the resumed step (the same steps are re-logged)
+            self.tb = SummaryWriter(log_dir=os.path.join(self.out, "tensorboard"), purge_step=step or None)
+        if self.cfg.logging.wandb:
+            self._start_wandb(step)
 
-            os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=out, config=run_config,
-                                    mode=cfg.logging.wandb_mode)
+    def _keep_records_until(self, step: int) -> None:
+        kept = []
+        if step > 0 and os.path.isfile(self.metrics_path):
+            with open(self.metrics_path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue  # a line cut short by a kill: dropped
+        with open(self.metrics_path, "w") as f:
+            f.writelines(kept)
+
+    def _start_wandb(self, step: int) -> None:
+        import wandb
+
+        lg = self.cfg.logging
+        id_file = os.path.join(self.out, self.WANDB_ID)
+        run_id = open(id_file).read().strip() if step > 0 and os.path.isfile(id_file) else None
+        run_id = run_id or wandb.util.generate_id()
+        with open(id_file, "w") as f:
+            f.write(run_id)
+        os.environ.setdefault("WANDB_MODE", lg.wandb_mode)
+        self.wandb = wandb.init(project=lg.wandb_project, dir=self.out, config=self.run_config, mode=lg.wandb_mode,
+                                id=run_id, resume="allow")
 
     def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
+        if not self.started:
+            self.begin(0)
         if not self.enabled:
             return
         record = {"step": step, "split": prefix, "time": time.time(), **metrics}

@@ -37,6 +37,7 @@ class Run:
     step: int = 0
     consumed_samples: int = 0
     history: list = field(default_factory=list)
+    skipped_steps: int = 0  # steps dropped for NaN/inf gradients (training.nan_policy skip)
 
     @property
     def num_microbatches(self) -> int:
@@ -78,6 +79,17 @@ class Throughput:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.t0, self.steps = time.perf_counter(), 0
+
+    def pause(self) -> None:
+        """Stop the clock: evaluation and checkpoint saves are not step time."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.t0 += time.perf_counter() - self.paused_at
 
     def report(self) -> dict:
         if torch.cuda.is_available():
@@ -143,12 +155,17 @@ def train(run: Run, make_train_iterators: Callable, make_valid_iterators: Option
         meter.steps += 1
         _check_finite(run, res)
         record = {"loss": res.loss, "grad_norm": _num(res.grad_norm), "lr": run.scheduler.get_lr(
-            run.optimizer.param_groups[0]), "skipped": res.skipped}
+            run.optimizer.param_groups[0])}
+        if t.nan_policy == "skip":
+            record["skipped_steps"] = run.skipped_steps
         run.history.append(record)
         if run.step % cfg.logging.log_interval == 0 or run.step == t.train_steps:
-            record.update(meter.report(), mem_gib=_memory_gib())
+            record.update(meter.report())
+            if torch.cuda.is_available():
+                record["mem_gib"] = _memory_gib()
             run.logger.log(run.step, record)
             run.logger.print(_format(run.step, t.train_steps, record))
+        meter.pause()
         if t.eval_interval and (run.step % t.eval_interval == 0 or run.step == t.train_steps):
             val = _evaluate(run, make_valid_iterators)
             if val is not None:
@@ -159,9 +176,9 @@ def train(run: Run, make_train_iterators: Callable, make_valid_iterators: Option
                 run.logger.log(run.step, scores, prefix="eval")
                 run.logger.print(f"step {run.step:>6}/{t.train_steps} | eval " + ", ".join(
                     f"{k.rsplit('/', 1)[0]} {v:.3f}" for k, v in scores.items() if k.endswith("/accuracy")))
-            meter.reset()
         if on_step_end is not None:
             on_step_end(run)
+        meter.resume()
     return run
 
 
@@ -169,23 +186,46 @@ def _num(x) -> Optional[float]:
     return None if x is None else float(x)
 
 
+class NonFiniteStep(FloatingPointError):
+    """A step's gradients or loss were NaN/inf under ``training.nan_policy: stop`` (or too many were
+    skipped): the run ends; that step was not saved."""
+
+
 def _check_finite(run: Run, res: StepResult) -> None:
-    if not run.cfg.training.exit_on_nan:
+    """Apply ``training.nan_policy`` to the step just taken. A step with NaN/inf gradients was not
+    applied (``training/model_setup.skip_nonfinite_steps``; every rank saw the same global norm);
+    the loss exists on the last pipeline stage only, so its check is all-reduced."""
+    t = run.cfg.training
+    loss_bad = res.loss is not None and not math.isfinite(res.loss)
+    flags = torch.tensor([float(loss_bad), float(bool(res.skipped))], device=run.info.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    loss_bad, grads_bad = (bool(x > 0) for x in flags.tolist())
+    if not (loss_bad or grads_bad):
         return
-    bad = torch.tensor([0.0 if res.loss is None or math.isfinite(res.loss) else 1.0])
-    if torch.cuda.is_available():
-        bad = bad.cuda()
-    dist.all_reduce(bad)
-    if bad.item() > 0:
-        raise FloatingPointError(f"loss is not finite at step {run.step}; stopping "
-                                 "(training.exit_on_nan: false continues)")
+    what = " and ".join(([f"gradient norm {_num(res.grad_norm)}"] if grads_bad else [])
+                        + (["loss not finite"] if loss_bad else []))
+    applied = "was not applied" if grads_bad else "was applied (its gradients were finite)"
+    if t.nan_policy == "skip":
+        run.skipped_steps += 1
+        run.logger.print(f"step {run.step}: {what}; the update {applied} (nan_policy skip: "
+                         f"{run.skipped_steps} skipped so far)")
+        if run.skipped_steps <= t.max_skipped_steps:
+            return
+        raise NonFiniteStep(f"step {run.step}: {run.skipped_steps} steps with NaN/inf gradients or loss, more "
+                            f"than training.max_skipped_steps ({t.max_skipped_steps}); stopping")
+    raise NonFiniteStep(f"step {run.step}: {what}; the update {applied} and this step is not saved (the "
+                        f"last checkpoint stays as it is); stopping. training.nan_policy: skip drops such "
+                        f"steps and goes on")
 
 
 def sample_counts(cfg: RunConfig) -> tuple[int, int, int]:
     """(train, valid, test) samples the datasets must hold for this run's steps and evaluations."""
     t = cfg.training
     evals = (t.train_steps // t.eval_interval + 1) if t.eval_interval else 0
-    return (t.train_steps * t.global_batch_size, max(evals, 1) * t.eval_steps * t.global_batch_size,
+    # training.train_samples, when set (or adopted from a resumed checkpoint), fixes the size megatron-core
+    # shuffles for, so the data order does not depend on train_steps (docs/CHECKPOINTS.md).
+    train = max(t.train_steps * t.global_batch_size, t.train_samples or 0)
+    return (train, max(evals, 1) * t.eval_steps * t.global_batch_size,
             t.eval_steps * t.global_batch_size)
 
 
@@ -211,21 +251,28 @@ def run_stage(run: Run, body: Callable, collect: Optional[Callable] = None,
     from megatron_bluelm.parallel.setup import teardown
     from megatron_bluelm.training.checkpointing import Checkpointer, Preempted
 
+    checkpointer = None
     try:
         checkpointer = Checkpointer(run)
         checkpointer.maybe_resume()
+        run.logger.begin(run.step)  # metrics.jsonl and wandb continue a resumed run
         if initial_weights is not None and run.step == 0:  # a resumed run already holds its weights
             initial_weights(run)
         try:
             body(run, checkpointer)
         except Preempted as stop:
             run.logger.print(str(stop))
+        except NonFiniteStep:
+            checkpointer.wait_for_pending_save()  # an earlier (finite) step's async save completes
+            raise
         checkpointer.finish()
         result = summary(run)
         if collect is not None:
             result["collected"] = collect(run)
         return result
     finally:
+        if checkpointer is not None:
+            checkpointer.close()
         run.logger.close()
         teardown()
 
@@ -245,5 +292,5 @@ def cli(main_body: Callable[[], object]) -> None:
 
 def summary(run: Run) -> dict:
     return {"step": run.step, "consumed_samples": run.consumed_samples,
-            "losses": [h.get("loss") for h in run.history],
+            "losses": [h.get("loss") for h in run.history], "skipped_steps": run.skipped_steps,
             "parallel": dataclasses.asdict(run.info) | {"device": str(run.info.device)}}

@@ -2,6 +2,7 @@
 the optimizer and LR scheduler."""
 from __future__ import annotations
 
+import math
 from typing import Callable, List
 
 import torch
@@ -39,7 +40,7 @@ def wrap_ddp(cfg: RunConfig, chunks: List[torch.nn.Module]) -> List[DistributedD
         overlap_grad_reduce=p.overlap_grad_reduce,
         overlap_param_gather=p.overlap_param_gather,
         use_distributed_optimizer=p.distributed_optimizer,
-        check_for_nan_in_grad=False,
+        check_for_nan_in_grad=False,  # ours instead: skip_nonfinite_steps (why there)
         bucket_size=None if p.overlap_grad_reduce else 0,  # one bucket per chunk when not overlapping
     )
     config = chunks[0].config
@@ -74,7 +75,45 @@ def build_optimizer(cfg: RunConfig, model: List[torch.nn.Module]):
     )
     optimizer = get_megatron_optimizer(mcore_cfg, model)
     use_fused_adam(optimizer)
+    skip_nonfinite_steps(optimizer)
     return optimizer, build_scheduler(cfg, optimizer)
+
+
+def skip_nonfinite_steps(optimizer) -> None:
+    """Never apply an update computed from NaN/inf gradients: the optimizer step reports failure
+    (``optimizer.step()`` returns ``(False, grad_norm, ...)``, the step's ``skipped``) and leaves
+    parameters, Adam moments and the LR schedule untouched; ``training.nan_policy`` decides what the
+    loop does then. Without a loss scaler megatron-core checks nothing: bf16/fp32 steps with a NaN
+    gradient norm are applied (its clip coefficient ``max_norm / nan`` is not < 1, so not even clipped).
+
+    The test reuses the global gradient norm megatron-core computes for clipping (all-reduced over
+    the model-parallel and, with the distributed optimizer, data-parallel ranks, so every rank decides
+    alike): a NaN/inf element makes the norm NaN/inf, and the check costs one comparison. With
+    ``clip_grad 0`` no norm is computed, so the check computes it (one extra pass over the gradients).
+    megatron-core's own ``check_for_nan_in_grad`` is not used: it raises on the rank that sees the NaN
+    only, leaving the others in a collective, and it cannot skip."""
+    norms: list = []
+
+    def record(fn):
+        def wrapped(*args, **kwargs):
+            norm = fn(*args, **kwargs)
+            norms.append(norm)
+            return norm
+        return wrapped
+
+    optimizer.get_grad_norm = record(optimizer.get_grad_norm)  # ChainedOptimizer.step's norm
+    if hasattr(optimizer, "clip_grad_norm"):
+        optimizer.clip_grad_norm = record(optimizer.clip_grad_norm)  # a single optimizer's
+    step_with_ready_grads = optimizer.step_with_ready_grads
+
+    def guarded_step() -> bool:
+        norm = norms[-1] if norms else optimizer.get_grad_norm()
+        norms.clear()
+        if not math.isfinite(float(norm)):
+            return False
+        return step_with_ready_grads()
+
+    optimizer.step_with_ready_grads = guarded_step
 
 
 def use_fused_adam(optimizer) -> None:

@@ -137,3 +137,49 @@ def greedy_generate(load: str, prompts: list, max_new_tokens: int, tp: int = 1):
         return [o.tokens for o in outs]
     finally:
         teardown()
+
+
+def pretrain_synced(overrides: list[str]) -> dict:
+    """``pretrain`` whose collected parameters are read after the pending parameter all-gather
+    (``overlap_param_gather``) is finished: the weights every rank really holds."""
+    from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.parallel.gather import full_state_dict
+    from megatron_bluelm.stages.pretrain import run_pretrain
+    from megatron_bluelm.training.checkpointing import finish_param_gather
+
+    def collect(run):
+        finish_param_gather(run.model)
+        return full_state_dict(run.model)
+
+    result = run_pretrain(load_config(None, overrides), collect=collect)
+    return {"losses": result["losses"], "step": result["step"], "params": result["collected"]}
+
+
+def saved_weights(root: str) -> dict:
+    """The model weights alone of the newest complete checkpoint under ``root`` (TP1, one process)."""
+    from megatron_bluelm.convert import megatron_io
+    from megatron_bluelm.training.checkpointing import read_meta, resolve_checkpoint
+
+    megatron_io.start_single_process()
+    path, _ = resolve_checkpoint(root)
+    cfg = megatron_io.run_config_from_meta(read_meta(path))
+    return megatron_io.load_full(megatron_io.build_model(cfg, 8192), path)
+
+
+def pretrain_nan_grad(overrides: list[str], nan_at: int) -> dict:
+    """``pretrain`` with one NaN written into rank 0's reduced gradients of step ``nan_at`` (the loss
+    of that step stays finite): what a bad batch or an overflow does to a real run."""
+    from megatron_bluelm.training import step as step_mod
+
+    original, calls = step_mod.finalize_model_grads, [0]
+
+    def poisoned(model, *args, **kwargs):
+        out = original(model, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == nan_at and int(os.environ["RANK"]) == 0:
+            param = next(p for p in model[0].parameters() if p.requires_grad)
+            param.main_grad.view(-1)[0] = float("nan")
+        return out
+
+    step_mod.finalize_model_grads = poisoned
+    return pretrain(overrides)

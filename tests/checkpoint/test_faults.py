@@ -1,0 +1,298 @@
+"""Faults a checkpoint must survive: stale shards under overlap_param_gather, preemption through
+torchrun, NaN gradients, unwritable / full disks, damaged files, an optimizer switch, a growing run's
+data order, and async saves killed mid-write."""
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import torch
+from ckpt_workers import (
+    loaded_loss,
+    pretrain,
+    pretrain_nan_grad,
+    pretrain_synced,
+    same_model,
+    saved_weights,
+    tiny_overrides,
+)
+from distributed import free_port, run_distributed
+
+from megatron_bluelm.config.errors import ConfigError
+from megatron_bluelm.config.schema import RunConfig
+from megatron_bluelm.training.checkpointing import (
+    META,
+    SLOW_SAVE_ENV,
+    SLOW_WRITE_ENV,
+    Checkpointer,
+    CheckpointError,
+    adopt_sample_count,
+    iter_dir,
+    read_latest,
+    read_meta,
+    verify_files,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEP_RE = re.compile(r"step\s+(\d+)/\d+ \| loss (\S+)")
+
+
+def launch(args, env_extra=None, torchrun=False, file_size_limit=None):
+    """The pretrain stage in a child process (directly, or under torchrun with one worker)."""
+    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PYTHONPATH=REPO, **(env_extra or {}))
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(key, None)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"] if torchrun else []
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+             if file_size_limit else None)
+    return subprocess.Popen([sys.executable, *launcher, "-m", "megatron_bluelm.stages.pretrain", *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=limit, start_new_session=True)
+
+
+def read_until(proc, pattern: str, seen: list) -> None:
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return
+    pytest.fail(f"the run ended before /{pattern}/:\n" + "".join(seen))
+
+
+def losses_of(out: str) -> list[float]:
+    return [float(loss) for _, loss in STEP_RE.findall(out)]
+
+
+def assert_no_survivors(procs, seconds=10.0):
+    deadline = time.time() + seconds
+    while time.time() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs):
+        time.sleep(0.2)
+    alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in alive:  # the test cleans up what the code under test failed to
+        p.kill()
+    assert not alive, f"writer processes outlived the killed run: {[p.cmdline() for p in alive]}"
+
+
+# ----------------------------------------------------------------------------- stale weights
+
+def test_overlap_param_gather_checkpoint_holds_the_current_weights(demo_prefix, tmp_path):
+    """DP4, distributed optimizer, both overlaps: the checkpoint's weights, loaded alone, equal bit for
+    bit the weights the ranks hold once their pending all-gather is done (not the previous step's)."""
+    save = str(tmp_path / "save")
+    args = tiny_overrides(demo_prefix, str(tmp_path), steps=3, distopt=True, save=save) + [
+        "--parallel.overlap_grad_reduce", "true", "--parallel.overlap_param_gather", "true"]
+    live = run_distributed(pretrain_synced, 4, args)[0]["params"]
+    saved = run_distributed(saved_weights, 1, save)[0]
+    assert set(live) <= set(saved)
+    stale = [name for name in live if not torch.equal(live[name], saved[name])]
+    assert not stale, f"{len(stale)} of {len(live)} tensors differ from the weights in memory, e.g. {stale[:3]}"
+
+
+# ----------------------------------------------------------------------------- preemption
+
+def test_sigterm_through_torchrun_saves_and_resumes_exactly(reference_run, demo_prefix, tmp_path):
+    """torchrun forwards SIGTERM to the worker's whole process group, checkpoint writer helpers
+    included: the preemption save still completes, and the resumed run continues bit-identically.
+    Also: the step after a (slowed) save reports its own time, and metrics.jsonl holds every step once."""
+    ref, ref_save = reference_run
+    save = str(tmp_path / "save")
+    args = tiny_overrides(demo_prefix, str(tmp_path), save=save, load=save, save_interval=2)
+    proc = launch(args, {SLOW_SAVE_ENV: "2:4"}, torchrun=True)
+    seen = []
+    try:
+        read_until(proc, SLOW_SAVE_ENV, seen)  # the save of step 2 has started its writer helpers
+        os.kill(proc.pid, signal.SIGTERM)  # to the torchrun agent, as a scheduler preempting the job
+        out = "".join(seen) + proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    assert "preemption signal: saved step 3" in out, out
+    assert read_latest(save) == 3
+    first = losses_of(out)
+    out2 = launch(args).communicate(timeout=300)[0]
+    assert "resumed from" in out2, out2
+    assert first + losses_of(out2) == [round(x, 4) for x in ref["losses"]], out + out2
+    assert run_distributed(same_model, 1, save, ref_save)[0]
+    records = [json.loads(line) for line in open(tmp_path / "log" / "metrics.jsonl")]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]  # appended on resume, not truncated
+    step3 = next(r for r in train if r["step"] == 3)
+    assert step3["step_time_s"] < 2.0, step3  # the 4 s pause inside step 2's save is not step 3's time
+    assert "mem_gib" not in step3 and "skipped" not in step3  # no constant noise on CPU
+
+
+# ----------------------------------------------------------------------------- NaN gradients
+
+def test_nan_gradient_stops_without_saving_the_step(demo_prefix, tmp_path):
+    """Default policy: a NaN gradient at a save step stops the run; the step is neither applied nor
+    saved, `latest` stays at the previous checkpoint."""
+    save = str(tmp_path / "save")
+    args = tiny_overrides(demo_prefix, str(tmp_path), save=save, save_interval=2)
+    with pytest.raises(RuntimeError, match=r"step 4: gradient norm nan.*not applied.*not saved"):
+        run_distributed(pretrain_nan_grad, 1, args, 4)
+    assert read_latest(save) == 2 and not os.path.exists(iter_dir(save, 4))
+
+
+def test_nan_gradient_skipped_and_counted(reference_run, demo_prefix, tmp_path):
+    """nan_policy skip: the NaN step is dropped (weights, Adam state and LR schedule untouched), counted,
+    and the run goes on to a finite final checkpoint."""
+    ref, _ = reference_run
+    save = str(tmp_path / "save")
+    args = tiny_overrides(demo_prefix, str(tmp_path), save=save) + ["--training.nan_policy", "skip"]
+    res = run_distributed(pretrain_nan_grad, 1, args, 4)[0]
+    assert res["step"] == 6 and res["losses"][:4] == ref["losses"][:4]
+    assert all(torch.isfinite(p).all() for p in res["params"].values())
+    assert res["losses"][4] != ref["losses"][4]  # step 5 starts from the step-3 weights
+    records = [json.loads(line) for line in open(tmp_path / "log" / "metrics.jsonl")]
+    assert [r["skipped_steps"] for r in records if r["split"] == "train"] == [0, 0, 0, 1, 1, 1]
+    weights = run_distributed(saved_weights, 1, save)[0]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+# ----------------------------------------------------------------------------- disks
+
+def test_unwritable_save_dir_fails_before_training(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    cfg = RunConfig()
+    cfg.checkpoint.save = str(tmp_path / "a_file" / "ckpt")
+    with pytest.raises(CheckpointError, match=r"checkpoint.save: cannot write to '.*a_file/ckpt'"):
+        Checkpointer(SimpleNamespace(cfg=cfg, logger=SimpleNamespace(print=print)))
+
+
+def test_full_disk_mid_save_is_reported_by_name(demo_prefix, tmp_path):
+    """A write that fails mid-save (here: `ulimit -f`, as a full disk would) names the checkpoint, the
+    file and the cause; the directory stays incomplete and `latest` does not move."""
+    save = str(tmp_path / "save")
+    args = tiny_overrides(demo_prefix, str(tmp_path), steps=2, save=save)
+    proc = launch(args, file_size_limit=2 * 2**20)  # the dataset cache and logs fit, the 16 MB shards do not
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2, out
+    assert re.search(r"writing checkpoint '.*iter_0000002' failed on rank 0 .*file-size limit \(ulimit -f\) is "
+                     r"2097152 bytes; .*iter_0000002/__0_\d\.distcp reached that limit", out), out
+    assert read_latest(save) is None and not os.path.exists(os.path.join(iter_dir(save, 2), META))
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+@pytest.mark.parametrize("damage, file, message", [
+    ("truncate", "__0_0.distcp", r"__0_0.distcp is truncated: \d+ bytes, .metadata needs \d+"),
+    ("delete", ".metadata", r"/.metadata is missing"),
+    ("truncate", "common.pt", r"common.pt is damaged"),
+    ("garble", "common.pt", r"common.pt is damaged"),
+    ("truncate", "meta.json", r"meta.json is damaged \(not valid JSON"),
+])
+def test_damaged_files_are_named(reference_run, tmp_path, damage, file, message):
+    _, ref_save = reference_run
+    path = str(tmp_path / "iter_0000003")
+    shutil.copytree(iter_dir(ref_save, 3), path)
+    target = os.path.join(path, file)
+    if damage == "delete":
+        os.remove(target)
+    elif damage == "truncate":
+        os.truncate(target, os.path.getsize(target) // 2)
+    else:
+        data = bytearray(open(target, "rb").read())
+        data[len(data) // 3: len(data) // 3 + 64] = os.urandom(64)
+        open(target, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match=message):
+        read_meta(path)
+        verify_files(path)
+
+
+def test_damaged_shard_fails_the_resume_by_name(reference_run, demo_prefix, tmp_path):
+    _, ref_save = reference_run
+    root = str(tmp_path / "ckpt")
+    shutil.copytree(iter_dir(ref_save, 3), iter_dir(root, 3))
+    open(os.path.join(root, "latest"), "w").write("3")
+    shard = os.path.join(iter_dir(root, 3), "__0_1.distcp")
+    os.truncate(shard, 100)
+    with pytest.raises(RuntimeError, match=r"__0_1.distcp is truncated: 100 bytes"):
+        run_distributed(loaded_loss, 1, tiny_overrides(demo_prefix, str(tmp_path), load=root))
+
+
+# ----------------------------------------------------------------------------- layouts and config
+
+def test_optimizer_switch_on_resume_names_the_setting(reference_run, demo_prefix, tmp_path):
+    _, ref_save = reference_run
+    args = tiny_overrides(demo_prefix, str(tmp_path), distopt=True, load=iter_dir(ref_save, 3))
+    with pytest.raises(RuntimeError, match=r"plain optimizer's state \(saved with parallel.distributed_optimizer="
+                                           r"false\), this run has parallel.distributed_optimizer=true"):
+        run_distributed(pretrain, 1, args)
+
+
+def test_zero_layer_pipeline_stage_is_rejected():
+    from megatron_bluelm.config.validate import validate
+
+    for first, last in ((0, None), (None, 0), (2, 2)):
+        cfg = RunConfig()
+        cfg.model.num_layers, cfg.parallel.pp = 4, 3
+        cfg.parallel.first_stage_layers, cfg.parallel.last_stage_layers = first, last
+        with pytest.raises(ConfigError, match=r"pipeline stage\(s\) \[\d\] would hold no decoder layer"):
+            validate(cfg, 3)
+
+
+# ----------------------------------------------------------------------------- data order
+
+def test_train_samples_fixes_the_data_order(demo_prefix, tmp_path):
+    """megatron-core shuffles for the number of samples asked for: at seq 1024 a 50-step run and a
+    100-step run see different first batches. With training.train_samples fixed they see the same,
+    and a resume adopts the checkpoint's count (or warns by name when it must grow)."""
+    from megatron_bluelm.data import build_pretrain_datasets, load_tokenizer
+    from megatron_bluelm.training.loop import sample_counts
+
+    def first_samples(steps, train_samples=None, n=200):
+        cfg = RunConfig()
+        cfg.data.prefix, cfg.data.seq_length, cfg.data.cache_dir = demo_prefix, 1024, str(tmp_path / "cache")
+        cfg.training.train_steps, cfg.training.train_samples = steps, train_samples
+        ds = build_pretrain_datasets(cfg.data, load_tokenizer(cfg.data.tokenizer_model), seq_length=1024,
+                                     num_samples=sample_counts(cfg), seed=cfg.training.seed)[0]
+        return [ds[i]["tokens"][:16].tolist() for i in range(n)]
+
+    assert first_samples(50) != first_samples(100)  # the problem: the order depends on train_steps
+    assert first_samples(50, train_samples=800) == first_samples(100, train_samples=800)
+
+    cfg, notes = RunConfig(), []
+    cfg.training.train_steps = 50
+    adopt_sample_count(cfg, {"train_samples": 800, "consumed_samples": 200}, notes.append)
+    assert cfg.training.train_samples == 800 and not notes  # the resumed run keeps the saved order
+    cfg.training.train_steps, cfg.training.train_samples = 200, None
+    adopt_sample_count(cfg, {"train_samples": 800, "consumed_samples": 200}, notes.append)
+    assert "built for 1600 samples" in notes[0] and "training.train_samples" in notes[0]
+
+
+# ----------------------------------------------------------------------------- async save
+
+def test_async_save_trains_on_and_survives_kill9_mid_write(reference_run, demo_prefix, tmp_path):
+    """checkpoint.async_save: training goes on while the writer writes; `latest` moves only once the
+    write is complete; kill -9 while the writer is writing leaves the previous checkpoint in force,
+    no writer process behind, and the resumed run continues bit-identically."""
+    ref, ref_save = reference_run
+    save = str(tmp_path / "save")
+    args = tiny_overrides(demo_prefix, str(tmp_path), save=save, load=save, save_interval=2) + [
+        "--checkpoint.async_save", "true"]
+    proc = launch(args, {SLOW_WRITE_ENV: "4:120"})
+    seen = []
+    try:
+        read_until(proc, r"saved checkpoint .*iter_0000002", seen)
+        read_until(proc, SLOW_WRITE_ENV, seen)  # the writer of step 4 is paused before writing
+        read_until(proc, r"step\s+5/6", seen)  # ... and training went on meanwhile
+        assert read_latest(save) == 2
+        helpers = psutil.Process(proc.pid).children(recursive=True)
+        assert helpers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert_no_survivors(helpers)
+    finally:
+        proc.kill()
+    assert read_latest(save) == 2 and not os.path.exists(os.path.join(iter_dir(save, 4), META))
+    out = launch(args).communicate(timeout=300)[0]
+    assert "ignoring incomplete checkpoint" in out and "resumed from" in out, out
+    assert losses_of(out) == [round(x, 4) for x in ref["losses"][2:]], out
+    assert read_latest(save) == 6
+    assert run_distributed(same_model, 1, save, ref_save)[0]
