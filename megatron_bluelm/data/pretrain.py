@@ -1,7 +1,10 @@
 """Pretraining datasets: megatron-core GPTDataset / BlendedDataset built from a DataConfig.
 
 Packing is megatron-core's: documents are concatenated (in a seeded shuffled order) and cut into
-rows of seq_length + 1 tokens, so a row may hold several documents separated by EOD. The sample,
+rows of seq_length + 1 tokens, so a row may hold several documents separated by EOD. With
+``data.reset_attention_mask`` a row also carries ``document_ids`` [s] (the EOD closes its document),
+which the attention turns into per-document masking (models/attention.py); with
+``data.reset_position_ids`` positions restart after each EOD (megatron-core's own position ids). The sample,
 shuffle and blend indices are cached under `cache_dir/<fingerprint>`, where the fingerprint
 covers the .idx files' size and mtime, so re-preprocessing a prefix never reuses stale indices.
 """
@@ -68,7 +71,8 @@ def _gpt_config(cfg: DataConfig, tok, seq_length: int, seed: int, blend, cache: 
         reset_position_ids=cfg.reset_position_ids,
         reset_attention_mask=cfg.reset_attention_mask,
         eod_mask_loss=cfg.eod_mask_loss,
-        create_attention_mask=cfg.reset_attention_mask,
+        # Never a dense [s, s] mask: document_ids (below) carry the documents to the attention.
+        create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
     )
 
@@ -164,7 +168,6 @@ class PretrainDataset(torch.utils.data.Dataset):
         s = self.megatron[int(idx)]
         out = {k: s[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
         if self.reset_attention_mask:
-            out["attention_mask"] = s["attention_mask"]  # [1, s, s], True = masked out
             is_eod = (s["tokens"] == self.eod).long()
             # The EOD closes its document: ids count the EODs strictly before each position.
             out["document_ids"] = torch.cumsum(is_eod, 0) - is_eod

@@ -7,12 +7,17 @@ reads them (same as ``PretrainDataset``):
     tokens, labels      [s]      next-token pairs; the tail is padding
     loss_mask           [s]      1 where the *label* is an assistant token of the same sample
     position_ids        [s]      restart at 0 for every sample (RoPE sees each sample alone)
-    attention_mask      [1,s,s]  True = masked: causal and no attention across samples
-    document_ids        [s]      which sample of the row each position belongs to
+    document_ids        [s]      which sample of the row each position belongs to (padding: one more);
+                                 the attention masks across samples from these (models/attention.py),
+                                 so no [s, s] mask is ever built by the data pipeline
 
-So a packed row trains exactly like its samples one by one (tested in tests/sft/).
+So a packed row trains exactly like its samples one by one (tested in tests/sft/ and tests/data/).
+Samples longer than a row are cut to it; ``PackedSFTDataset.truncated`` counts them (and a warning
+says how many at build time).
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -60,6 +65,12 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         if len(docs) == 0:
             raise ConfigError(f"data.split: no SFT samples of '{prefix}' in this split")
         self.rows: list[list[int]] = []
+        # Each sample is in every epoch once; cut to the row when longer (seq_length + 1 tokens).
+        self.truncated = int(np.sum(lengths[docs] > seq_length + 1))
+        if self.truncated:
+            logging.getLogger(__name__).warning(
+                "SFT data '%s': %d of %d samples are longer than data.seq_length + 1 (%d) and are truncated",
+                prefix, self.truncated, len(docs), seq_length + 1)
         rng = np.random.default_rng(seed)
         while len(self.rows) < num_samples:  # epochs, each reshuffled
             self.rows += pack_rows(lengths, rng.permutation(docs), seq_length + 1)
@@ -88,15 +99,12 @@ def build_row(samples, seq_length: int, pad_id: int) -> dict:
         at += k
     pos[at:] = np.arange(n - at)
     same = doc[1:] == doc[:-1]  # a label from the next sample is never learned
-    doc_t = torch.from_numpy(doc[:-1])
-    causal = torch.ones(seq_length, seq_length, dtype=torch.bool).triu(1)
     return {
         "tokens": torch.from_numpy(tokens[:-1]),
         "labels": torch.from_numpy(tokens[1:]),
         "loss_mask": torch.from_numpy(loss[1:] * same),
         "position_ids": torch.from_numpy(pos[:-1]),
-        "attention_mask": (causal | (doc_t[:, None] != doc_t[None, :]))[None],
-        "document_ids": doc_t,
+        "document_ids": torch.from_numpy(doc[:-1]),
     }
 
 

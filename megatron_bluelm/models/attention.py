@@ -66,9 +66,14 @@ class SDPACoreAttention(MegatronModule):
 
     Same constructor and call signature as megatron-core's ``DotProductAttention``:
     query [sq, b, heads/tp, d], key/value [sk, b, groups/tp, d] -> [sq, b, heads/tp * d].
-    ``attention_mask`` is megatron's boolean convention (True = masked out), [b, 1, sq, sk], or None
-    for plain causal attention (the fast path: no mask tensor at all). ``attn_mask_type=no_mask``
-    with no mask tensor is full bidirectional attention (the vision encoder, models/vision.py).
+    ``attention_mask`` is one of
+      * None: plain causal attention (the fast path: no mask tensor at all); with
+        ``attn_mask_type=no_mask``, full bidirectional attention (the vision encoder, models/vision.py);
+      * integer document ids [b, s] (packed rows, :func:`document_attention_mask`): attention within
+        each document only, causal. CUDA: FlexAttention with one BlockMask per micro-batch, shared by
+        every layer (``kernels.attention.cached_document_block_mask``), cost ∝ Σ len²; CPU: SDPA with
+        the boolean mask built here from the ids (the exact reference);
+      * megatron's boolean convention (True = masked out), [b, 1, sq, sk] (the generation engine).
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
@@ -86,6 +91,8 @@ class SDPACoreAttention(MegatronModule):
         sq, b = query.shape[0], query.shape[1]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
         dropout = self.dropout_p if self.training else 0.0
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            return self._documents(q, k, v, attention_mask, attn_mask_type, dropout).permute(2, 0, 1, 3).reshape(sq, b, -1)
         mask = None if attention_mask is None else ~attention_mask
         causal = mask is None and attn_mask_type != AttnMaskType.no_mask
         def attend():
@@ -100,3 +107,28 @@ class SDPACoreAttention(MegatronModule):
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 out = attend()
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _documents(self, q, k, v, document_ids, attn_mask_type, dropout):
+        from kernels.attention import attention
+
+        if dropout:
+            raise ValueError("model.attention_dropout > 0 is not supported with packed documents "
+                             "(data.reset_attention_mask / packed rows): FlexAttention has no dropout")
+        if document_ids.shape != (q.shape[0], q.shape[2]):
+            raise ValueError(f"document ids {tuple(document_ids.shape)} do not match the attention's "
+                             f"[batch, sequence] = {(q.shape[0], q.shape[2])}")
+        causal = attn_mask_type != AttnMaskType.no_mask
+        return attention(q, k, v, causal=causal, document_ids=document_ids, scale=self.scale)
+
+
+def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """What the model's ``attention_mask`` argument carries for packed rows: the [b, s] document ids
+    themselves (int32, O(s) per row; they pass through megatron-core's layers and activation
+    checkpointing as any tensor). On CUDA the FlexAttention BlockMask is built here, once per
+    micro-batch, and every layer finds it in the cache."""
+    ids = document_ids.to(torch.int32)
+    if ids.is_cuda:
+        from kernels.attention import cached_document_block_mask
+
+        cached_document_block_mask(ids, causal=True)
+    return ids

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_bluelm.config.errors import ConfigError
 from megatron_bluelm.config.schema import RunConfig
 from megatron_bluelm.models.spec import decoder_block_spec, resolve_backend
 
@@ -128,6 +129,9 @@ class BlueLMModel(GPTModel):
 def build_decoder(cfg: RunConfig, vocab_size: int, *, pre_process: bool = True, post_process: bool = True,
                   vp_stage: Optional[int] = None, config: Optional[TransformerConfig] = None) -> BlueLMModel:
     backend = resolve_backend(cfg.model.backend)
+    if backend == "te" and getattr(cfg.data, "reset_attention_mask", False):
+        raise ConfigError("model.backend: packed documents (data.reset_attention_mask, SFT, packed multimodal "
+                          "rows) run on the fused or torch backend (FlexAttention); 'te' takes no document ids")
     config = config or build_transformer_config(cfg, backend)
     return BlueLMModel(
         config=config,

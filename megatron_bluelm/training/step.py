@@ -17,13 +17,26 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-_BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
+# document_ids [b, s]: which packed document each position belongs to (None: one causal sequence).
+_BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask", "document_ids")
 _OPTIONAL_INPUTS = ("pixel_values",)  # passed to the model only when the batch has them (multimodal)
 
 
 def batch_to_device(batch: dict, device: torch.device) -> dict:
     keys = _BATCH_KEYS + tuple(k for k in _OPTIONAL_INPUTS if k in batch)
     return {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None) for k in keys}
+
+
+def model_attention_mask(batch: dict):
+    """The model's ``attention_mask`` argument: packed rows carry their document ids (compact, the
+    attention builds what it needs once per micro-batch, models/attention.py); else the batch's own
+    mask (None: causal)."""
+    ids = batch.get("document_ids")
+    if ids is None:
+        return batch.get("attention_mask")
+    from megatron_bluelm.models.attention import document_attention_mask
+
+    return document_attention_mask(ids)
 
 
 def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -40,7 +53,7 @@ def make_forward_step(device: torch.device):
     def forward_step(data_iterator: Iterator, model):
         batch = batch_to_device(next(data_iterator), device)
         extra = {k: batch[k] for k in _OPTIONAL_INPUTS if k in batch}
-        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
+        output = model(batch["tokens"], batch["position_ids"], model_attention_mask(batch), labels=batch["labels"],
                        loss_mask=batch["loss_mask"], **extra)
         return output, partial(loss_func, batch["loss_mask"])
 

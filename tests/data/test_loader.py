@@ -88,7 +88,8 @@ def test_reset_position_ids_and_attention_mask_on_packed_row(demo_prefixes, tok,
                       reset_attention_mask=True, eod_mask_loss=True)[0]
     # find a packed row holding a document boundary
     row = next(train[i] for i in range(len(train)) if (train[i]["tokens"][:-1] == tok.eod).any())
-    tokens, pos, mask, docs = row["tokens"], row["position_ids"], row["attention_mask"][0], row["document_ids"]
+    tokens, pos, docs = row["tokens"], row["position_ids"], row["document_ids"]
+    assert "attention_mask" not in row  # no dense [s, s] mask: the ids are all the attention needs
     eods = (tokens == tok.eod).nonzero().flatten().tolist()
     starts = [0] + [e + 1 for e in eods if e + 1 < SEQ]
     expected_docs = torch.zeros(SEQ, dtype=torch.long)
@@ -98,13 +99,9 @@ def test_reset_position_ids_and_attention_mask_on_packed_row(demo_prefixes, tok,
     for s in starts:  # positions restart at every document start
         assert pos[s] == 0
     assert torch.equal(pos[1:][docs[1:] == docs[:-1]], pos[:-1][docs[1:] == docs[:-1]] + 1)
-    # True = masked: causal AND same document
-    allowed = torch.tril(torch.ones(SEQ, SEQ, dtype=torch.bool)) & (docs[:, None] == docs[None, :])
-    assert torch.equal(mask, ~allowed)
     assert (row["loss_mask"][tokens == tok.eod] == 0).all()
     b = _take(train, 1)[0]
-    assert b["attention_mask"].shape == (4, 1, SEQ, SEQ) and b["attention_mask"].dtype == torch.bool
-    assert b["document_ids"].shape == (4, SEQ)
+    assert "attention_mask" not in b and b["document_ids"].shape == (4, SEQ)
 
 
 def test_mock_needs_no_files(tok, tmp_path):

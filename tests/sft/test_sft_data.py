@@ -84,8 +84,7 @@ def test_packing_boundaries():
     assert row["position_ids"].tolist()[:7] == [0, 1, 2, 3, 0, 1, 2]
     # label of position 3 is sample 2's first token: never learned; padding never learned
     assert row["loss_mask"].tolist() == [1, 1, 1, 0, 1, 1, 0, 0, 0]
-    m = row["attention_mask"][0]
-    assert not m[5, 4] and m[5, 3] and m[3, 4]  # own sample only, causal
+    assert row["document_ids"].tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2] and "attention_mask" not in row
 
 
 def test_cli_chat_mode(tmp_path):
@@ -116,7 +115,7 @@ def _packed_vs_alone():
     samples = [(np.arange(30, 40), np.ones(10)), (np.arange(50, 57), np.ones(7))]
     row = build_row(samples, 32, 0)
     with torch.no_grad():
-        packed = model(row["tokens"][None], row["position_ids"][None], row["attention_mask"][None],
+        packed = model(row["tokens"][None], row["position_ids"][None], row["document_ids"][None],
                        labels=row["labels"][None])[0]
         alone = [model(torch.tensor(t[:-1])[None], torch.arange(len(t) - 1)[None], None,
                        labels=torch.tensor(t[1:])[None])[0] for t, _ in samples]

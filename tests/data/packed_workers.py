@@ -1,0 +1,105 @@
+"""Rank functions of the packed-document tests (module level: ``run_distributed`` spawns them).
+
+The reference for a packed row is each of its documents run on its own: a row holding only that
+document at positions 0..n-1, causal attention, padding after it with no loss (causal attention keeps
+the padding out of the document's outputs). Both sides go through megatron-core's schedules with the
+same token count, so the loss sums and the per-token-normalized gradients must agree.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+SEQ = 64
+LENGTHS = [(20, 25), (15, 30)]  # two packed rows of two documents each (plus padding)
+
+
+def tiny_overrides(extra=()) -> list[str]:
+    return ["--data.mock", "true", "--data.seq_length", str(SEQ), "--model.preset", "tiny",
+            "--training.train_steps", "1", "--training.micro_batch_size", "1",
+            "--training.global_batch_size", "2", "--training.eval_interval", "0",
+            "--schedule.warmup_steps", "0", "--logging.tensorboard", "false",
+            "--logging.output_dir", "outputs/test_packed", "--model.backend", "torch"] + list(extra)
+
+
+def documents(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randint(5, 4000, (n,), generator=gen) for n in row] for row in LENGTHS]
+
+
+def packed_batch(docs, pad: int = 0) -> dict:
+    """One packed row of ``docs`` (the layout data/sft_packing.build_row makes)."""
+    tokens = torch.full((SEQ + 1,), pad)
+    ids = torch.full((SEQ + 1,), len(docs))
+    pos = torch.zeros(SEQ + 1, dtype=torch.long)
+    at = 0
+    for d, t in enumerate(docs):
+        tokens[at:at + len(t)], ids[at:at + len(t)], pos[at:at + len(t)] = t, d, torch.arange(len(t))
+        at += len(t)
+    pos[at:] = torch.arange(SEQ + 1 - at)
+    same = (ids[1:] == ids[:-1]) & (ids[:-1] < len(docs))
+    return {"tokens": tokens[None, :-1], "labels": tokens[None, 1:], "loss_mask": same.float()[None],
+            "position_ids": pos[None, :-1], "document_ids": ids[None, :-1]}
+
+
+def alone_batch(doc, pad: int = 0) -> dict:
+    tokens = torch.full((SEQ + 1,), pad)
+    tokens[:len(doc)] = doc
+    mask = torch.zeros(SEQ)
+    mask[:len(doc) - 1] = 1
+    return {"tokens": tokens[None, :-1], "labels": tokens[None, 1:], "loss_mask": mask[None],
+            "position_ids": torch.arange(SEQ)[None], "attention_mask": None}
+
+
+def full_grads(model) -> dict:
+    """{global name: full gradient} from the DDP main_grad buffers of every layout (via gather)."""
+    from megatron_bluelm.parallel.gather import full_state_dict
+
+    params = [p for chunk in model for p in chunk.parameters()]
+    saved = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.main_grad.view_as(p).to(p.dtype)
+        return full_state_dict(model)
+    finally:
+        for p, d in zip(params, saved):
+            p.data = d
+
+
+def _grads_and_loss(run, batches) -> dict:
+    from megatron.core import parallel_state
+
+    from megatron_bluelm.training.step import _run_schedule
+
+    for chunk in run.model:
+        chunk.zero_grad_buffer()
+    reports = _run_schedule(run.model, [iter(list(batches)) for _ in run.model], False,
+                            num_microbatches=len(batches), seq_length=SEQ, micro_batch_size=1,
+                            device=run.info.device)
+    total = sum((r["lm loss"].double().cpu() for r in reports), torch.zeros(2, dtype=torch.float64))
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    return {"loss_sum": float(total[0]) if last else None, "tokens": int(total[1]) if last else None,
+            "grads": full_grads(run.model)}
+
+
+def packed_vs_alone(extra: list[str]) -> dict:
+    """Gradients and loss of the packed rows and of their documents alone, in the given layout."""
+    from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.data import load_tokenizer
+    from megatron_bluelm.models.decoder import build_decoder
+    from megatron_bluelm.parallel.setup import teardown
+    from megatron_bluelm.training.loop import prepare_config, setup_run
+
+    cfg = load_config(None, tiny_overrides(["--data.reset_position_ids", "true",
+                                            "--data.reset_attention_mask", "true", *extra]))
+    prepare_config(cfg)
+    vocab = cfg.model.vocab_size or load_tokenizer(cfg.data.tokenizer_model).vocab_size
+    run = setup_run(cfg, partial(build_decoder, cfg, vocab), 0.0)
+    try:
+        rows = documents()
+        packed = _grads_and_loss(run, [packed_batch(r) for r in rows])
+        alone = _grads_and_loss(run, [alone_batch(d) for r in rows for d in r])
+        return {"packed": packed, "alone": alone}
+    finally:
+        teardown()
