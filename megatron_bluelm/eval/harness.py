@@ -81,10 +81,11 @@ class EvalSettings:
 @dataclass
 class Sample:
     response: str  # the generated text (thinking, then the answer; stop token removed)
-    thinking_tokens: int
+    thinking_tokens: int  # tokens sampled inside the think block (the budget's forced close not counted)
     tokens: int  # generated tokens in all
     finish_reason: str
     forced_close: bool = False
+    warnings: list = field(default_factory=list)  # the engine's, e.g. a budget clamped to the limits
 
 
 # generate(conversations, images per conversation, budget, max_new_tokens, seed, samples)
@@ -183,7 +184,8 @@ def _row(bench: Benchmark, item: Item, budget: Optional[int], samples: list) -> 
         out.append({"response": s.response, "answer": extract_answer(item.grader, text),
                     "correct": grade(item.grader, text, item.answer, choices=item.choices),
                     "thinking_tokens": s.thinking_tokens, "tokens": s.tokens,
-                    "finish_reason": s.finish_reason, "forced_close": s.forced_close})
+                    "finish_reason": s.finish_reason, "forced_close": s.forced_close,
+                    **({"warnings": s.warnings} if s.warnings else {})})
     return {"bench": bench.name, "budget": budget_label(budget), "id": item.id, "where": item.where,
             "level": item.level, "prompt": _render_prompt(item, budget), "reference": item.answer, "samples": out}
 

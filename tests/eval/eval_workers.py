@@ -1,7 +1,7 @@
 """Worker for the end-to-end evaluation test (module level: spawned by run_distributed): a few SFT
 steps on the bundled arithmetic split with periodic benchmark evaluation, then tools/evaluate.py on
-the checkpoint: a full sweep, and a sweep interrupted (results cut after the first batch, the next
-write torn) and run again."""
+the checkpoint: a full sweep, a sweep interrupted (results cut after the first batch, the next
+write torn) and run again, and the sweep on the checkpoint's HF export."""
 import gzip
 import json
 import os
@@ -22,15 +22,20 @@ def _preprocess(tmp: str, n: int) -> str:
     return os.path.join(tmp, "sft_text_document")
 
 
-def sft_then_evaluate(tmp: str, eval_argv: list, cut_rows: int) -> dict:
+def _tool(name: str):
     import importlib.util
 
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sft_then_evaluate(tmp: str, eval_argv: list, cut_rows: int) -> dict:
     from megatron_bluelm.config.loader import load_config
     from megatron_bluelm.stages.sft import run_sft
 
-    spec = importlib.util.spec_from_file_location("evaluate_tool", os.path.join(ROOT, "tools", "evaluate.py"))
-    evaluate_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate_cli)
+    evaluate_cli, convert_cli = _tool("evaluate"), _tool("convert_checkpoint")
     prefix = _preprocess(tmp, 200)
     overrides = ["--data.prefix", prefix, "--data.seq_length", "64", "--training.micro_batch_size", "2",
                  "--training.global_batch_size", "2", "--training.train_steps", "4", "--schedule.warmup_steps", "1",
@@ -52,8 +57,13 @@ def sft_then_evaluate(tmp: str, eval_argv: list, cut_rows: int) -> dict:
         f.write(lines[1 + cut_rows][:40])
     os.remove(os.path.join(part, "summary.json"))
     assert evaluate_cli.main(ckpt + eval_argv + ["--output", part]) == 0
+    hf = os.path.join(tmp, "hf")  # the same sweep on the HF export (arithmetic only: the slow path)
+    convert_cli.main(["mcore-to-hf", "--load", os.path.join(tmp, "ckpt"), "--out", hf])
+    i = eval_argv.index("word_problems")
+    hf_argv = eval_argv[:i - 1] + eval_argv[i + 1:]
+    assert evaluate_cli.main(["--hf", hf, "--no-progress", "--output", os.path.join(tmp, "hf_eval")] + hf_argv) == 0
     out = {}
-    for name in ("full", "part"):
+    for name in ("full", "part", "hf_eval"):
         with open(os.path.join(tmp, name, "summary.json")) as f:
             out[name] = json.load(f)
         with open(os.path.join(tmp, name, "results.jsonl")) as f:

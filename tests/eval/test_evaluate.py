@@ -71,3 +71,18 @@ def test_outputs_written_and_periodic_eval_logged(toy):
     for r in evals:
         assert 0 <= r["arithmetic/nothink/accuracy"] <= 1 and 0 <= r["arithmetic/2/accuracy"] <= 1
         assert r["arithmetic/nothink/thinking_tokens"] == 0 and 0 < r["arithmetic/2/thinking_tokens"] <= 2
+
+
+@pytest.mark.slow
+def test_hf_export_sweep_matches_the_engine(toy):
+    """The HF path (transformers, its chat template, the same budget rule) gives the engine's verdicts,
+    thinking lengths, forced closes and lengths on the exported weights (greedy, fp32)."""
+    _, out = toy
+    ours = {(r["budget"], r["id"]): r for r in out["full_rows"] if r["bench"] == "arithmetic"}
+    hf = {(r["budget"], r["id"]): r for r in out["hf_eval_rows"]}
+    assert sorted(hf) == sorted(ours)
+    fields = ("correct", "answer", "thinking_tokens", "tokens", "finish_reason", "forced_close")
+    for key, row in hf.items():
+        assert row["prompt"] == ours[key]["prompt"], key
+        assert [{f: s[f] for f in fields} for s in row["samples"]] == \
+            [{f: s[f] for f in fields} for s in ours[key]["samples"]], key
