@@ -38,6 +38,10 @@ class VisionConfig:
     thumbnail: bool = True  # add a whole-image tile when the grid has more than one tile
     freeze: list[str] = field(default_factory=list)  # parts not trained: vision | adapter | decoder
     balance_pipeline: bool = True  # pp > 1: choose parallel.first_stage_layers by the cost model
+    # Packing (data/mm_packing.py): several image-text and text records per row, per-record attention.
+    pack: bool = False
+    max_tiles_per_microbatch: Optional[int] = None  # ViT batch bound; None: what the row's tokens allow
+    pack_buffer: int = 4096  # records per first-fit-decreasing shuffle buffer
 
     @property
     def enabled(self) -> bool:
@@ -74,6 +78,11 @@ class VisionConfig:
         if self.adapter_hidden_size is not None and self.adapter_hidden_size % tp:
             raise ConfigError(f"vision.adapter_hidden_size ({self.adapter_hidden_size}) is not divisible by "
                               f"parallel.tp ({tp})")
+        if self.max_tiles_per_microbatch is not None and self.max_tiles_per_microbatch <= 0:
+            raise ConfigError(f"vision.max_tiles_per_microbatch: must be a positive integer or null, got "
+                              f"{self.max_tiles_per_microbatch!r}")
+        if self.pack_buffer <= 0:
+            raise ConfigError(f"vision.pack_buffer: must be a positive integer, got {self.pack_buffer!r}")
         unknown = [f for f in self.freeze if f not in FREEZABLE]
         if unknown:
             raise ConfigError(f"vision.freeze: unknown parts {unknown}; choose from {list(FREEZABLE)}")

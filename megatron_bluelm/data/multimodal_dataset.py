@@ -1,5 +1,6 @@
 """Multimodal samples and batches: one record per sample, images tiled at load time.
 
+(``vision.pack: true`` packs several records per row instead: data/mm_packing.py.)
 A sample is one record (no packing across records): its tokens with every ``<image>`` expanded to
 the image's exact token block (data/images.py), cut or padded to ``seq_length + 1``, and its tiles.
 A batch stacks the token tensors and concatenates the tiles of all its samples in order
@@ -98,7 +99,8 @@ class MultimodalDataset(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    batch = {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    keys = ("tokens", "labels", "loss_mask", "position_ids") + (("document_ids",) if "document_ids" in samples[0] else ())
+    batch = {k: torch.stack([s[k] for s in samples]) for k in keys}
     batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])
     batch["num_tiles"] = torch.tensor([s["num_tiles"] for s in samples])
     return batch

@@ -36,6 +36,18 @@ def multimodal_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError("parallel.vpp: not supported by the multimodal model (the ViT sits on the first chunk)")
     apply_preset(cfg.model)
     resolve_vision_layout(cfg)
+    if cfg.vision.pack:  # several records per row: positions and attention per record
+        cfg.data.reset_position_ids = True
+        cfg.data.reset_attention_mask = True
+        v, mbs = cfg.vision, cfg.training.micro_batch_size
+        largest = v.max_tiles + int(v.thumbnail)
+        if v.max_tiles_per_microbatch is not None and v.max_tiles_per_microbatch // mbs < largest:
+            raise ConfigError(f"vision.max_tiles_per_microbatch ({v.max_tiles_per_microbatch}) must allow one "
+                              f"image of vision.max_tiles + thumbnail ({largest}) tiles in each of the "
+                              f"training.micro_batch_size ({mbs}) rows")
+    elif cfg.data.mixture:
+        raise ConfigError("data.mixture: a multimodal mixture (image-text and text sources) is packed: set "
+                          "vision.pack: true")
     return cfg
 
 
@@ -88,6 +100,7 @@ def run_multimodal(cfg: RunConfig, pretrained: Optional[str] = None, collect: Op
     from megatron.core import parallel_state
 
     from megatron_bluelm.data import load_tokenizer
+    from megatron_bluelm.data.mm_packing import build_packed_multimodal_datasets
     from megatron_bluelm.data.multimodal_dataset import build_multimodal_datasets, collate
     from megatron_bluelm.models.multimodal import build_vlm, describe_split
     from megatron_bluelm.training.loop import data_iterators, prepare_config, run_stage, setup_run, train
@@ -107,9 +120,14 @@ def run_multimodal(cfg: RunConfig, pretrained: Optional[str] = None, collect: Op
         t = cfg.training
         evals = (t.train_steps // t.eval_interval + 1) if t.eval_interval else 0
         num_samples = (t.train_steps * t.global_batch_size, evals * t.eval_steps * t.global_batch_size, 0)
-        train_ds, valid_ds, _ = build_multimodal_datasets(
-            cfg, tokenizer, num_samples=num_samples, seed=t.seed,
-            with_pixels=parallel_state.is_pipeline_first_stage(ignore_virtual=True))
+        build = build_packed_multimodal_datasets if cfg.vision.pack else build_multimodal_datasets
+        train_ds, valid_ds, _ = build(cfg, tokenizer, num_samples=num_samples, seed=t.seed,
+                                      with_pixels=parallel_state.is_pipeline_first_stage(ignore_virtual=True))
+        if cfg.vision.pack:
+            st = train_ds.stats
+            run.logger.print(f"packed rows: {st.records} records in {st.rows} rows, "
+                             f"{st.padding_fraction(cfg.data.seq_length + 1):.1%} padding, "
+                             f"{st.tiles / max(st.rows, 1):.2f} tiles per row")
         iterators = partial(data_iterators, cfg, num_workers=cfg.data.num_workers, collate_fn=collate)
         train(run, partial(iterators, train_ds), partial(iterators, valid_ds) if valid_ds else None,
               on_step_end=checkpointer.on_step_end)
