@@ -47,10 +47,13 @@ def _reference_greedy(im, gen, prompt, images, n):
 
 
 def _first_logits(gen, text, images):
-    """Logits at the first generated position, through the generation runner (prefill only)."""
+    """Logits at the first generated position, through megatron-core's forward (ModelRunner, prefill only)."""
+    from megatron_bluelm.inference.runner import ModelRunner
+
     (prompt,), tiles = gen.images.expand([gen.tok.encode(text)], [images], gen.im.max_context)
-    gen.runner.start(torch.zeros(1, dtype=torch.long), len(prompt) + 1)
-    return gen.runner.step(torch.tensor([prompt]), tiles)[0]
+    runner = ModelRunner(gen.im.model, gen.im.info.device)
+    runner.start(torch.zeros(1, dtype=torch.long), len(prompt) + 1)
+    return runner.step(torch.tensor([prompt]), tiles)[0]
 
 
 def mm_greedy_tokens(overrides, n=8):

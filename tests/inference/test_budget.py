@@ -79,3 +79,97 @@ def test_bad_sampling_params(bad):
 
     with pytest.raises(GenerationError):
         SamplingParams(**bad).validate()
+
+
+# -- the engine's device-side state machine (decode_state.advance) on synthetic one-hot logits -------
+V = 64
+LEAD3, CONT, DOT = 50, 51, 60  # a lead byte of a 3-byte UTF-8 character, a continuation byte, "."
+DEV_CLOSE = [61, END, 62]
+
+
+def _state(budget, grace=0, bstate=None, limit=30):
+    from megatron_bluelm.inference import decode_state as ds
+
+    st = ds.DecodeState(1, 32, V, torch.device("cpu"))
+    st.active[0], st.limit[0], st.limit_reason[0] = True, limit, ds.FINISH_LENGTH
+    st.bstate[0] = ds.THINKING if bstate is None else bstate
+    st.budget[0], st.grace[0] = budget, grace
+    st.close_ids[:len(DEV_CLOSE)] = torch.tensor(DEV_CLOSE)
+    st.close_len.fill_(len(DEV_CLOSE))
+    st.think_ids.copy_(torch.tensor([THINK, END]))
+    st.utf8[LEAD3], st.utf8[CONT] = 2, -1
+    st.sentence_end[DOT] = True
+    return st
+
+
+def _drive(st, proposals):
+    """Each step the 'model' puts all mass on one token; returns (emitted tokens, forced mask)."""
+    from megatron_bluelm.inference.decode_state import advance
+
+    for tok in proposals:
+        logits = torch.zeros(1, V)
+        logits[0, tok] = 20.0
+        advance(st, logits, 1, False)
+    n = int(st.gen[0])
+    return st.out_token[0, :n].tolist(), st.out_forced[0, :n].tolist()
+
+
+def test_device_budget_closes_at_the_budget_with_the_close_sequence():
+    st = _state(budget=3)
+    toks, forced = _drive(st, [20, 21, 22, 23, 24, 25, 26])
+    assert toks == [20, 21, 22, *DEV_CLOSE, 26]
+    assert forced == [False] * 3 + [True] * 3 + [False]
+    assert int(st.bcount[0]) == 3
+
+
+def test_device_budget_never_splits_a_utf8_character():
+    # the budget (2) is reached on a lead byte: forcing waits for its two continuation bytes
+    st = _state(budget=2)
+    toks, forced = _drive(st, [20, LEAD3, CONT, CONT, 30, 31, 32, 33])
+    assert toks == [20, LEAD3, CONT, CONT, *DEV_CLOSE, 33]
+    assert forced.index(True) == 4
+    # a continuation byte on its own (the character began before the budget) also finishes first
+    st = _state(budget=1)
+    toks, _ = _drive(st, [LEAD3, CONT, CONT, 30, 31, 32])
+    assert toks == [LEAD3, CONT, CONT, *DEV_CLOSE]
+
+
+def test_device_budget_grace_waits_for_a_sentence_end():
+    st = _state(budget=2, grace=3)
+    toks, _ = _drive(st, [20, 21, 22, DOT, 40, 41, 42, 43])
+    assert toks == [20, 21, 22, DOT, *DEV_CLOSE, 43]  # closed after the "." (within the grace)
+    st = _state(budget=2, grace=3)
+    toks, _ = _drive(st, [20, 21, 22, 23, 24, 40, 41, 42, 43])
+    assert toks == [20, 21, 22, 23, 24, *DEV_CLOSE, 43]  # no sentence end: closed after budget + grace
+
+
+def test_device_bans_think_tokens_after_the_close():
+    from megatron_bluelm.inference import decode_state as ds
+
+    st = _state(budget=1)
+    toks, _ = _drive(st, [20, 21, 22, 23, END, THINK, END, 30])
+    after = toks[1 + len(DEV_CLOSE):]
+    assert toks[:4] == [20, *DEV_CLOSE] and int(st.bstate[0]) == ds.CLOSED
+    assert END not in after and THINK not in after and after[-1] == 30
+    # while thinking, a second <think> is never sampled; the model's own </think> closes the block
+    st = _state(budget=-1)
+    toks, forced = _drive(st, [THINK, 20, END, 21])
+    assert toks[0] != THINK and toks[1:] == [20, END, 21] and not any(forced)
+    assert int(st.bcount[0]) == 2 and int(st.bstate[0]) == ds.CLOSED
+
+
+def test_device_counts_only_sampled_thinking_tokens():
+    from megatron_bluelm.inference import decode_state as ds
+
+    st = _state(budget=-1, bstate=ds.BEFORE)  # a prompt without an open think block
+    _drive(st, [20, 21, THINK, 22, 23, END, 24])
+    assert int(st.bcount[0]) == 2  # tokens before <think> and after </think> do not count
+
+
+@pytest.mark.xfail(strict=True, reason="decode_state.advance: `keep = active` aliases st.active, overwritten "
+                   "by `st.active[sl].copy_(still)` first: a row's last step never updates bcount/bstate")
+def test_device_last_step_of_a_row_is_counted():
+    st = _state(budget=-1, limit=3)
+    toks, _ = _drive(st, [20, 21, 22])
+    assert len(toks) == 3 and not bool(st.active[0])
+    assert int(st.bcount[0]) == 3
