@@ -131,10 +131,7 @@ class GenerationEngine:
         slots = max(slots, c.slots if c is not None else 0)
         capacity = max(capacity, c.capacity if c is not None else 0)
         max_new = max(max_new, st.max_new if st is not None else 0)
-        self.graphs.clear()
-        self.cache = self.state = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.release()  # graphs hold the old buffers' addresses (and their memory pool)
         splits = num_splits(slots, self.w.groups, capacity, self.device)
         self.cache = KVCache(self.w.num_layers, slots, self.w.groups, capacity, self.w.head_dim,
                              self.dtype, self.device, splits)
@@ -273,17 +270,11 @@ class GenerationEngine:
                                   f"tokens, got {len(stop_ids)} and {len(close_ids)}")
         capacity = max(len(p) + c["limit"] for p, c in zip(prompts, samples_cfg))
         max_new = max(c["limit"] for c in samples_cfg)
-        padded_vocab = self.w.output.shape[0] * self.w.tp if self.w.post_process else vocab_size
-        padded_vocab = self._agree_vocab(padded_vocab)
-        self._ensure(self._slots_for(n, capacity), capacity, max_new, padded_vocab)
+        filtered = any(c["top_p"] < 1.0 or c["top_k"] > 0 for c in samples_cfg if c["temperature"] > 0)
+        self.reserve(n, capacity, max_new, vocab_size, filtered)
         st = self.state
         self._set_shared(ids, vocab_size, banned_ids, stop_ids, close_ids, tables)
-        filtered = any(c["top_p"] < 1.0 or c["top_k"] > 0 for c in samples_cfg if c["temperature"] > 0)
-        buckets = [b for b in _buckets(st.slots)]
-        st.active.zero_()
-        if self.cuda_graphs:
-            for b in buckets:
-                self._graph(b, filtered)
+        buckets = _buckets(st.slots)
 
         groups: dict = {}
         for i, p in enumerate(prompts):
@@ -303,6 +294,17 @@ class GenerationEngine:
             if not waiting and slot_of:
                 self._compact(slot_of, free, buckets)
         return results
+
+    def reserve(self, samples: int, capacity: int, max_new: int, vocab_size: int, filtered: bool = False) -> None:
+        """Size the cache and state for a workload and capture its graphs now (a call that fits runs
+        without allocating or capturing). Every rank of the model calls it."""
+        padded_vocab = self.w.output.shape[0] * self.w.tp if self.w.post_process else vocab_size
+        padded_vocab = self._agree_vocab(padded_vocab)
+        self._ensure(self._slots_for(samples, capacity), capacity, max_new, padded_vocab)
+        self.state.active.zero_()
+        if self.cuda_graphs:
+            for b in _buckets(self.state.slots):
+                self._graph(b, filtered)
 
     def _agree_vocab(self, v: int) -> int:
         if self.par.pp > 1:  # non-last stages have no output layer: take the last stage's size

@@ -150,6 +150,8 @@ class StageWeights:
                rows: int) -> torch.Tensor:
         """One token per row for the first ``rows`` cache slots. x [rows, hidden] at positions
         ``pos`` [rows]; writes each row's k, v at its position and attends to positions 0..pos."""
+        if x.is_cuda and _fused_kernels():
+            return self._decode_fused(x, pos, cache, cos, sin, rows)
         slot = torch.arange(rows, device=x.device)
         c, s = cos[pos][:, None, :], sin[pos][:, None, :]
         lengths = pos + 1
@@ -162,6 +164,28 @@ class StageWeights:
             o = decode_attention(q, kc[:rows], vc[:rows], lengths, cache.splits)
             x = x + self._all_reduce(o.reshape(rows, -1) @ lw.proj.t())
             x = self._mlp(x, lw)
+        return x
+
+    def _decode_fused(self, x, pos, cache, cos, sin, rows):
+        """The same step in ~10 launches per layer: Triton RMSNorm with the residual add fused in,
+        RoPE + cache write in one kernel, the decode kernel, SwiGLU; cuBLAS for the matmuls."""
+        from kernels.rmsnorm import rmsnorm
+        from kernels.swiglu import swiglu
+
+        from megatron_bluelm.inference.attention import rope_and_cache
+
+        lengths = pos + 1
+        h = rmsnorm(x, self.layers[0].norm1, self.eps) if self.layers else x
+        for i, lw in enumerate(self.layers):
+            kc, vc = cache.k[i], cache.v[i]
+            q = rope_and_cache(h @ lw.qkv.t(), pos, cos, sin, kc, vc, self.heads, self.groups)
+            o = decode_attention(q, kc[:rows], vc[:rows], lengths, cache.splits)
+            h, x = rmsnorm(self._all_reduce(o.reshape(rows, -1) @ lw.proj.t()), lw.norm2, self.eps, residual=x)
+            o = self._all_reduce(swiglu(h @ lw.fc1.t()) @ lw.fc2.t())
+            if i + 1 < len(self.layers):
+                h, x = rmsnorm(o, self.layers[i + 1].norm1, self.eps, residual=x)
+            else:
+                x = x + o
         return x
 
     def prefill(self, x: torch.Tensor, start: int, lengths: list[int], slots: list[list[int]], cache,
@@ -193,6 +217,12 @@ class StageWeights:
             x = self._mlp(x, lw)
         del lengths  # padded positions write garbage beyond each row's length, never read
         return x
+
+
+def _fused_kernels() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
