@@ -10,6 +10,10 @@ $(STAMP): setup.py
 	@# CPU machines: the pinned CPU wheel. A GPU image keeps the torch it ships.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	@# The oldest transformers setup.py declares, beside (not instead of) the installed one: the HF
+	@# export test loads its output with both (tests/checkpoint/test_hf.py).
+	$(PY) -m pip install -q --no-deps --upgrade --target .deps/transformers-oldest \
+		transformers==4.57.1 tokenizers==0.22.1 huggingface_hub==0.36.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -25,8 +25,12 @@ setup(
     ],
     extras_require={
         "gpu": ["triton"],
-        "hf": ["transformers>=4.45", "safetensors"],
-        "dev": ["pytest", "triton", "transformers>=4.45", "safetensors", "zstandard", "ruff"],
+        # Tested in CI on both ends (tests/checkpoint/test_hf.py): 4.57.1 (text export, from
+        # .deps/transformers-oldest, which `make install` fills) and the newest installed (5.24.0:
+        # text and multimodal). The multimodal (Lfm2Vl) export needs transformers 5: 4.57's Lfm2Vl has
+        # no projector_use_layernorm and other vision-tower weight names.
+        "hf": ["transformers>=4.57.1", "safetensors"],
+        "dev": ["pytest", "triton", "transformers>=4.57.1", "safetensors", "zstandard", "ruff"],
         "wandb": ["wandb"],
     },
     entry_points={

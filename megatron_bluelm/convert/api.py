@@ -86,13 +86,13 @@ def megatron_to_hf(load: str, out: str, *, tokenizer_model: str | None = None, d
 
 
 def _write_hf_dir(out: str, tensors: dict, config: dict, tokenizer_model: str, max_shard_bytes: int) -> None:
-    from megatron_bluelm.convert.hf_tokenizer import build_hf_tokenizer
+    from megatron_bluelm.convert.hf_tokenizer import save_hf_tokenizer
 
     os.makedirs(out, exist_ok=True)
     hf_io.save_tensors(out, tensors, max_shard_bytes)
     hf_io.write_json(os.path.join(out, "config.json"), config)
     hf_io.write_json(os.path.join(out, "generation_config.json"), hf_io.generation_config(config))
-    build_hf_tokenizer(tokenizer_model).save_pretrained(out)
+    save_hf_tokenizer(tokenizer_model, out)
     # The SentencePiece model itself travels along: HF -> megatron needs it for training.
     shutil.copyfile(tokenizer_model, os.path.join(out, "tokenizer.model"))
 

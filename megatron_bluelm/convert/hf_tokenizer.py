@@ -8,6 +8,11 @@ are ``normalized`` added tokens, so splitting on them happens after normalizatio
 at the start of the text (``\\A``, not every line), except when the text is exactly one special token:
 that exception is what keeps the special tokens' own (normalized) spelling unchanged.
 
+``<think>`` / ``</think>`` are added tokens but *not* special: ``decode(..., skip_special_tokens=True)``
+(what ``pipeline`` does) keeps the reasoning boundary, while the role, image and end markers are dropped.
+Padding is ``<|end|>`` on the left (batched generation continues every row at its end), with no BOS,
+and config.json / generation_config.json carry the same ids (convert/llama.py).
+
 Known, documented differences from ``sentencepiece`` (tests/checkpoint/test_hf.py checks the rest):
 * a text that is exactly one special token encodes to that token alone (SentencePiece adds ``▁``);
 * the control tokens ``<s> </s> <pad> <unk>`` typed as text are spelled out by both (they are not
@@ -23,6 +28,12 @@ from megatron_bluelm.data.chat_template import CHAT_TEMPLATE
 from megatron_bluelm.data.tokenizer import USER_SYMBOLS
 
 SPIECE = "\u2581"
+# Kept by skip_special_tokens: they delimit the reasoning inside the answer text.
+VISIBLE_SYMBOLS = ("<think>", "</think>")
+EOS = PAD = "<|end|>"
+# The class name written to tokenizer_config.json: transformers 5 would write its own backend's name
+# ("TokenizersBackend"), which transformers 4.x cannot load; this one every supported version loads.
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
 
 def _proto(model_path: str) -> sentencepiece_model_pb2.ModelProto:
@@ -55,7 +66,25 @@ def build_hf_tokenizer(model_path: str):
     ])
     tok.decoder = decoders.Sequence([decoders.Replace(SPIECE, " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=True) for t in USER_SYMBOLS])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|end|>",
-                                   chat_template=CHAT_TEMPLATE, add_bos_token=False, add_eos_token=False,
-                                   clean_up_tokenization_spaces=False, model_max_length=1 << 30)
+    # One call in id order (each symbol's id is fixed by the SentencePiece model). The `special` flag is
+    # what skip_special_tokens reads (the tokenizers library decodes).
+    tok.add_tokens([AddedToken(t, special=t not in VISIBLE_SYMBOLS, normalized=True) for t in USER_SYMBOLS])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, padding_side="left",
+                                 chat_template=CHAT_TEMPLATE, add_bos_token=False, add_eos_token=False,
+                                 clean_up_tokenization_spaces=False, model_max_length=1 << 30)
+    return hf
+
+
+def save_hf_tokenizer(model_path: str, out: str) -> None:
+    """Write tokenizer.json / tokenizer_config.json loadable by every supported transformers version."""
+    import json
+    import os
+
+    build_hf_tokenizer(model_path).save_pretrained(out)
+    path = os.path.join(out, "tokenizer_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["tokenizer_class"] = TOKENIZER_CLASS
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")

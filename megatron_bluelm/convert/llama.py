@@ -6,6 +6,7 @@ is HF's rotate-half convention: q/k rows need no permutation.
 """
 from __future__ import annotations
 
+from megatron_bluelm.convert import hf_tokenizer
 from megatron_bluelm.convert.mapping import ParamMap
 
 L = "decoder.layers.{layer}."
@@ -67,9 +68,10 @@ def hf_config(model_cfg, vocab_size: int, max_positions: int, dtype: str, specia
         "attention_bias": False,
         "mlp_bias": False,
         "initializer_range": m.init_std,
-        "bos_token_id": special_ids["<s>"],
-        "eos_token_id": [special_ids["</s>"], special_ids["<|end|>"]],
-        "pad_token_id": special_ids["<pad>"],
+        # The exported tokenizer's ids (convert/hf_tokenizer.py): no BOS is ever added, pad = eos = <|end|>.
+        "bos_token_id": None,
+        "eos_token_id": [special_ids["</s>"], special_ids[hf_tokenizer.EOS]],
+        "pad_token_id": special_ids[hf_tokenizer.PAD],
         "dtype": dtype,
         "torch_dtype": dtype,  # transformers < 5 reads it here
         "use_cache": True,
@@ -83,6 +85,7 @@ def model_fields_from_hf(config: dict) -> dict:
     for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
         if config.get(flag):
             raise ValueError(f"{flag}: true (the BlueLM decoder has no biases and untied embeddings)")
+    _check_representable(config)
     rope = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
     heads = config["num_attention_heads"]
     if config.get("head_dim", config["hidden_size"] // heads) != config["hidden_size"] // heads:
@@ -92,3 +95,17 @@ def model_fields_from_hf(config: dict) -> dict:
                 num_query_groups=config.get("num_key_value_heads") or heads, vocab_size=config["vocab_size"],
                 rotary_base=float(rope), norm_eps=config["rms_norm_eps"],
                 init_std=config.get("initializer_range", 0.02))
+
+
+def _check_representable(config: dict) -> None:
+    """Refuse, by name, what the BlueLM decoder does not compute: converting would silently change the
+    model (a dropped RoPE scaling or another activation gives other logits)."""
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act: {act!r} (the BlueLM decoder's MLP is SwiGLU: silu only)")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key) or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"{key}: rope_type {kind!r} (the BlueLM decoder implements plain RoPE only; "
+                             f"dropping the {kind} scaling would change the model at every position)")
