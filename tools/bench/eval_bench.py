@@ -1,0 +1,118 @@
+"""Throughput of the evaluation harness (tools/evaluate.py's path) beside the bare engine, same run.
+
+    python tools/bench/eval_bench.py                                  # bluelm-2.5-3b, one GPU
+    python tools/bench/eval_bench.py --preset tiny --items 8 --budgets 0,4 --context 256   # CPU smoke run
+
+The full decoder with random weights (bf16 on a GPU), the bundled tokenizer for prompts and grading
+(logits restricted to its ids; the output layer keeps the preset's 100k rows, so the cost per token is
+the real model's). A random model never closes its think block: every thinking sample runs to its
+budget, is force-closed and answers for ``--answer-tokens`` — the worst case per budget. Per budget:
+
+* harness: ``eval.harness.evaluate`` over ``--items`` items of ``--bench`` (rendering, generation
+  through ``TextGenerator``, grading, the results file), items/s and generated tokens/s;
+* engine: ``generate_ids`` on the same prompt ids with the same request, tokens/s;
+* ratio harness / engine tokens/s (1.0 = the harness adds nothing to the engine's time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from megatron_bluelm.config.loader import load_config  # noqa: E402
+
+MODEL_VOCAB = 100_000
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="bluelm-2.5-3b")
+    ap.add_argument("--bench", default="arithmetic")
+    ap.add_argument("--items", type=int, default=512, help="items per budget (the set repeated as needed)")
+    ap.add_argument("--budgets", default="0,64,256,1024")
+    ap.add_argument("--answer-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=256, help="items per generation call")
+    ap.add_argument("--slots", type=int, default=256, help="engine slots (continuous batching)")
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    a = ap.parse_args()
+
+    from megatron_bluelm.data.tokenizer import load_tokenizer
+    from megatron_bluelm.eval.benchmarks import Benchmark, load_benchmark
+    from megatron_bluelm.eval.generation import EngineGenerate
+    from megatron_bluelm.eval.harness import EvalSettings, _render_prompt, evaluate
+    from megatron_bluelm.inference.engine import TextGenerator
+    from megatron_bluelm.inference.generate import generate_ids
+    from megatron_bluelm.inference.model import build_inference_model
+    from megatron_bluelm.inference.sampling import SamplingParams
+
+    cfg = load_config(None, ["--model.preset", a.preset, "--data.seq_length", str(a.context),
+                             "--model.backend", "torch", "--training.precision",
+                             "bf16" if torch.cuda.is_available() else "fp32"])
+    tok = load_tokenizer(cfg.data.tokenizer_model)
+    im = build_inference_model(cfg, MODEL_VOCAB)
+    im.vocab_size = tok.vocab_size  # sample only ids the tokenizer has
+    device = im.info.device
+    gen = TextGenerator(im, tok, max_slots=a.slots)
+    src = load_benchmark(a.bench)
+    items = [src.items[i % len(src.items)] for i in range(a.items)]
+    items = [type(it)(**{**it.__dict__, "id": f"{it.id}#{i}"}) for i, it in enumerate(items)]
+    bench = Benchmark(src.name, src.path, items)
+    budgets = [int(b) for b in a.budgets.split(",")]
+    rows = []
+    for budget in budgets:
+        settings = EvalSettings(budgets=[budget], answer_tokens=a.answer_tokens, batch_size=a.batch_size)
+        fn = EngineGenerate(gen, settings)
+        evaluate(fn, [Benchmark(bench.name, bench.path, items[:min(8, len(items))])], settings, progress=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            _sync(device)
+            t = time.perf_counter()
+            summary = evaluate(fn, [bench], settings, results_path=os.path.join(tmp, "r.jsonl"), progress=False)
+            _sync(device)
+            dt_h = time.perf_counter() - t
+        tp = summary["throughput"]
+        prompts = [tok.encode(_render_prompt(it, budget)) for it in items]
+        max_new = settings.max_tokens(budget, fn.forced_length)
+        generated = 0
+        _sync(device)
+        t = time.perf_counter()
+        for start in range(0, len(prompts), a.batch_size):
+            req = gen.request(bridge_text=settings.bridge(), max_new_tokens=max_new, thinking_budget=budget,
+                              sampling=SamplingParams())
+            outs = generate_ids(gen.engine, prompts[start:start + a.batch_size], req, ids=gen.ids,
+                                vocab_size=im.vocab_size, max_context=im.max_context, tables=gen.tables)
+            generated += sum(len(o.tokens) for o in outs)
+        _sync(device)
+        dt_e = time.perf_counter() - t
+        row = {"budget": budget, "items": len(items), "harness_items_s": len(items) / dt_h,
+               "harness_tok_s": tp["generated_tokens"] / dt_h, "engine_tok_s": generated / dt_e,
+               "ratio": (tp["generated_tokens"] / dt_h) / (generated / dt_e),
+               "mean_thinking": summary["benchmarks"][bench.name]["budgets"][
+                   "nothink" if budget == 0 else str(budget)]["mean_thinking_tokens"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\n{a.preset} on {name}, {a.items} items of {a.bench} per budget, batch {a.batch_size}, slots {a.slots}")
+    print(f"{'budget':>7} {'think':>6} {'items/s':>9} {'harness tok/s':>14} {'engine tok/s':>13} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['budget']:>7} {r['mean_thinking']:>6.0f} {r['harness_items_s']:>9.2f} {r['harness_tok_s']:>14.0f} "
+              f"{r['engine_tok_s']:>13.0f} {r['ratio']:>6.2f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
