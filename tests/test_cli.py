@@ -178,3 +178,27 @@ def test_console_script_for_every_stage_and_tool():
             assert callable(getattr(importlib.import_module(module), func)), name
     finally:
         sys.path.remove(REPO)
+
+
+def _readme_error_examples():
+    """(command, expected first stderr line) for README lines `$ python|torchrun ...` followed by the error."""
+    lines = open(os.path.join(REPO, "README.md")).read().splitlines()
+    out = []
+    for cmd, expected in zip(lines, lines[1:]):
+        if cmd.startswith(("$ python ", "$ torchrun ")) and expected.startswith("config error:"):
+            out.append((cmd[2:], expected))
+    return out
+
+
+@pytest.mark.parametrize("command,expected", _readme_error_examples())
+def test_readme_error_examples_are_what_the_commands_print(command, expected):
+    import shlex
+
+    argv = shlex.split(command)
+    if argv[0] == "torchrun":
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", *argv[1:]]
+    else:
+        argv[0] = sys.executable
+    r = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.splitlines().count(expected) == 1, r.stderr[-3000:]
