@@ -138,16 +138,32 @@ class RLConfig:
     group_size: int = 8  # samples per prompt
     max_new_tokens: int = 8  # response length cap
     temperature: float = 1.0  # rollout sampling
+    top_k: int = 0  # rollout top-k (0: off); the training log-probs use the same distribution
     top_p: float = 1.0  # rollout nucleus sampling
     thinking_budget: Optional[int] = 0  # per prompt unless the record sets one; 0 = non-thinking
+    bridge_text: Optional[str] = None  # forced after a budget-closed </think>; None: the SFT data's bridge
     updates_per_step: int = 1  # mini-batches per rollout batch (each an optimizer step)
     clip_low: float = 0.2  # PPO ratio clip below 1
     clip_high: float = 0.28  # > clip_low: the clip-higher option
+    dual_clip: Optional[float] = 3.0  # bound on the loss of negative-advantage tokens (verl clip_ratio_c); None: off
+    log_ratio_clamp: float = 20.0  # |log ratio| clamp before exp (policy ratio, KL, rollout weight)
+    kl_clamp: float = 10.0  # upper clamp of the per-token k3 KL
     kl_coef: float = 0.0  # > 0 keeps a frozen reference model and adds beta * KL (k3)
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+    rollout_is: str = "tis"  # train-inference mismatch correction: tis (truncated IS) | mis (masked IS) | none
+    rollout_is_cap: float = 2.0  # the IS weight's cap (tis) or mask threshold (mis)
     normalize_std: bool = True  # GRPO; false: Dr. GRPO (mean-centred only)
+    advantage_std: str = "group"  # group (GRPO) | source: std over the step's samples of the same source
     filter_zero_variance: bool = True  # drop groups with equal rewards from the loss (false: keep, A = 0)
+    dynamic_sampling_rounds: int = 0  # DAPO: extra rollout rounds refilling zero-variance groups (a cap)
     # per data source: {reward: weight}
     rewards: dict = field(default_factory=lambda: {"default": {"exact_match": 1.0}})
+    source_ratios: dict = field(default_factory=dict)  # JSONL task: {source: share of the prompts}; empty: as in the file
+    reward_model: Optional[str] = None  # checkpoint of stages/reward_model.py, scoring the 'model' reward
+    budget_buffer: int = 0  # length_penalty: ramp to -1 over the last N thinking tokens of the budget
+    overlong_buffer: int = 0  # overlong: ramp to -1 over the last N tokens before max_new_tokens
+    eval_task: Optional[str] = None  # held-out task (JSONL or arithmetic:N), scored greedily every training.eval_interval
+    eval_prompts: int = 64  # held-out prompts per evaluation
     warmup_sft_steps: int = 0  # supervised steps on the task's warm-up pairs before RL
     seed: int = 7  # prompt order and sampling
 

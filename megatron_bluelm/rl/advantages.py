@@ -23,3 +23,20 @@ def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool
     adv = torch.where(std > 0, centered / (std + eps), 0.0) if normalize_std else centered
     keep = (std > 0).expand_as(r)
     return adv.float().reshape(-1), keep.reshape(-1)
+
+
+def source_std_advantages(rewards: torch.Tensor, group_size: int, source_ids: torch.Tensor,
+                          source_std: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centred per group, scaled by the standard deviation of the sample's *source* over the whole
+    step (``source_std[source_ids]``, computed over every data-parallel rank by the caller): sources
+    with a wide reward range (a model score) and narrow ones (0/1 verifiers) get comparable scales
+    without inflating near-constant groups. ``keep`` as in ``group_advantages``."""
+    centered, keep = group_advantages(rewards, group_size, normalize_std=False)
+    scale = source_std.double()[source_ids] + eps
+    return (centered.double() / scale).float(), keep
+
+
+def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[n_groups] bool: True where every sample of the group got the same reward."""
+    r = rewards.double().view(-1, group_size)
+    return r.std(dim=1, unbiased=False) == 0

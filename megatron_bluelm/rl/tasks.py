@@ -2,7 +2,8 @@
 
     {"prompt": "12+5="}  or  {"messages": [{"role": "user", "content": "..."}]}   (chat template)
     "answer": reference for the verifiers, "source": which reward mix applies (default: the task
-    name), optional "thinking_budget" (overrides rl.thinking_budget; 0 = non-thinking).
+    name), optional "thinking_budget" (overrides rl.thinking_budget; 0 = non-thinking), optional
+    "images": [paths] (relative to the JSONL's folder; the multimodal model only).
 
 ``ArithmeticTask`` is the built-in toy (a + b with operands up to N: ``rl.task: arithmetic`` or
 ``arithmetic:N``, default 9; the answer, then end of text); ``JsonlTask`` reads records from a JSONL
@@ -11,6 +12,7 @@ file. Both draw prompts deterministically from (seed, step).
 from __future__ import annotations
 
 import json
+import os
 import random
 
 from megatron_bluelm.config.errors import ConfigError
@@ -38,9 +40,10 @@ class ArithmeticTask:
 
 
 class JsonlTask:
-    def __init__(self, path: str):
+    def __init__(self, path: str, source_ratios: dict | None = None):
         self.name = path
         self.items = []
+        self.source_ratios = dict(source_ratios or {})
         try:
             with open(path, encoding="utf-8") as f:
                 for lineno, line in enumerate(f, 1):
@@ -55,15 +58,34 @@ class JsonlTask:
                     if "answer" not in rec:
                         raise ConfigError(f"{path}:{lineno}: a record needs 'answer' for the verifiers")
                     rec.setdefault("source", "default")
+                    if "images" in rec:
+                        rec["images"] = _image_paths(rec["images"], path, lineno)
                     self.items.append(rec)
         except FileNotFoundError:
             raise ConfigError(f"rl.task: no such file '{path}'") from None
         if not self.items:
             raise ConfigError(f"rl.task: '{path}' has no records")
+        self.by_source: dict[str, list] = {}
+        for rec in self.items:
+            self.by_source.setdefault(rec["source"], []).append(rec)
+        unknown = sorted(set(self.source_ratios) - set(self.by_source))
+        if unknown:
+            raise ConfigError(f"rl.source_ratios: sources {unknown} have no records in '{path}' "
+                              f"(it has {sorted(self.by_source)})")
+        if any(not isinstance(v, (int, float)) or v < 0 for v in self.source_ratios.values()) or \
+                (self.source_ratios and sum(self.source_ratios.values()) <= 0):
+            raise ConfigError(f"rl.source_ratios: shares must be numbers >= 0 with a positive sum, got "
+                              f"{self.source_ratios}")
 
     def records(self, n: int, seed: int) -> list[dict]:
+        """``n`` records drawn with replacement; with ``source_ratios`` each draw first picks a source
+        with those shares (sources not listed are not drawn), then a record of it."""
         rng = random.Random(seed)
-        return [dict(rng.choice(self.items)) for _ in range(n)]
+        if not self.source_ratios:
+            return [dict(rng.choice(self.items)) for _ in range(n)]
+        names = sorted(self.source_ratios)
+        shares = [float(self.source_ratios[k]) for k in names]
+        return [dict(rng.choice(self.by_source[rng.choices(names, shares)[0]])) for _ in range(n)]
 
     @staticmethod
     def warmup_pair(record: dict, rng: random.Random) -> tuple[str, str]:
@@ -73,10 +95,23 @@ class JsonlTask:
         return record["prompt"], str(record["answer"])
 
 
-def load_task(spec: str):
+def _image_paths(images, path: str, lineno: int) -> list[str]:
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise ConfigError(f"{path}:{lineno}: 'images' must be a list of image file paths")
+    base = os.path.dirname(os.path.abspath(path))
+    out = [i if os.path.isabs(i) else os.path.join(base, i) for i in images]
+    for i, full in zip(images, out):
+        if not os.path.isfile(full):
+            raise ConfigError(f"{path}:{lineno}: image file '{i}' not found (looked for '{full}')")
+    return out
+
+
+def load_task(spec: str, source_ratios: dict | None = None):
     name, _, arg = spec.partition(":")
     if name == "arithmetic":
         if arg and not arg.isdigit():
             raise ConfigError(f"rl.task: expected 'arithmetic' or 'arithmetic:N' (N = largest operand), got {spec!r}")
+        if source_ratios:
+            raise ConfigError("rl.source_ratios: the built-in arithmetic task has one source; use a JSONL task")
         return ArithmeticTask(int(arg) if arg else 9)
-    return JsonlTask(spec)
+    return JsonlTask(spec, source_ratios)

@@ -446,7 +446,9 @@ def _load_optimizer(optimizer, state: dict) -> None:
     use_fused_adam(optimizer)  # the loaded groups carry the saved run's flags
 
 
-def build_sharded_state_dict(run, *, is_loading: bool, optimizer: bool = True, rng: bool = True) -> dict:
+def build_sharded_state_dict(run, *, is_loading: bool, optimizer: bool = True, rng: bool = True,
+                             frozen: Optional[list] = None) -> dict:
+    """``frozen``: which of ``run.frozen_models`` to include (None: all)."""
     if not is_loading:
         finish_param_gather(run.model)
     sd = model_sharded_state_dict(run.model)
@@ -456,7 +458,16 @@ def build_sharded_state_dict(run, *, is_loading: bool, optimizer: bool = True, r
         sd["optimizer"] = run.optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=SHARDED_METADATA)
     if rng:
         sd["rng_state"] = _rng_object(_rng_state())
+    names = sorted(run.frozen_models) if frozen is None else frozen
+    sd.update(frozen_sharded_state_dict(run, names))
     return sd
+
+
+def frozen_sharded_state_dict(run, names) -> dict:
+    """Frozen models a stage keeps beside the trained one (RL's reference policy), under their own
+    tensor-name prefix, so a resume restores them instead of re-deriving them from the trained model."""
+    return {f"{name}{i}": getattr(c, "module", c).sharded_state_dict(prefix=f"{name}.", metadata=SHARDED_METADATA)
+            for name in names for i, c in enumerate(run.frozen_models[name])}
 
 
 def check_shapes(sharded: dict, ckpt_path: str) -> None:
@@ -572,7 +583,9 @@ class Checkpointer:
         if full:
             check_optimizer_layout(meta, run, path)
         verify_files(path)
-        sharded = build_sharded_state_dict(run, is_loading=True, optimizer=full, rng=full and same_layout)
+        frozen = [n for n in meta.get("frozen", []) if n in run.frozen_models]
+        sharded = build_sharded_state_dict(run, is_loading=True, optimizer=full, rng=full and same_layout,
+                                           frozen=frozen)
         check_shapes(sharded, path)
         try:
             state = dist_checkpointing.load(sharded, path)
@@ -582,6 +595,10 @@ class Checkpointer:
             raise CheckpointError(f"loading checkpoint '{path}' failed: {type(e).__name__}: {e}") from e
         for i, chunk in enumerate(run.model):
             getattr(chunk, "module", chunk).load_state_dict(state[f"model{i}"], strict=True)
+        for name in frozen:
+            for i, chunk in enumerate(run.frozen_models[name]):
+                loaded = {k[len(name) + 1:]: v for k, v in state[f"{name}{i}"].items()}  # drop "name."
+                getattr(chunk, "module", chunk).load_state_dict(loaded, strict=True)
         if full:
             _load_optimizer(run.optimizer, state["optimizer"])
             run.scheduler.override_opt_param_scheduler = True  # the schedule follows this run's config
@@ -700,7 +717,8 @@ class Checkpointer:
         return {"format_version": FORMAT_VERSION, "iteration": run.step, "consumed_samples": run.consumed_samples,
                 "train_samples": max(t.train_steps * t.global_batch_size, t.train_samples or 0),
                 "contents": ["model", "optimizer", "rng"], "scheduler": run.scheduler.state_dict(),
-                "layout": _layout(run), "config": to_dict(run.cfg)}
+                "layout": _layout(run), "config": to_dict(run.cfg), "stage": run.stage,
+                "frozen": sorted(run.frozen_models)}
 
     def finish(self) -> None:
         self.wait_for_pending_save()

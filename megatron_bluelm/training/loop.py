@@ -38,6 +38,8 @@ class Run:
     consumed_samples: int = 0
     history: list = field(default_factory=list)
     skipped_steps: int = 0  # steps dropped for NaN/inf gradients (training.nan_policy skip)
+    stage: str = ""  # recorded in checkpoints (a stage can tell its own checkpoints from another's)
+    frozen_models: dict = field(default_factory=dict)  # name -> chunks saved and restored with the run (RL reference)
 
     @property
     def num_microbatches(self) -> int:
@@ -134,12 +136,15 @@ def _evaluate(run: Run, make_valid_iterators: Optional[Callable]) -> Optional[fl
 
 def train(run: Run, make_train_iterators: Callable, make_valid_iterators: Optional[Callable] = None,
           on_step_end: Optional[Callable[[Run], None]] = None,
-          on_eval: Optional[Callable[[Run], dict]] = None) -> Run:
+          on_eval: Optional[Callable[[Run], dict]] = None,
+          step_fn: Optional[Callable[[Run, list], StepResult]] = None) -> Run:
     """Run ``cfg.training.train_steps`` optimizer steps from ``run.step``.
 
     ``make_*_iterators(consumed_samples)`` return one data iterator per model chunk, positioned at
     ``consumed_samples`` of the global sample stream (exact resume). ``on_eval(run)`` runs at every
-    evaluation on every rank (benchmark generation, eval/periodic.py) and returns metrics logged as split ``eval``."""
+    evaluation on every rank (benchmark generation, eval/periodic.py) and returns metrics logged as split ``eval``.
+    ``step_fn(run, iterators)`` replaces the language-model step (the RL stage's rollout + policy
+    updates); its ``StepResult.metrics`` are logged with the step."""
     cfg, t = run.cfg, run.cfg.training
     iterators = make_train_iterators(run.consumed_samples)
     meter = Throughput(run)
@@ -147,7 +152,7 @@ def train(run: Run, make_train_iterators: Callable, make_valid_iterators: Option
                      f"{t.micro_batch_size} x {cfg.data.seq_length} per step and data-parallel rank "
                      f"(TP{run.info.tp} PP{run.info.pp} DP{run.info.dp})")
     while run.step < t.train_steps:
-        res: StepResult = train_step(
+        res: StepResult = step_fn(run, iterators) if step_fn is not None else train_step(
             run.model, run.optimizer, run.scheduler, iterators, num_microbatches=run.num_microbatches,
             seq_length=cfg.data.seq_length, micro_batch_size=t.micro_batch_size, device=run.info.device)
         run.step += 1
@@ -155,7 +160,7 @@ def train(run: Run, make_train_iterators: Callable, make_valid_iterators: Option
         meter.steps += 1
         _check_finite(run, res)
         record = {"loss": res.loss, "grad_norm": _num(res.grad_norm), "lr": run.scheduler.get_lr(
-            run.optimizer.param_groups[0])}
+            run.optimizer.param_groups[0]), **res.metrics}
         if t.nan_policy == "skip":
             record["skipped_steps"] = run.skipped_steps
         run.history.append(record)

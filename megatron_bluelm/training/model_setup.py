@@ -3,7 +3,7 @@ the optimizer and LR scheduler."""
 from __future__ import annotations
 
 import math
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -136,9 +136,12 @@ def use_fused_adam(optimizer) -> None:
                 state["step"] = step.to(device=param.device, dtype=torch.float32)
 
 
-def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
+def build_scheduler(cfg: RunConfig, optimizer, total_steps: Optional[int] = None) -> OptimizerParamScheduler:
+    """``total_steps``: optimizer steps the run makes (default ``training.train_steps``; RL makes
+    ``rl.updates_per_step`` per step, see stages/rl.py)."""
     s, o, t = cfg.schedule, cfg.optimizer, cfg.training
-    decay_steps = s.decay_steps if s.decay_steps is not None else t.train_steps
+    total = t.train_steps if total_steps is None else total_steps
+    decay_steps = s.decay_steps if s.decay_steps is not None else total
     style = s.style if s.style != "wsd" else "WSD"
     return OptimizerParamScheduler(
         optimizer,
@@ -150,7 +153,7 @@ def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
         lr_decay_style=style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,
-        wd_incr_steps=t.train_steps,
+        wd_incr_steps=total,
         wd_incr_style="constant",
         wsd_decay_steps=s.wsd_decay_steps,
         lr_wsd_decay_style=s.wsd_decay_style,

@@ -7,7 +7,7 @@ into micro-batches and data-parallel ranks, which the layout tests rely on.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator, List, Optional
 
@@ -66,6 +66,7 @@ class StepResult:
     tokens: int  # loss tokens in the global batch
     grad_norm: Optional[float] = None
     skipped: bool = False
+    metrics: dict = field(default_factory=dict)  # a stage's own per-step values, logged with the step (RL)
 
 
 def configure_model_hooks(model: List[torch.nn.Module], optimizer) -> None:

@@ -1,6 +1,8 @@
 """Worker functions for the multi-process RL tests (importable by spawned ranks)."""
 import torch
 
+import engine_shim
+
 
 def tiny_overrides(extra=()):
     return ["--data.mock", "true", "--data.seq_length", "16", "--training.micro_batch_size", "4",
@@ -16,8 +18,8 @@ def first_update_stats(extra=()):
     from megatron_bluelm.parallel.setup import teardown
     from megatron_bluelm.rl.loss import GRPOSettings
     from megatron_bluelm.rl.rollout import training_rows
-    from megatron_bluelm.rl.trainer import micro_batches, policy_update, sequence_logprobs
-    from megatron_bluelm.stages.rl import build_reference
+    from megatron_bluelm.rl.trainer import LogProbSpec, micro_batches, policy_update, reduce_stats, sequence_logprobs
+    from megatron_bluelm.stages.rl import build_reference, copy_policy
     from megatron_bluelm.training.loop import prepare_config, setup_run
 
     cfg = load_config(None, tiny_overrides(extra))
@@ -32,16 +34,20 @@ def first_update_stats(extra=()):
         adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.0, 0.0])
         batches = micro_batches(rows, {"advantages": adv, "keep": torch.ones(8)}, 4)
         ref_model = build_reference(run, build_chunk)
-        old = sequence_logprobs(run.model, batches, 16, 4, run.info.device)
-        ref = sequence_logprobs(ref_model, batches, 16, 4, run.info.device)
+        copy_policy(run.model, ref_model)
+        spec = LogProbSpec(8192)
+        dev = run.info.device
+        old = sequence_logprobs(run.model, batches, spec, 16, 4, dev)
+        ref = sequence_logprobs(ref_model, batches, spec, 16, 4, dev)
         for i, mb in enumerate(batches):
             mb["old_logp"] = old[i] if old is not None else None
             mb["ref_logp"] = ref[i] if ref is not None else None
-        first = policy_update(run.model, run.optimizer, run.scheduler, batches, GRPOSettings(kl_coef=0.1),
-                              seq_length=16, mbs=4, device=run.info.device)
-        old2 = sequence_logprobs(run.model, batches, 16, 4, run.info.device)  # after the first update
-        second = policy_update(run.model, run.optimizer, run.scheduler, batches, GRPOSettings(kl_coef=0.1),
-                               seq_length=16, mbs=4, device=run.info.device)
+        s = GRPOSettings(kl_coef=0.1)
+        first = reduce_stats(policy_update(run.model, run.optimizer, run.scheduler, batches, s, spec,
+                                           seq_length=16, mbs=4, device=dev)[1], dev)
+        old2 = sequence_logprobs(run.model, batches, spec, 16, 4, dev)  # after the first update
+        second = reduce_stats(policy_update(run.model, run.optimizer, run.scheduler, batches, s, spec,
+                                            seq_length=16, mbs=4, device=dev)[1], dev)
         moved = delta = None
         if old2 is not None:
             moved = max((a - b).abs().max().item() for a, b in zip(old, old2))
@@ -54,6 +60,7 @@ def first_update_stats(extra=()):
 
 
 def toy_run(extra=()):
+    engine_shim.install()
     from megatron_bluelm.config.loader import load_config
     from megatron_bluelm.stages.rl import run_rl
 
@@ -61,39 +68,67 @@ def toy_run(extra=()):
     return run_rl(cfg)["rl"]
 
 
-def reward_model_checks():
-    """The scalar head scores rows, ignores padding, learns a preference, plugs into HybridReward."""
+def rl_stage(config, overrides, pretrained=None, collect=None):
+    """One RL stage run on this rank (the shim stands in for the engine's logprobs/forced until #15)."""
+    engine_shim.install()
     from megatron_bluelm.config.loader import load_config
-    from megatron_bluelm.config.validate import validate
-    from megatron_bluelm.data import load_tokenizer
-    from megatron_bluelm.models.decoder import build_decoder
-    from megatron_bluelm.models.init import init_decoder_
-    from megatron_bluelm.parallel.setup import setup_parallel, teardown
-    from megatron_bluelm.rl.reward_model import ScalarRewardModel, pairwise_loss
-    from megatron_bluelm.rl.rewards import HybridReward
+    from megatron_bluelm.stages.rl import run_rl
 
-    cfg = load_config(None, tiny_overrides())
-    validate(cfg, 1)
-    setup_parallel(1, 1, None, 1, 0)
+    cfg = load_config(config, list(overrides))
+    out = run_rl(cfg, pretrained=pretrained, collect=collect)
+    return {"rl": out["rl"], "eval": out["eval"], "step": out["step"], "collected": out.get("collected")}
+
+
+def scheduler_decay_steps(run):
+    return run.scheduler.lr_decay_steps
+
+
+def pretrain_checkpoint(save_dir):
+    """A 1-step pretrain run of the tiny model (mock data) saved to ``save_dir``: a non-RL checkpoint."""
+    from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.stages.pretrain import run_pretrain
+
+    cfg = load_config(None, tiny_overrides(["--training.train_steps", "1", "--checkpoint.save", save_dir,
+                                            "--logging.output_dir", save_dir + "_log"]))
+    run_pretrain(cfg)
+    return save_dir
+
+
+def reference_equals_checkpoint(root, run):
+    """collect(run): is the RL reference (the policy at RL start) the checkpoint's weights?"""
+    from megatron_bluelm.inference.loading import load_weights
+    from megatron_bluelm.models.decoder import build_decoder
+    from megatron_bluelm.training.model_setup import build_model_chunks
+
+    fresh = build_model_chunks(run.cfg, lambda **kw: build_decoder(run.cfg, 8192, **kw), run.info.device)
+    load_weights(fresh, root)
+    ref = run.frozen_models["reference"]
+    return all(torch.equal(a, b) for m, r in zip(fresh, ref)
+               for a, b in zip(m.state_dict().values(), r.state_dict().values()) if torch.is_tensor(a))
+
+
+def checkpoint_story(tmp, config, overrides):
+    """In one process: a pretrain checkpoint (1 step); RL's checkpoint.load refuses it naming
+    --pretrained (checked before any process group); RL started from it with --pretrained (1 step);
+    an RL run saved at step 2 of 3 (warm-up SFT first, so the policy moves), then resumed from step 2."""
+    from functools import partial
+
+    ckpt = pretrain_checkpoint(tmp + "/pre")
+    err = stage_then_error(config, [*overrides, "--checkpoint.load", ckpt])
+    started = rl_stage(config, [*overrides, "--training.train_steps", "1"], pretrained=ckpt,
+                       collect=partial(reference_equals_checkpoint, ckpt))
+    save, runs = tmp + "/rl_ckpt", [*overrides, "--rl.warmup_sft_steps", "2"]
+    straight = rl_stage(config, [*runs, "--checkpoint.save", save, "--checkpoint.save_interval", "2"])
+    resumed = rl_stage(config, [*runs, "--checkpoint.load", save + "/iter_0000002"])
+    return {"error": err, "started": started, "straight": straight, "resumed": resumed}
+
+
+def stage_then_error(config, overrides):
+    """The ConfigError text an RL run gives (None if it ran)."""
+    from megatron_bluelm.config.errors import ConfigError
+
     try:
-        tok = load_tokenizer(cfg.data.tokenizer_model)
-        decoder = build_decoder(cfg, tok.vocab_size)
-        init_decoder_(decoder, seed=0, std=0.02, num_layers=cfg.model.num_layers)
-        rm = ScalarRewardModel(decoder)
-        a = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 9, 9]])
-        scores = rm(a, torch.tensor([3, 3]))
-        padded_equal = torch.allclose(scores[0], scores[1])  # tokens after `length` do not matter
-        good, bad = torch.tensor([[10, 11, 12]]), torch.tensor([[10, 11, 13]])
-        opt = torch.optim.Adam(rm.parameters(), lr=1e-3)
-        before = (rm(good, torch.tensor([3])) - rm(bad, torch.tensor([3]))).item()
-        for _ in range(20):
-            opt.zero_grad()
-            pairwise_loss(rm(good, torch.tensor([3])), rm(bad, torch.tensor([3]))).backward()
-            opt.step()
-        after = (rm(good, torch.tensor([3])) - rm(bad, torch.tensor([3]))).item()
-        hybrid = HybridReward(default={"model": 1.0}, model_reward=rm.as_reward(tok, lambda s: tok.encode(s["prompt"])))
-        out = hybrid(["7", "8"], [{"prompt": "3+4=", "answer": "7"}, {"prompt": "3+4=", "answer": "7"}])
-        return {"shape": tuple(scores.shape), "padded_equal": bool(padded_equal), "before": before,
-                "after": after, "hybrid": [o["reward"] for o in out]}
-    finally:
-        teardown()
+        rl_stage(config, overrides)
+    except ConfigError as e:
+        return str(e)
+    return None
