@@ -66,17 +66,18 @@ def _reference_greedy(model, prompt, n):
     return seq[len(prompt):]
 
 
-def greedy_tokens(overrides, prompts=PROMPTS, n=10):
-    """Engine and megatron-core reference greedy tokens (batched prompts of different lengths)."""
+def greedy_tokens(overrides, prompts=PROMPTS, n=10, reference=True):
+    """Engine (and megatron-core reference) greedy tokens for batched prompts of different lengths."""
     im, engine = _setup(overrides)
-    return {"engine": [o.tokens for o in _gen(im, engine, prompts, max_new_tokens=n)],
-            "reference": _reference(im, prompts, n)}
+    res = {"engine": [o.tokens for o in _gen(im, engine, prompts, max_new_tokens=n)]}
+    if reference:
+        res["reference"] = _reference(im, prompts, n)
+    return res
 
 
-def parallel_greedy(tp, pp):
-    """fp32 and bf16 greedy tokens of one layout (two builds in one process: one spawn per layout)."""
-    return {"fp32": greedy_tokens(model_overrides(tp=tp, pp=pp, precision="fp32")),
-            "bf16": greedy_tokens(model_overrides(tp=tp, pp=pp, precision="bf16"))}
+def parallel_greedy(tp, pp, precisions=("fp32", "bf16"), reference=False):
+    """Greedy tokens of one layout per precision (several builds in one process: one spawn per layout)."""
+    return {p: greedy_tokens(model_overrides(tp=tp, pp=pp, precision=p), reference=reference) for p in precisions}
 
 
 def _expected_logprobs(im, prompt, out, temperature, top_k=0):

@@ -1,20 +1,30 @@
-"""Greedy generation is token-identical under TP1, TP2 and PP2 (gloo ranks, same seeded model)."""
+"""The generation engine under TP2 and PP2 (gloo ranks, the same layout-independent model): greedy
+tokens equal 1 rank's in fp32, and PP2 in bf16 equals 1 rank in bf16 (hidden states cross the stages
+in the model's dtype). In fp32, 1 rank's engine equals megatron-core's forward (reference.py), so every
+layout does; in bf16 the two round differently (other kernels), which is not compared."""
 import pytest
 from distributed import run_distributed
-from gen_workers import greedy_tokens, model_overrides
+from gen_workers import parallel_greedy
 
 
 @pytest.fixture(scope="module")
-def tp1():
-    return run_distributed(greedy_tokens, 1, model_overrides())[0]
+def one_rank():
+    return run_distributed(parallel_greedy, 1, 1, 1, ("fp32", "bf16"), True)[0]
 
 
-def test_tp2_matches_tp1(tp1):
-    results = run_distributed(greedy_tokens, 2, model_overrides(tp=2))
-    assert results[0] == results[1] == tp1
+def test_one_rank_fp32_equals_reference(one_rank):
+    assert one_rank["fp32"]["engine"] == one_rank["fp32"]["reference"]
+
+
+def test_tp2_matches_one_rank(one_rank):
+    results = run_distributed(parallel_greedy, 2, 2, 1, ("fp32",))
+    for r in results:
+        assert r["fp32"]["engine"] == one_rank["fp32"]["engine"]
 
 
 @pytest.mark.slow
-def test_pp2_matches_tp1(tp1):
-    results = run_distributed(greedy_tokens, 2, model_overrides(pp=2))
-    assert results[0] == results[1] == tp1
+def test_pp2_matches_one_rank_fp32_and_bf16(one_rank):
+    results = run_distributed(parallel_greedy, 2, 1, 2)
+    for r in results:
+        assert r["fp32"]["engine"] == one_rank["fp32"]["engine"]
+        assert r["bf16"]["engine"] == one_rank["bf16"]["engine"]
