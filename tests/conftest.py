@@ -21,3 +21,37 @@ def demo_prefix(tmp_path_factory):
     summary = preprocess(Options(inputs=[PYTHON_DOCS, DOCSTRINGS], output_prefix=str(out / "corpus"),
                                  tokenizer_model=BUNDLED_TOKENIZER, append_eod=True, workers=1, progress=False))
     return summary.outputs[0]
+
+
+# ---- tests write under tmp_path / the temporary directory, never into the working tree ----------
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_WATCHED = ("outputs", "runs", "wandb")  # where the stages write by default (ignored by git, so unseen)
+
+
+def _tree_state() -> set:
+    state = set()
+    for top in _WATCHED:
+        for root, dirs, files in os.walk(os.path.join(_REPO, top)):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                try:
+                    state.add((path, os.stat(path).st_mtime_ns if name in files else 0))
+                except OSError:
+                    pass
+    return state
+
+
+def pytest_sessionstart(session):
+    session.config._bluelm_tree = _tree_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_bluelm_tree", None)
+    if before is None:
+        return
+    written = sorted({p for p, _ in _tree_state() - before})
+    if written:
+        shown = "\n  ".join(os.path.relpath(p, _REPO) for p in written[:20])
+        print(f"\nERROR: tests wrote into the working tree (use tmp_path or tempfile):\n  {shown}", file=sys.stderr)
+        session.exitstatus = 1

@@ -15,7 +15,7 @@ def _overrides(prefix, out_dir, extra):
         "--training.global_batch_size", "8", "--training.eval_interval", "0",
         "--optimizer.lr", "1e-3", "--schedule.warmup_steps", "1",
         "--logging.output_dir", out_dir, "--logging.tensorboard", "false",
-        "--logging.log_interval", "100",
+        "--logging.log_interval", "100", "--data.cache_dir", f"{out_dir}/cache",
     ] + list(extra)
 
 

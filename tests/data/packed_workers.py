@@ -7,6 +7,8 @@ same token count, so the loss sums and the per-token-normalized gradients must a
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from functools import partial
 
 import torch
@@ -20,7 +22,8 @@ def tiny_overrides(extra=()) -> list[str]:
             "--training.train_steps", "1", "--training.micro_batch_size", "1",
             "--training.global_batch_size", "2", "--training.eval_interval", "0",
             "--schedule.warmup_steps", "0", "--logging.tensorboard", "false",
-            "--logging.output_dir", "outputs/test_packed", "--model.backend", "torch"] + list(extra)
+            "--logging.output_dir", os.path.join(tempfile.gettempdir(), "bluelm_tests", "packed"),
+            "--model.backend", "torch"] + list(extra)
 
 
 def documents(seed: int = 0):

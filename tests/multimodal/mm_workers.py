@@ -13,7 +13,8 @@ def overrides(prefix, out_dir, steps, extra=()):
             "--training.train_steps", str(steps), "--training.micro_batch_size", "1",
             "--training.global_batch_size", "4", "--training.eval_interval", "0",
             "--optimizer.lr", "2e-3", "--schedule.warmup_steps", "1", "--logging.output_dir", out_dir,
-            "--logging.tensorboard", "false", "--logging.log_interval", "100"] + list(extra)
+            "--logging.tensorboard", "false", "--logging.log_interval", "100",
+            "--data.cache_dir", f"{out_dir}/cache"] + list(extra)
 
 
 def train_mm(args, pretrained=None):
