@@ -138,23 +138,3 @@ def stage_then_error(config, overrides):
         return str(e)
     return None
 
-
-def reward_model_story(tmp, world_overrides):
-    """In one process: a pretrain checkpoint; the reward-model stage from it on the toy preference;
-    an RL step whose only reward is that model."""
-    from megatron_bluelm.config.loader import load_config
-    from megatron_bluelm.stages.reward_model import run_reward_model
-
-    engine_shim.install()
-    ckpt = pretrain_checkpoint(tmp + "/pre")
-    rm_dir = tmp + "/rm"
-    cfg = load_config("examples/reward_model_tiny.yaml", ["--checkpoint.save", rm_dir, "--logging.output_dir",
-                                                          tmp + "/rm_log", "--training.train_steps", "12",
-                                                          "--training.eval_interval", "12", *world_overrides])
-    rm = run_reward_model(cfg, pretrained=ckpt)
-    rl = rl_stage("examples/rl_toy.yaml",
-                  ["--rl.warmup_sft_steps", "0", "--training.train_steps", "1", "--rl.prompts_per_step", "4",
-                   "--rl.group_size", "4", "--training.micro_batch_size", "4", "--rl.updates_per_step", "1",
-                   "--rl.reward_model", rm_dir, "--rl.rewards", '{"default": {"model": 1.0}}',
-                   "--logging.output_dir", tmp + "/rl_log", *world_overrides])
-    return {"rm_eval": rm["eval"], "rm_history": rm["history"], "rl": rl["rl"]}
