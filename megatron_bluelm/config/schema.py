@@ -41,7 +41,9 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel size
     pp: int = 1  # pipeline parallel size
     vpp: Optional[int] = None  # virtual pipeline stages per pipeline rank (interleaved 1F1B)
-    cp: int = 1  # context parallel size (needs Transformer Engine attention)
+    # context parallel size: must be 1 in this build (context parallelism needs Transformer Engine's
+    # attention, which our layer specs do not use yet); kept so recipes and the layout maths name it
+    cp: int = 1
     sequence_parallel: bool = False  # shard norms/dropout activations over TP (needs tp > 1)
     distributed_optimizer: bool = False  # ZeRO-1: optimizer state sharded over data parallel
     overlap_grad_reduce: bool = False  # all-reduce gradient buckets while backward runs
