@@ -31,6 +31,7 @@ A row's batch keys (as the training loop reads them):
     document_ids      [s]   record of the row (padding: one more), for per-record attention
     pixel_values      [t, 3, S, S]   the row's tiles in record order (t <= tiles_per_row)
     num_tiles         int
+    useful_tokens     int   positions holding record tokens (the rest is padding)
 """
 from __future__ import annotations
 
@@ -243,7 +244,7 @@ def build_mm_row(parts, seq_length: int, pad: int) -> dict:
     return {"tokens": torch.from_numpy(tokens[:-1]), "labels": torch.from_numpy(tokens[1:]),
             "loss_mask": torch.from_numpy(mask[1:] * same), "position_ids": torch.from_numpy(pos[:-1]),
             "document_ids": torch.from_numpy(doc[:-1]), "pixel_values": torch.cat(pixels),
-            "num_tiles": sum(p.shape[0] for p in pixels)}
+            "num_tiles": sum(p.shape[0] for p in pixels), "useful_tokens": min(at, seq_length)}
 
 
 def tiles_per_row(cfg) -> int:

@@ -103,6 +103,8 @@ def collate(samples: list[dict]) -> dict:
     batch = {k: torch.stack([s[k] for s in samples]) for k in keys}
     batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])
     batch["num_tiles"] = torch.tensor([s["num_tiles"] for s in samples])
+    if "useful_tokens" in samples[0]:  # packed rows: positions that are not padding
+        batch["useful_tokens"] = torch.tensor([s["useful_tokens"] for s in samples])
     return batch
 
 

@@ -11,6 +11,7 @@ import os
 import tempfile
 from functools import partial
 
+import numpy as np
 import torch
 
 SEQ = 64
@@ -32,18 +33,11 @@ def documents(seed: int = 0):
 
 
 def packed_batch(docs, pad: int = 0) -> dict:
-    """One packed row of ``docs`` (the layout data/sft_packing.build_row makes)."""
-    tokens = torch.full((SEQ + 1,), pad)
-    ids = torch.full((SEQ + 1,), len(docs))
-    pos = torch.zeros(SEQ + 1, dtype=torch.long)
-    at = 0
-    for d, t in enumerate(docs):
-        tokens[at:at + len(t)], ids[at:at + len(t)], pos[at:at + len(t)] = t, d, torch.arange(len(t))
-        at += len(t)
-    pos[at:] = torch.arange(SEQ + 1 - at)
-    same = (ids[1:] == ids[:-1]) & (ids[:-1] < len(docs))
-    return {"tokens": tokens[None, :-1], "labels": tokens[None, 1:], "loss_mask": same.float()[None],
-            "position_ids": pos[None, :-1], "document_ids": ids[None, :-1]}
+    """One packed row of ``docs``, made by the SFT packer (every token learned, as pretraining text)."""
+    from megatron_bluelm.data.sft_packing import build_row
+
+    row = build_row([(d.numpy(), np.ones(len(d), np.float32)) for d in docs], SEQ, pad)
+    return {k: v[None] for k, v in row.items()}
 
 
 def alone_batch(doc, pad: int = 0) -> dict:

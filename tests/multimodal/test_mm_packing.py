@@ -183,3 +183,30 @@ def test_packed_multimodal_stage_trains(mixture, tmp_path):
             "--logging.output_dir", str(tmp_path), "--logging.tensorboard", "false", "--logging.log_interval", "100"]
     losses = run_distributed(train_mm, 1, args)[0]["losses"]
     assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_bench_counts_useful_flops_only_and_runs_its_attention_section(mixture):
+    """tools/bench/multimodal_bench.py: padding adds no FLOPs, attention counts sum len^2, tiles count the
+    ViT; and its attention section runs at a tiny size."""
+    import importlib.util
+    import os
+
+    from megatron_bluelm.config.presets import apply_preset
+    from megatron_bluelm.models.counting import DecoderShape, layer_matmul_params
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "bench", "multimodal_bench.py")
+    spec = importlib.util.spec_from_file_location("multimodal_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = _cfg(mixture)
+    apply_preset(cfg.model)
+    ids = torch.tensor([[0] * 100 + [1] * 50 + [2] * 106])
+    batch = {"document_ids": ids, "useful_tokens": torch.tensor([150]), "pixel_values": torch.zeros(0, 3, 112, 112)}
+    d = DecoderShape.from_model_config(cfg.model, 8192)
+    p = d.num_layers * layer_matmul_params(d) + d.vocab_size * d.hidden_size
+    attn = 12 * d.num_layers * d.num_attention_heads * d.head_dim
+    assert bench.useful_flops(cfg, 8192, [batch]) == pytest.approx(6 * p * 150 + attn * (100**2 + 50**2))
+    with_tiles = dict(batch, pixel_values=torch.zeros(3, 3, 112, 112))
+    assert bench.useful_flops(cfg, 8192, [with_tiles]) > bench.useful_flops(cfg, 8192, [batch])
+    bench.main(["--only", "attn", "--attn-seq", "512", "--attn-heads", "2,1", "--attn-dim", "16",
+                "--attn-docs", "8", "--steps", "1", "--warmup", "0"])
