@@ -5,6 +5,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from distributed import run_distributed
@@ -147,6 +149,20 @@ def test_resume_after_a_torn_write_gives_the_uninterrupted_records(runs, name):
         # log-probs are fp32 sums over a batch of another composition: equal to rounding
         assert r.pop("logprobs") == pytest.approx(full[key].pop("logprobs"), abs=1e-4)
         assert r == full[key]
+
+
+def test_tp2_under_torchrun_writes_each_sample_once(runs):
+    out = os.path.join(runs["tmp"], "tp2.jsonl")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", GENERATE, "--checkpoint",
+           runs["ckpt"], "--chat", "--input", os.path.join(runs["tmp"], "in.jsonl"), "--output", out, "--tp", "2",
+           "--logprobs", "--no-progress", "--chunk-size", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tp2 = _records(out)
+    assert len(tp2) == len(EXPECTED_KEYS)  # rank 0 alone writes
+    greedy = _by_key(_records(os.path.join(runs["tmp"], "greedy.jsonl")))
+    assert {k: r["token_ids"] for k, r in _by_key(tp2).items()} == {k: r["token_ids"] for k, r in greedy.items()}
 
 
 def test_complete_output_is_left_alone(runs):
