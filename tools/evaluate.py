@@ -100,6 +100,9 @@ def _engine(args, settings, benchmarks):
     tok = load_tokenizer(args.tokenizer_model or cfg.data.tokenizer_model)
     check_tokenizer(cfg, tok, args.checkpoint)
     im = build_inference_model(cfg, tok.vocab_size, image_token_id=tok.special_ids["<image>"])
+    if im.info.dp > 1:
+        raise ConfigError(f"{im.info.world_size} processes for --tp {args.tp} x --pp {args.pp}: evaluation runs one "
+                          f"model replica; launch tp x pp = {args.tp * args.pp} processes")
     loaded = load_weights([im.model], args.checkpoint)
     return EngineGenerate(TextGenerator(im, tok), settings), {"checkpoint": os.path.abspath(loaded)}
 

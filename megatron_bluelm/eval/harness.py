@@ -206,6 +206,7 @@ def evaluate(generate: GenerateFn, benchmarks: Sequence[Benchmark], settings: Ev
     settings.check()
     meta = dict(meta or {})
     results = ResultsFile(results_path, settings, meta, writer)
+    _share_rows(results)
     todo = []  # (bench, budget, [items]) per generation call, in a fixed order
     for bench in benchmarks:
         for budget in settings.budgets:
@@ -242,6 +243,18 @@ def evaluate(generate: GenerateFn, benchmarks: Sequence[Benchmark], settings: Ev
                              "tokens_per_s": n_tokens / dt if dt > 0 else 0.0}
     summary.update(meta)
     return summary
+
+
+def _share_rows(results: ResultsFile) -> None:
+    """Every rank of the model must make the same generation calls: all take rank 0's view of what
+    the results file already holds (other nodes may not see the file at all)."""
+    import torch.distributed as dist
+
+    if results.path is None or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    box = [results.rows if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    results.rows = box[0]
 
 
 def _progress(total: int, enabled: bool):

@@ -69,3 +69,9 @@ def sft_then_evaluate(tmp: str, eval_argv: list, cut_rows: int) -> dict:
         with open(os.path.join(tmp, name, "results.jsonl")) as f:
             out[name + "_rows"] = [json.loads(x) for x in f][1:]
     return out
+
+
+def evaluate_main(argv: list) -> dict:
+    """tools/evaluate.py on this rank (every rank of the model runs it; rank 0 writes)."""
+    assert _tool("evaluate").main(argv) == 0
+    return {}

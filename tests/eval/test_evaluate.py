@@ -7,7 +7,7 @@ import os
 
 import pytest
 from distributed import run_distributed
-from eval_workers import sft_then_evaluate
+from eval_workers import evaluate_main, sft_then_evaluate
 
 from megatron_bluelm.data.sft import DEFAULT_BRIDGE
 from megatron_bluelm.eval.plots import read_metrics
@@ -86,3 +86,18 @@ def test_hf_export_sweep_matches_the_engine(toy):
         assert row["prompt"] == ours[key]["prompt"], key
         assert [{f: s[f] for f in fields} for s in row["samples"]] == \
             [{f: s[f] for f in fields} for s in ours[key]["samples"]], key
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_sweep_equals_one_rank(toy):
+    """Under PP2 (rank 0, which writes, holds no logits) every rank makes the same calls and the
+    results equal the single-rank sweep's."""
+    tmp, out = toy
+    argv = ["--checkpoint", os.path.join(tmp, "ckpt"), "--no-progress", "--pp", "2",
+            "--output", os.path.join(tmp, "pp2"), "--bench", "arithmetic", "--limit", "3",
+            "--budgets", "0,2,none", "--max-new-tokens", "12", "--answer-tokens", "4", "--batch-size", "2"]
+    run_distributed(evaluate_main, 2, argv)
+    with open(os.path.join(tmp, "pp2", "results.jsonl")) as f:
+        rows = [json.loads(x) for x in f][1:]
+    ours = {(r["budget"], r["id"]): r["samples"] for r in out["full_rows"] if r["bench"] == "arithmetic"}
+    assert len(rows) == 9 and all(r["samples"] == ours[(r["budget"], r["id"])] for r in rows)
