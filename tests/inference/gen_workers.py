@@ -16,8 +16,10 @@ MANY_MAX_NEW = [6, 11, 3, 9, 5, 8, 4]
 CLOSE = [77, END_THINK, 78, 79]  # a forced close sequence (like "\n</think>\n" + bridge)
 
 
-def model_overrides(tp=1, pp=1, seq_length=96, precision=None):
-    out = ["--data.seq_length", str(seq_length), "--model.backend", "torch",
+def model_overrides(tp=1, pp=1, seq_length=96, precision=None, init_std=0.1):
+    # init_std well above the preset's 0.02: sharper attention and logits, so that a wrong position or
+    # key changes greedy tokens (at 0.02 attention is near uniform and argmax hides such bugs)
+    out = ["--data.seq_length", str(seq_length), "--model.backend", "torch", "--model.init_std", str(init_std),
            "--parallel.tp", str(tp), "--parallel.pp", str(pp), "--model.num_layers", "4"]
     return out + (["--training.precision", precision] if precision else [])
 
