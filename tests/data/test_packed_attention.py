@@ -188,3 +188,30 @@ def test_packed_rows_train_like_documents_alone_tp2_pp2(layout):
     for r in results:
         for name, g in r["alone"]["grads"].items():
             torch.testing.assert_close(r["packed"]["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------- SFT rows
+
+def test_sft_rows_count_truncated_samples_and_carry_document_ids(tmp_path):
+    import json
+
+    import numpy as np
+
+    from megatron_bluelm.config.data import BUNDLED_TOKENIZER
+    from megatron_bluelm.data.sft import ChatOptions, preprocess_chat, toy_reverse_conversations
+    from megatron_bluelm.data.sft_packing import PackedSFTDataset
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in toy_reverse_conversations(40, seed=2)))
+    preprocess_chat(ChatOptions([str(path)], str(tmp_path / "sft"), BUNDLED_TOKENIZER, seed=0))
+    prefix = str(tmp_path / "sft_text_document")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    index = IndexedDataset(prefix)  # alive while its mmap-backed lengths are read
+    lengths = np.array(index.sequence_lengths)
+    seq = int(np.median(lengths))  # about half the samples are longer than a row
+    ds = PackedSFTDataset(prefix, seq, (0, 40), 30, seed=0, pad_id=0)
+    assert ds.truncated == int(np.sum(lengths > seq + 1)) > 0
+    row = ds[0]
+    assert "attention_mask" not in row and row["document_ids"].shape == (seq,)
+    assert (row["document_ids"][1:] >= row["document_ids"][:-1]).all()
