@@ -30,16 +30,10 @@ _WATCHED = ("outputs", "runs", "wandb")  # where the stages write by default (ig
 
 
 def _tree_state() -> set:
-    state = set()
-    for top in _WATCHED:
-        for root, dirs, files in os.walk(os.path.join(_REPO, top)):
-            for name in dirs + files:
-                path = os.path.join(root, name)
-                try:
-                    state.add((path, os.stat(path).st_mtime_ns if name in files else 0))
-                except OSError:
-                    pass
-    return state
+    """Paths under the watched folders. New paths only: a fresh checkout (CI) has none, and on a shared
+    working tree a file that another program rewrites meanwhile is not blamed on the tests."""
+    return {os.path.join(root, name) for top in _WATCHED for root, dirs, files in os.walk(os.path.join(_REPO, top))
+            for name in dirs + files}
 
 
 def pytest_sessionstart(session):
@@ -50,7 +44,7 @@ def pytest_sessionfinish(session, exitstatus):
     before = getattr(session.config, "_bluelm_tree", None)
     if before is None:
         return
-    written = sorted({p for p, _ in _tree_state() - before})
+    written = sorted(_tree_state() - before)
     if written:
         shown = "\n  ".join(os.path.relpath(p, _REPO) for p in written[:20])
         print(f"\nERROR: tests wrote into the working tree (use tmp_path or tempfile):\n  {shown}", file=sys.stderr)

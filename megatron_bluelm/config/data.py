@@ -34,7 +34,7 @@ class MixtureSource:
 class DataConfig:
     prefix: str = DEMO_PREFIX  # an indexed dataset prefix (no .bin/.idx); ignored when `mixture` is set
     mixture: str | list = ""  # a mixture YAML path, or a list of {prefix, weight|epochs, ...}
-    tokenizer_model: str = BUNDLED_TOKENIZER
+    tokenizer_model: str = BUNDLED_TOKENIZER  # SentencePiece .model, or a Hugging Face tokenizer.json (or its dir)
     seq_length: int = 4096
     split: str = "969,30,1"  # train,valid,test weights over documents
     reset_position_ids: bool = False  # positions restart after each EOD in a packed row
@@ -58,8 +58,10 @@ class DataConfig:
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
         _check_split(self.split)
-        if not os.path.isfile(self.tokenizer_model):
-            raise ConfigError(f"data.tokenizer_model: no such file '{self.tokenizer_model}'")
+        if not (os.path.isfile(self.tokenizer_model)
+                or os.path.isfile(os.path.join(self.tokenizer_model, "tokenizer.json"))):
+            raise ConfigError(f"data.tokenizer_model: no such file '{self.tokenizer_model}' (a SentencePiece "
+                              f".model, a Hugging Face tokenizer.json, or a directory holding one)")
         if self.mock:
             return
         if isinstance(self.mixture, str) and self.mixture and not os.path.isfile(self.mixture):

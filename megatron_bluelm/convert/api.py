@@ -19,6 +19,7 @@ import torch
 
 from megatron_bluelm.convert import hf_io, lfm2_vl, llama, megatron_io
 from megatron_bluelm.convert.mapping import ConversionError, Dims, from_hf, to_hf
+from megatron_bluelm.data.tokenizer import is_hf_tokenizer
 
 ARCHITECTURES: dict[str, ModuleType] = {"bluelm-decoder": llama, "bluelm-vlm": lfm2_vl}
 HF_TO_ARCH = {m.HF_ARCHITECTURE: name for name, m in ARCHITECTURES.items()}
@@ -93,8 +94,10 @@ def _write_hf_dir(out: str, tensors: dict, config: dict, tokenizer_model: str, m
     hf_io.write_json(os.path.join(out, "config.json"), config)
     hf_io.write_json(os.path.join(out, "generation_config.json"), hf_io.generation_config(config))
     save_hf_tokenizer(tokenizer_model, out)
-    # The SentencePiece model itself travels along: HF -> megatron needs it for training.
-    shutil.copyfile(tokenizer_model, os.path.join(out, "tokenizer.model"))
+    if not is_hf_tokenizer(tokenizer_model):
+        # The SentencePiece model itself travels along: HF -> megatron needs it for training. (A
+        # tokenizer.json run needs nothing more: the exported tokenizer.json is its tokenizer.)
+        shutil.copyfile(tokenizer_model, os.path.join(out, "tokenizer.model"))
 
 
 def hf_to_megatron(hf_dir: str, out: str, *, seq_length: int | None = None) -> str:
@@ -115,7 +118,13 @@ def hf_to_megatron(hf_dir: str, out: str, *, seq_length: int | None = None) -> s
     except (KeyError, ValueError, ConfigError) as e:
         raise ConversionError(f"'{hf_dir}/config.json': not convertible: {e}") from None
     apply_preset(cfg.model)  # fills nothing the HF config set; keeps the defaults complete
-    cfg.data.tokenizer_model = os.path.abspath(os.path.join(hf_dir, "tokenizer.model"))
+    spm_model = os.path.join(hf_dir, "tokenizer.model")
+    # Our exports carry the SentencePiece model; any other HF directory is used through its tokenizer.json.
+    cfg.data.tokenizer_model = os.path.abspath(spm_model if os.path.isfile(spm_model) else hf_dir)
+    vocab = load_tokenizer(cfg.data.tokenizer_model).vocab_size
+    if vocab > cfg.model.vocab_size:
+        raise ConversionError(f"'{hf_dir}': the tokenizer has {vocab} ids with the project's special tokens "
+                              f"added, the model's vocab_size is {cfg.model.vocab_size}")
     if seq_length:
         cfg.data.seq_length = seq_length
     cfg.training.precision = "fp32"

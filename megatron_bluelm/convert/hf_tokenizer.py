@@ -75,12 +75,29 @@ def build_hf_tokenizer(model_path: str):
     return hf
 
 
+def build_from_tokenizer_json(path: str):
+    """A ``PreTrainedTokenizerFast`` from a Hugging Face ``tokenizer.json`` the run trained with (our
+    special tokens added as training saw them: ``data/tokenizer.py:HFTokenizer``), chat template included."""
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_bluelm.data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(path)
+    return PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token=EOS, pad_token=PAD, padding_side="left",
+                                   chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
+                                   model_max_length=1 << 30)
+
+
 def save_hf_tokenizer(model_path: str, out: str) -> None:
-    """Write tokenizer.json / tokenizer_config.json loadable by every supported transformers version."""
+    """Write tokenizer.json / tokenizer_config.json loadable by every supported transformers version,
+    from our SentencePiece model or from the Hugging Face tokenizer.json the run used."""
     import json
     import os
 
-    build_hf_tokenizer(model_path).save_pretrained(out)
+    from megatron_bluelm.data.tokenizer import is_hf_tokenizer
+
+    (build_from_tokenizer_json(model_path) if is_hf_tokenizer(model_path) else
+     build_hf_tokenizer(model_path)).save_pretrained(out)
     path = os.path.join(out, "tokenizer_config.json")
     with open(path) as f:
         config = json.load(f)

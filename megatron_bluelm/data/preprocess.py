@@ -89,11 +89,19 @@ _W: dict = {}
 
 
 def _init_encoder(model_path: str, keys: list[str], append_eod: bool, split: bool, threads: int):
-    import sentencepiece as spm
+    from megatron_bluelm.data.tokenizer import HFTokenizer, is_hf_tokenizer
 
-    sp = spm.SentencePieceProcessor(model_file=model_path)
-    _W.update(sp=sp, keys=keys, eod=sp.eos_id(), append_eod=append_eod, split=split, threads=threads)
-    _W["dtype"] = token_dtype(sp.GetPieceSize())
+    if is_hf_tokenizer(model_path):  # a Hugging Face tokenizer.json, our special tokens added
+        tok = HFTokenizer(model_path)
+        encode = lambda texts: [np.asarray(ids, dtype=np.int32) for ids in tok.encode_batch(texts)]  # noqa: E731
+        eod, vocab = tok.eod, tok.vocab_size
+    else:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=model_path)
+        encode = lambda texts: sp.EncodeAsNumpy(texts, num_threads=threads)  # noqa: E731
+        eod, vocab = sp.eos_id(), sp.GetPieceSize()
+    _W.update(encode=encode, keys=keys, eod=eod, append_eod=append_eod, split=split, dtype=token_dtype(vocab))
 
 
 def _encode_key(texts: list[str]):
@@ -104,7 +112,7 @@ def _encode_key(texts: list[str]):
         counts = np.array([len(p) for p in pieces], dtype=np.int64)
     else:
         flat, counts = texts, np.ones(len(texts), dtype=np.int64)
-    seqs = _W["sp"].EncodeAsNumpy(flat, num_threads=_W["threads"])
+    seqs = _W["encode"](flat)
     lengths = np.fromiter(map(len, seqs), dtype=np.int32, count=len(seqs))
     if _W["append_eod"]:
         # EOD goes after each document's last sequence.
@@ -191,7 +199,7 @@ def check_options(opts: Options) -> None:
             raise ConfigError(f"--input: '{path}' is a directory; give the JSONL files in it (e.g. {path}/*.jsonl)")
         if not os.path.isfile(path):
             raise ConfigError(f"--input: no such file '{path}'")
-    if not os.path.isfile(opts.tokenizer_model):
+    if not os.path.isfile(opts.tokenizer_model) and not os.path.isdir(opts.tokenizer_model):
         raise ConfigError(f"--tokenizer-model: no such file '{opts.tokenizer_model}'")
     if opts.on_error not in ("fail", "skip"):
         raise ConfigError(f"--on-error: must be 'fail' or 'skip', got '{opts.on_error}'")
@@ -213,12 +221,7 @@ def check_options(opts: Options) -> None:
 
 def preprocess(opts: Options) -> Summary:
     check_options(opts)
-    import sentencepiece as spm
-
-    try:
-        vocab = spm.SentencePieceProcessor(model_file=opts.tokenizer_model).GetPieceSize()
-    except Exception as e:
-        raise ConfigError(f"--tokenizer-model: cannot load '{opts.tokenizer_model}': {e}") from e
+    vocab = _vocab_size(opts.tokenizer_model)
     threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.workers)
     summary, t0 = Summary(outputs=output_prefixes(opts)), time.time()
     writers = [IndexedWriter(p, token_dtype(vocab)) for p in summary.outputs]
@@ -252,6 +255,22 @@ def check_not_empty(summary: Summary, opts: Options) -> None:
     why = (f"all {summary.lines:,} lines were skipped ({', '.join(k for k, _ in summary.skipped.most_common(3))}); "
            f"e.g. {summary.examples[0]}" if summary.lines else "the input is empty")
     raise ConfigError(f"--input: no documents in {', '.join(opts.inputs)}: {why}")
+
+
+def _vocab_size(model_path: str) -> int:
+    from megatron_bluelm.data.tokenizer import HFTokenizer, is_hf_tokenizer
+
+    if is_hf_tokenizer(model_path):
+        try:
+            return HFTokenizer(model_path).vocab_size
+        except ConfigError as e:
+            raise ConfigError(f"--tokenizer-model: {e}") from None
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=model_path).GetPieceSize()
+    except Exception as e:
+        raise ConfigError(f"--tokenizer-model: cannot load '{model_path}': {e}") from e
 
 
 def _record_bad(path: str, bad: list[BadLine], opts: Options, summary: Summary) -> None:

@@ -80,6 +80,98 @@ class Tokenizer:
         return self.sp.IdToPiece(int(idx))
 
 
-def load_tokenizer(path: str | None = None) -> Tokenizer:
-    """Load a SentencePiece model; None means the bundled demo tokenizer."""
-    return Tokenizer(path or bundled_tokenizer_path())
+# Names Hugging Face tokenizers commonly give the end-of-document token, tried in order when the
+# tokenizer's own config does not say.
+_HF_EOD_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
+
+
+def is_hf_tokenizer(path: str) -> bool:
+    """A Hugging Face ``tokenizer.json`` (or a directory holding one) rather than a SentencePiece model."""
+    return path.endswith(".json") or (os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")))
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (through the ``tokenizers`` library) with the attributes and
+    methods of :class:`Tokenizer`. The project's special tokens (``<think>``, ``<|end|>``, ``<image>``, ...)
+    are added, each one id after the tokenizer's own, where the tokenizer lacks them; the EOD is the
+    tokenizer's end-of-sequence token (``eos_token`` of a ``tokenizer_config.json`` beside it, else the
+    first of ``</s> <|endoftext|> <|end_of_text|> <eos>`` it has), and the keys ``<pad> <unk> <s> </s>``
+    of ``special_ids`` name the roles (pad falls back to the EOD; unk and bos may be absent: -1)."""
+
+    def __init__(self, path: str):
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFTok
+
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise ConfigError(f"tokenizer: no such file '{file}'")
+        try:
+            self.hf = HFTok.from_file(file)
+        except Exception as e:  # tokenizers raises a bare Exception with the parser's message
+            raise ConfigError(f"tokenizer '{file}' could not be loaded: {e}") from e
+        self.model_path = path
+        self.hf.no_padding()
+        self.hf.no_truncation()
+        config = _hf_tokenizer_config(file)
+        added = [t for t in USER_SYMBOLS if self.hf.token_to_id(t) is None]
+        self.hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+        self.added_tokens = added
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        eod_name = _token_name(config.get("eos_token")) or next(
+            (t for t in _HF_EOD_NAMES if self.hf.token_to_id(t) is not None), None)
+        if eod_name is None or self.hf.token_to_id(eod_name) is None:
+            raise ConfigError(f"tokenizer '{file}': no end-of-document token (looked for eos_token in "
+                              f"tokenizer_config.json, then {list(_HF_EOD_NAMES)})")
+        self.eod = self.eos = self.hf.token_to_id(eod_name)
+        pad = self._id(_token_name(config.get("pad_token")))
+        self.pad = self.eod if pad < 0 else pad
+        self.bos = self._id(_token_name(config.get("bos_token")))
+        self.unk = self._id(_token_name(config.get("unk_token")))
+        self.special_ids = {t: self.hf.token_to_id(t) for t in USER_SYMBOLS}
+        self.special_ids.update({PAD: self.pad, UNK: self.unk, BOS: self.bos, EOD: self.eod})
+        with open(file, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        self.unique_identifiers = {"class": "HFTokenizer", "sha256": digest, "added": added}
+
+    def _id(self, name: str | None) -> int:
+        i = self.hf.token_to_id(name) if name else None
+        return -1 if i is None else i
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        """Batched encode (the library parallelizes it in Rust; ``num_threads`` is not used)."""
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(list(map(int, ids)), skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int:
+        i = self.hf.token_to_id(token)
+        return self.unk if i is None else i
+
+    def id_to_token(self, idx: int) -> str:
+        return self.hf.id_to_token(int(idx))
+
+
+def _hf_tokenizer_config(tokenizer_file: str) -> dict:
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.abspath(tokenizer_file)), "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _token_name(value) -> str | None:
+    """``tokenizer_config.json`` writes a special token as a string or as ``{"content": ...}``."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def load_tokenizer(path: str | None = None) -> Tokenizer | HFTokenizer:
+    """Load a SentencePiece model, or a Hugging Face ``tokenizer.json`` (file or directory); None means
+    the bundled demo tokenizer."""
+    path = path or bundled_tokenizer_path()
+    return HFTokenizer(path) if is_hf_tokenizer(path) else Tokenizer(path)
