@@ -355,19 +355,26 @@ def run_batch(args) -> dict:
     """Batch mode: generate every (line, sample) not yet in --output; returns counts for the summary."""
     import torch.distributed as dist
 
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world != args.tp * args.pp:
+        raise BatchInputError(f"batch mode runs one model replica: launch --tp x --pp = {args.tp * args.pp} "
+                              f"process(es), not {world} (split the input file to run more replicas)")
     lines = read_batch_input(args.input, args)
     cfg, tok = _load_config_and_tokenizer(args)
     prepare_prompts(lines, args, cfg, tok)
-    done, cut = read_done(args.output)  # every rank reads it before rank 0 may cut the torn line
+    done, cut = read_done(args.output) if rank == 0 else (None, None)
     samples = [(ln, k) for ln in lines for k in range(ln.n)]
+    if world == 1 and all((json.dumps(ln.id), k) in done for ln, k in samples):
+        return {"samples": len(samples), "skipped": len(samples), "generated": 0, "tokens": 0}
+    gen = _generator(args, cfg, tok)
+    if world > 1:  # every rank must make the same calls: all take rank 0's view of the output
+        box = [done]  # (other nodes may not see the file at all)
+        dist.broadcast_object_list(box, src=0)
+        done = box[0]
     todo = [(json.dumps(ln.id), k) not in done for ln, k in samples]
     stats = {"samples": len(samples), "skipped": len(samples) - sum(todo), "generated": 0, "tokens": 0}
     if not any(todo):
         return stats
-    gen = _generator(args, cfg, tok)
-    if dist.is_initialized():
-        dist.barrier()
-    rank = int(os.environ.get("RANK", "0"))
     writer = _Writer(args.output, cut) if rank == 0 else None
     bar, start = _progress(args, sum(todo), rank), time.perf_counter()
     try:

@@ -151,8 +151,9 @@ def test_resume_after_a_torn_write_gives_the_uninterrupted_records(runs, name):
         assert r == full[key]
 
 
-def test_tp2_under_torchrun_writes_each_sample_once(runs):
+def test_tp2_under_torchrun_resumes_and_writes_each_sample_once(runs):
     out = os.path.join(runs["tmp"], "tp2.jsonl")
+    _cut(os.path.join(runs["tmp"], "greedy.jsonl"), out, 2)  # rank 0's view of it goes to rank 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", GENERATE, "--checkpoint",
            runs["ckpt"], "--chat", "--input", os.path.join(runs["tmp"], "in.jsonl"), "--output", out, "--tp", "2",
            "--logprobs", "--no-progress", "--chunk-size", "3"]
@@ -160,7 +161,7 @@ def test_tp2_under_torchrun_writes_each_sample_once(runs):
                           timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     tp2 = _records(out)
-    assert len(tp2) == len(EXPECTED_KEYS)  # rank 0 alone writes
+    assert len(tp2) == len(EXPECTED_KEYS)  # rank 0 alone writes, and only what was missing
     greedy = _by_key(_records(os.path.join(runs["tmp"], "greedy.jsonl")))
     assert {k: r["token_ids"] for k, r in _by_key(tp2).items()} == {k: r["token_ids"] for k, r in greedy.items()}
 
@@ -232,6 +233,13 @@ def test_argument_errors_exit_2(capsys, argv, expected):
     with pytest.raises(SystemExit) as e:
         _cli().parse_args(["--checkpoint", "ckpt", *argv])
     assert e.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_batch_mode_refuses_data_parallel_replicas(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    argv = ["--checkpoint", "ckpt", "--input", "in.jsonl", "--output", str(tmp_path / "o.jsonl"), "--tp", "2"]
+    assert _cli().main(argv) == 2
+    assert "batch mode runs one model replica: launch --tp x --pp = 2 process(es), not 4" in capsys.readouterr().err
 
 
 def test_missing_input_file_is_named(tmp_path, capsys):
