@@ -42,6 +42,7 @@ class VisionConfig:
     pack: bool = False
     max_tiles_per_microbatch: Optional[int] = None  # ViT batch bound; None: what the row's tokens allow
     pack_buffer: int = 4096  # records per first-fit-decreasing shuffle buffer
+    recompute: Optional[str] = None  # ViT activation recomputation: none | selective | full; None: training.recompute
 
     @property
     def enabled(self) -> bool:
@@ -81,6 +82,9 @@ class VisionConfig:
         if self.max_tiles_per_microbatch is not None and self.max_tiles_per_microbatch <= 0:
             raise ConfigError(f"vision.max_tiles_per_microbatch: must be a positive integer or null, got "
                               f"{self.max_tiles_per_microbatch!r}")
+        if self.recompute not in (None, "none", "selective", "full"):
+            raise ConfigError(f"vision.recompute: one of none, selective, full (or null: follow training.recompute), "
+                              f"got {self.recompute!r}")
         if self.pack_buffer <= 0:
             raise ConfigError(f"vision.pack_buffer: must be a positive integer, got {self.pack_buffer!r}")
         unknown = [f for f in self.freeze if f not in FREEZABLE]

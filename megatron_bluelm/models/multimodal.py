@@ -43,7 +43,7 @@ class BlueLMVLM(MegatronModule):
                                             vp_stage=vp_stage, config=lm_config)
         if pre_process:
             v = cfg.vision
-            self.vision_model = VisionEncoder(vision_transformer_config(lm_config, v), v, backend)
+            self.vision_model = VisionEncoder(vision_transformer_config(lm_config, v, backend), v, backend)
             self.adapter = VisionAdapter(lm_config, v.hidden_size, v.image_size // v.patch_size,
                                          v.adapter_hidden_size)
 

@@ -53,26 +53,54 @@ class LayerNorm(torch.nn.Module):
         return y.to(x.dtype)
 
 
-def vision_transformer_config(lm_config: TransformerConfig, v: VisionConfig) -> TransformerConfig:
-    """The decoder's config (precision, TP, recompute) with the ViT's shape; no pipeline split:
-    the whole ViT lives on the first pipeline stage."""
+class NativeLayerNorm(LayerNorm):
+    """The fused backend's LayerNorm: one ``F.layer_norm`` kernel in the activations' dtype (on CUDA it
+    accumulates in fp32 internally), without the fp32 copies of the input and output the reference
+    above makes: two fewer full passes over [patches x tiles, hidden] in each direction."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+def _vision_recompute(lm_config: TransformerConfig, v: VisionConfig) -> dict:
+    """``vision.recompute``: none | selective (the attention core) | full (every layer); unset: the
+    decoder's ``training.recompute``."""
+    if v.recompute is None:
+        return {}
+    if v.recompute == "none":
+        return dict(recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
+                    recompute_modules=None)
+    if v.recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"], recompute_method=None,
+                    recompute_num_layers=None)
+    return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+
+
+def vision_transformer_config(lm_config: TransformerConfig, v: VisionConfig, backend: str = "torch") -> TransformerConfig:
+    """The decoder's config (precision, TP) with the ViT's shape; no pipeline split: the whole ViT
+    lives on the first pipeline stage. The fused backend adds the bias and applies GELU(tanh) in one
+    fused kernel (megatron-core's bias-GELU, which *is* the tanh approximation; its config names the
+    activation ``F.gelu`` because that is how megatron-core selects it)."""
+    fused = backend == "fused"
     return dataclasses.replace(
         lm_config,
         num_layers=v.num_layers, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size,
         num_attention_heads=v.num_attention_heads, num_query_groups=v.num_attention_heads,
         kv_channels=v.hidden_size // v.num_attention_heads, layernorm_epsilon=v.norm_eps,
         normalization="LayerNorm", add_bias_linear=True, gated_linear_unit=False,
-        activation_func=gelu_tanh, use_te_activation_func=False, sequence_parallel=False,
+        activation_func=F.gelu if fused else gelu_tanh, bias_activation_fusion=fused,
+        use_te_activation_func=False, sequence_parallel=False,
         pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
         num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
-        overlap_p2p_comm=False,
+        overlap_p2p_comm=False, **_vision_recompute(lm_config, v),
     )
 
 
 @functools.lru_cache(maxsize=None)
 def vision_layer_spec(backend: str) -> ModuleSpec:
-    """One ViT layer; Transformer Engine parts under ``te``, plain torch otherwise (our fused
-    kernels are RMSNorm / SwiGLU, which the ViT does not use)."""
+    """One ViT layer: Transformer Engine parts under ``te``; under ``fused`` the native-dtype LayerNorm
+    and (through the config) the fused bias-GELU; plain torch otherwise. Attention is non-causal SDPA
+    on every non-TE backend (flash / cuDNN / memory-efficient kernels on CUDA)."""
     if backend == "te":
         from megatron.core.extensions.transformer_engine import (
             TEColumnParallelLinear,
@@ -83,7 +111,8 @@ def vision_layer_spec(backend: str) -> ModuleSpec:
 
         norm, column, row, core = TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
     else:
-        norm, column, row, core = LayerNorm, ColumnParallelLinear, RowParallelLinear, SDPACoreAttention
+        norm = NativeLayerNorm if backend == "fused" else LayerNorm
+        column, row, core = ColumnParallelLinear, RowParallelLinear, SDPACoreAttention
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -113,7 +142,7 @@ class VisionEncoder(MegatronModule):
         self.position_embedding = torch.nn.Embedding(self.grid**2, v.hidden_size, dtype=config.params_dtype)
         spec = TransformerBlockSubmodules(layer_specs=[vision_layer_spec(backend)] * v.num_layers)
         self.decoder = TransformerBlock(config=config, spec=spec, pre_process=True, post_process=False)
-        self.post_layernorm = LayerNorm(config, v.hidden_size, v.norm_eps)
+        self.post_layernorm = (NativeLayerNorm if backend == "fused" else LayerNorm)(config, v.hidden_size, v.norm_eps)
         for name, param in self.named_parameters():
             if name.endswith("mlp.linear_fc1.weight"):
                 param.glu = False  # one GELU matrix, not a [gate; up] pair (models/init.py)

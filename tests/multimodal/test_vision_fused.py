@@ -1,0 +1,73 @@
+"""The vision tower's fused backend (native-dtype LayerNorm, fused bias-GELU(tanh), non-causal SDPA)
+and its recompute option compute the torch backend's ViT: same features and gradients."""
+import pytest
+import torch
+from distributed import run_distributed
+
+from megatron_bluelm.config.errors import ConfigError
+from megatron_bluelm.config.schema import RunConfig
+
+
+def _vit(backend, recompute=None):
+    from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.models.decoder import build_transformer_config
+    from megatron_bluelm.models.vision import VisionEncoder, vision_transformer_config
+    from megatron_bluelm.parallel.setup import setup_parallel
+
+    args = ["--model.preset", "tiny", "--vision.preset", "vit-tiny", "--model.backend", backend]
+    if recompute:
+        args += ["--vision.recompute", recompute]
+    cfg = load_config(None, args)
+    cfg.vision.resolve()
+    from megatron_bluelm.config.presets import apply_preset
+
+    apply_preset(cfg.model)
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        setup_parallel(1, 1, None, 1, 0)
+    vcfg = vision_transformer_config(build_transformer_config(cfg, backend), cfg.vision, backend)
+    return VisionEncoder(vcfg, cfg.vision, backend), vcfg
+
+
+def _features_and_grads():
+    from megatron_bluelm.models.vision import NativeLayerNorm
+
+    torch.manual_seed(0)
+    ref, _ = _vit("torch")
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.2)
+    out = {}
+    pixels = torch.randn(3, 3, 112, 112)
+    for name, (backend, recompute) in {"torch": ("torch", None), "fused": ("fused", None),
+                                       "fused_full_recompute": ("fused", "full")}.items():
+        vit, vcfg = _vit(backend, recompute) if name != "torch" else (ref, None)
+        if vit is not ref:
+            vit.load_state_dict(ref.state_dict())
+            assert any(isinstance(m, NativeLayerNorm) for m in vit.modules())
+            assert vcfg.bias_activation_fusion and (vcfg.recompute_granularity == "full") == (recompute == "full")
+        vit.train()
+        vit.zero_grad()
+        feats = vit(pixels)
+        (feats * torch.linspace(-1, 1, feats.shape[-1])).sum().backward()
+        out[name] = {"features": feats.detach(),
+                     "grads": {n: p.grad.clone() for n, p in vit.named_parameters()}}
+    return out
+
+
+def test_fused_vision_tower_equals_torch_backend():
+    got = run_distributed(_features_and_grads, 1)[0]
+    ref = got["torch"]
+    for name in ("fused", "fused_full_recompute"):
+        torch.testing.assert_close(got[name]["features"], ref["features"], rtol=1e-5, atol=1e-5)
+        for n, g in ref["grads"].items():
+            torch.testing.assert_close(got[name]["grads"][n], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()),
+                                       msg=f"{name}: {n}")
+
+
+def test_vision_recompute_is_checked():
+    cfg = RunConfig()
+    cfg.vision.preset, cfg.vision.recompute = "vit-tiny", "sometimes"
+    with pytest.raises(ConfigError, match="vision.recompute: one of none, selective, full"):
+        cfg.vision.resolve()
