@@ -261,7 +261,7 @@ def read_batch_input(path: str, args) -> list[BatchLine]:
 def prepare_prompts(lines: list[BatchLine], args, cfg, tok) -> None:
     """Render (chat) and tokenize every line; lines that cannot run on this checkpoint are named."""
     from megatron_bluelm.inference import GenerationError
-    from megatron_bluelm.inference.engine import _place_images, render_prompt
+    from megatron_bluelm.inference.engine import place_images, render_prompt
     from megatron_bluelm.inference.images import PromptImages
 
     context = cfg.data.seq_length
@@ -274,7 +274,7 @@ def prepare_prompts(lines: list[BatchLine], args, cfg, tok) -> None:
             continue
         if ln.messages is not None or args.chat:
             msgs = ln.messages if ln.messages is not None else _messages(args, ln.prompt)
-            text = render_prompt(_place_images(msgs, len(ln.images)), thinking=ln.thinking_budget != 0)
+            text = render_prompt(place_images(msgs, len(ln.images)), thinking=ln.thinking_budget != 0)
         else:
             text = ln.prompt
         ln.ids = tok.encode(text)

@@ -39,6 +39,14 @@ from megatron_bluelm.inference.stage import StageWeights
 _REASONS = {ds.FINISH_STOP: "stop", ds.FINISH_LENGTH: "length", ds.FINISH_CONTEXT: "context"}
 
 
+def sampling_mode(cfgs) -> str:
+    """Which sampler the step graph needs: greedy only, plain sampling, or top-k / top-p filtering."""
+    sampled = [c for c in cfgs if c["temperature"] > 0]
+    if not sampled:
+        return "greedy"
+    return "filtered" if any(c["top_p"] < 1.0 or c["top_k"] > 0 for c in sampled) else "sample"
+
+
 def _buckets(slots: int) -> list[int]:
     out, b = [], 1
     while b < slots:
@@ -105,7 +113,7 @@ class GenerationEngine:
         self.graphs: dict = {}
         self.pool = None
         self.stats = {"decode_steps": 0, "row_steps": 0, "prefill_tokens": 0, "graph_captures": 0}
-        self.timing, self._events = False, []
+        self.timing, self._events, self._prefill_events = False, [], []
 
     # -- sizing -------------------------------------------------------------------------------------
     def _slots_for(self, samples: int, capacity: int) -> int:
@@ -139,7 +147,7 @@ class GenerationEngine:
         self.cos, self.sin = self.w.rope_tables(capacity)
 
     # -- one decode step ----------------------------------------------------------------------------
-    def _forward(self, rows: int, filtered: bool) -> None:
+    def _forward(self, rows: int, mode: str) -> None:
         st = self.state
         if self.par.first:
             x = self.w.embed(st.token[:rows])
@@ -150,7 +158,7 @@ class GenerationEngine:
         if not self.par.last:
             dist.send(x.contiguous(), dst=self.par.next)
         if self.par.last:
-            advance(st, self.w.logits(x), rows, filtered)
+            advance(st, self.w.logits(x), rows, mode)
         if self.par.pp > 1:
             self._sync_rows(rows)
 
@@ -164,33 +172,33 @@ class GenerationEngine:
             for n, row in zip(names, packed):
                 getattr(st, n)[:rows].copy_(row)
 
-    def _graph(self, rows: int, filtered: bool):
-        key = (rows, filtered)
+    def _graph(self, rows: int, mode: str):
+        key = (rows, mode)
         if key not in self.graphs:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up (all rows inactive: no row state changes)
-                self._forward(rows, filtered)
+                self._forward(rows, mode)
             torch.cuda.current_stream(self.device).wait_stream(side)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                self._forward(rows, filtered)
+                self._forward(rows, mode)
             self.graphs[key] = g
             self.stats["graph_captures"] += 1
         return self.graphs[key]
 
-    def _decode(self, rows: int, filtered: bool, steps: int) -> None:
+    def _decode(self, rows: int, mode: str, steps: int) -> None:
         timed = self.timing and self.device.type == "cuda"
         if timed:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         for _ in range(steps):
             if self.cuda_graphs:
-                self.graphs[(rows, filtered)].replay()
+                self.graphs[(rows, mode)].replay()
             else:
-                self._forward(rows, filtered)
+                self._forward(rows, mode)
         if timed:
             end.record()
             self._events.append((start, end))
@@ -199,9 +207,16 @@ class GenerationEngine:
 
     def gpu_decode_seconds(self) -> float:
         """With ``timing``: GPU time of the decode bursts since the last call (synchronizes)."""
+        return self._elapsed(self._events)
+
+    def gpu_prefill_seconds(self) -> float:
+        """With ``timing``: GPU time of the prefills since the last call (synchronizes)."""
+        return self._elapsed(self._prefill_events)
+
+    def _elapsed(self, events) -> float:
         torch.cuda.synchronize(self.device)
-        total = sum(a.elapsed_time(b) for a, b in self._events) / 1e3
-        self._events.clear()
+        total = sum(a.elapsed_time(b) for a, b in events) / 1e3
+        events.clear()
         return total
 
     def release(self) -> None:
@@ -226,6 +241,16 @@ class GenerationEngine:
             self._prefill_batch(batch)
 
     def _prefill_batch(self, batch) -> None:
+        timed = self.timing and self.device.type == "cuda"
+        if timed:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        self._prefill_rows(batch)
+        if timed:
+            end.record()
+            self._prefill_events.append((start, end))
+
+    def _prefill_rows(self, batch) -> None:
         n, longest = len(batch), len(batch[0][0])
         tokens = torch.zeros(n, longest, dtype=torch.long)
         for r, (p, _, _) in enumerate(batch):
@@ -270,8 +295,8 @@ class GenerationEngine:
                                   f"tokens, got {len(stop_ids)} and {len(close_ids)}")
         capacity = max(len(p) + c["limit"] for p, c in zip(prompts, samples_cfg))
         max_new = max(c["limit"] for c in samples_cfg)
-        filtered = any(c["top_p"] < 1.0 or c["top_k"] > 0 for c in samples_cfg if c["temperature"] > 0)
-        self.reserve(n, capacity, max_new, vocab_size, filtered)
+        mode = sampling_mode(samples_cfg)
+        self.reserve(n, capacity, max_new, vocab_size, mode)
         st = self.state
         self._set_shared(ids, vocab_size, banned_ids, stop_ids, close_ids, tables)
         buckets = _buckets(st.slots)
@@ -280,7 +305,9 @@ class GenerationEngine:
         for i, p in enumerate(prompts):
             key = (tuple(p), None if tiles is None or tiles[i] is None else _tile_key(tiles[i]))
             groups.setdefault(key, []).append(i)
-        waiting = deque(groups.values())
+        # longest work first (the budgets and limits are known): the last rows to start are the short
+        # ones, so the batch does not end with a few long samples running nearly alone
+        waiting = deque(sorted(groups.values(), key=lambda g: -(len(prompts[g[0]]) + samples_cfg[g[0]]["limit"])))
         free = list(range(st.slots))
         heapq.heapify(free)
         slot_of: dict[int, int] = {}  # slot -> sample
@@ -289,13 +316,13 @@ class GenerationEngine:
             if waiting and free:
                 self._admit(waiting, free, slot_of, prompts, samples_cfg, tiles, ids)
             rows = next(b for b in buckets if b > max(slot_of))
-            self._decode(rows, filtered, self.check_every)
+            self._decode(rows, mode, self.check_every)
             self._harvest(rows, slot_of, free, results, prompts, on_finish)
             if not waiting and slot_of:
                 self._compact(slot_of, free, buckets)
         return results
 
-    def reserve(self, samples: int, capacity: int, max_new: int, vocab_size: int, filtered: bool = False) -> None:
+    def reserve(self, samples: int, capacity: int, max_new: int, vocab_size: int, mode: str = "greedy") -> None:
         """Size the cache and state for a workload and capture its graphs now (a call that fits runs
         without allocating or capturing). Every rank of the model calls it."""
         padded_vocab = self.w.output.shape[0] * self.w.tp if self.w.post_process else vocab_size
@@ -304,7 +331,7 @@ class GenerationEngine:
         self.state.active.zero_()
         if self.cuda_graphs:
             for b in _buckets(self.state.slots):
-                self._graph(b, filtered)
+                self._graph(b, mode)
 
     def _agree_vocab(self, v: int) -> int:
         if self.par.pp > 1:  # non-last stages have no output layer: take the last stage's size

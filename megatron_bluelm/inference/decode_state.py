@@ -138,9 +138,12 @@ def _filtered_sample(z: torch.Tensor, u: torch.Tensor, top_k: torch.Tensor, top_
     return order.gather(1, idx).squeeze(1), logp.gather(1, idx).squeeze(1)
 
 
-def advance(st: DecodeState, logits: torch.Tensor, rows: int, filtered: bool) -> None:
+def advance(st: DecodeState, logits: torch.Tensor, rows: int, mode: str) -> None:
     """Choose each of the first ``rows`` slots' next token from its logits [rows, V] (fp32) and
-    update every per-row buffer in place. ``filtered``: some row uses top-k / top-p."""
+    update every per-row buffer in place. ``mode``: "greedy" (no row samples), "sample", or
+    "filtered" (some row uses top-k / top-p)."""
+    if isinstance(mode, bool):  # filtered or not, sampling
+        mode = "filtered" if mode else "sample"
     sl = slice(0, rows)
     active, bstate = st.active[sl], st.bstate[sl]
     think, end_think = st.think_ids[0], st.think_ids[1]
@@ -149,20 +152,24 @@ def advance(st: DecodeState, logits: torch.Tensor, rows: int, filtered: bool) ->
     tcols = st.think_ids
     banned = torch.stack((bstate >= THINKING, bstate == CLOSED), dim=1)
     lg[:, tcols] = torch.where(banned, float("-inf"), lg[:, tcols])
-    temp = st.temperature[sl]
-    greedy = temp <= 0
-    z = lg / torch.where(greedy, 1.0, temp)[:, None]
-    logp_all = z.log_softmax(-1)
-    u = uniform_from_key(st.key[sl], st.gen[sl])
-    if filtered:
-        sampled, sampled_lp = _filtered_sample(z, u, st.top_k[sl], st.top_p[sl])
-    else:
-        cdf = logp_all.exp().cumsum(-1)
-        sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=z.shape[-1] - 1).squeeze(1)
-        sampled_lp = logp_all.gather(1, sampled[:, None]).squeeze(1)
     best = lg.argmax(-1)
-    tok = torch.where(greedy, best, sampled)
-    lp = torch.where(greedy, logp_all.gather(1, best[:, None]).squeeze(1), sampled_lp)
+    if mode == "greedy":
+        tok = best
+        lp = lg.log_softmax(-1).gather(1, best[:, None]).squeeze(1)
+    else:
+        temp = st.temperature[sl]
+        greedy = temp <= 0
+        z = lg / torch.where(greedy, 1.0, temp)[:, None]
+        logp_all = z.log_softmax(-1)
+        u = uniform_from_key(st.key[sl], st.gen[sl])
+        if mode == "filtered":
+            sampled, sampled_lp = _filtered_sample(z, u, st.top_k[sl], st.top_p[sl])
+        else:
+            cdf = logp_all.exp().cumsum(-1)
+            sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=z.shape[-1] - 1).squeeze(1)
+            sampled_lp = logp_all.gather(1, sampled[:, None]).squeeze(1)
+        tok = torch.where(greedy, best, sampled)
+        lp = torch.where(greedy, logp_all.gather(1, best[:, None]).squeeze(1), sampled_lp)
     # forced close
     fidx = st.force_idx[sl]
     forcing = fidx >= 0

@@ -89,26 +89,26 @@ class TextGenerator:
                             image_token_id=image_id, tables=self.tables, on_finish=on_finish)
 
     def generate(self, texts: Sequence[str], req: GenerationRequest,
-                 images: Sequence[Sequence] | None = None) -> list[GenerationOutput]:
-        return self.generate_ids([self.tok.encode(t) for t in texts], req, images)
+                 images: Sequence[Sequence] | None = None, on_finish=None) -> list[GenerationOutput]:
+        return self.generate_ids([self.tok.encode(t) for t in texts], req, images, on_finish)
 
     def chat(self, conversations: Sequence[list], req: GenerationRequest,
-             images: Sequence[Sequence] | None = None) -> list[GenerationOutput]:
+             images: Sequence[Sequence] | None = None, on_finish=None) -> list[GenerationOutput]:
         """Budget None: thinking, unlimited; 0: non-thinking; N: thinking, closed after N tokens."""
         budgets = req.thinking_budget
         if not isinstance(budgets, (list, tuple)):
             budgets = [budgets] * len(conversations)
         if images is not None:
-            conversations = [_place_images(m, len(imgs)) for m, imgs in zip(conversations, images)]
+            conversations = [place_images(m, len(imgs)) for m, imgs in zip(conversations, images)]
         prompts = [self.tok.encode(render_prompt(m, thinking=b != 0)) for m, b in zip(conversations, budgets)]
-        return self.generate_ids(prompts, replace(req, thinking_budget=list(budgets)), images)
+        return self.generate_ids(prompts, replace(req, thinking_budget=list(budgets)), images, on_finish)
 
     def decode(self, out: GenerationOutput) -> str:
         tokens = out.tokens[:-1] if out.finish_reason == "stop" else out.tokens
         return self.tok.decode(tokens)
 
 
-def _place_images(messages: list, n_images: int) -> list:
+def place_images(messages: list, n_images: int) -> list:
     """A conversation without any ``<image>`` gets its images in front of the last user turn."""
     if n_images == 0 or any(IMAGE in m.get("content", "") for m in messages):
         return messages

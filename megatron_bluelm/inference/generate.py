@@ -32,6 +32,9 @@ class GenerationRequest:
     close_ids: Sequence[int] | None = None
     # Extra sampled thinking tokens allowed past the budget while waiting for a sentence end (0: none).
     budget_grace: int = 0
+    # Per-sample RNG stream ids (default: the sample's index in the call). A sample's tokens depend on
+    # (sampling.seed, its id) only, so e.g. a resumed batch job regenerates exactly the missing ones.
+    sample_ids: Sequence[int] | None = None
 
 
 @dataclass
@@ -87,6 +90,9 @@ def check_request(prompts: Sequence[Sequence[int]], req: GenerationRequest, max_
     if req.budget_grace < 0:
         raise GenerationError(f"budget_grace: must be >= 0, got {req.budget_grace}")
     budgets = _budgets(req, len(prompts))
+    streams = list(range(len(prompts))) if req.sample_ids is None else list(req.sample_ids)
+    if len(streams) != len(prompts):
+        raise GenerationError(f"sample_ids: {len(streams)} ids for {len(prompts)} prompts")
     cfgs, warnings = [], []
     for i, (p, b, wanted) in enumerate(zip(prompts, budgets, max_new)):
         if len(p) == 0:
@@ -100,7 +106,7 @@ def check_request(prompts: Sequence[Sequence[int]], req: GenerationRequest, max_
         limit = min(wanted, room)
         reason = 2 if wanted <= room else 3  # decode_state.FINISH_LENGTH / FINISH_CONTEXT
         notes = []
-        if b is not None and b + forced_length > limit:
+        if b is not None and b > 0 and b + forced_length > limit:
             clamped = max(0, limit - forced_length)
             by = "max_new_tokens" if reason == 2 else "the context"
             notes.append(f"thinking_budget {b} clamped to {clamped}: {by} leaves {limit} new tokens and the "
@@ -108,7 +114,8 @@ def check_request(prompts: Sequence[Sequence[int]], req: GenerationRequest, max_
             b = clamped
         s = req.sampling
         cfgs.append({"limit": limit, "limit_reason": reason, "budget": b, "grace": req.budget_grace,
-                     "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed, "sample": i})
+                     "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed,
+                     "sample": streams[i]})
         warnings.append(notes)
     return cfgs, warnings
 

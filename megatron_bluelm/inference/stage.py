@@ -105,6 +105,10 @@ class StageWeights:
         return x
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and _fused_kernels():
+            from kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x, w, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return (y * w.float()).to(x.dtype)
 
@@ -142,8 +146,15 @@ class StageWeights:
         return q, qkv[..., per_group, :], qkv[..., per_group + 1, :]
 
     def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
-        gate, up = (self._norm(x, lw.norm2) @ lw.fc1.t()).chunk(2, dim=-1)
-        return x + self._all_reduce((F.silu(gate) * up) @ lw.fc2.t())
+        f = self._norm(x, lw.norm2) @ lw.fc1.t()
+        if f.is_cuda and _fused_kernels():
+            from kernels.swiglu import swiglu
+
+            a = swiglu(f)
+        else:
+            gate, up = f.chunk(2, dim=-1)
+            a = F.silu(gate) * up
+        return x + self._all_reduce(a @ lw.fc2.t())
 
     # -- steps --------------------------------------------------------------------------------------
     def decode(self, x: torch.Tensor, pos: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor,

@@ -77,16 +77,87 @@ def run_ours(engine, im, batch, prompt, new, seed=0):
     kw = dict(ids=SpecialIds(PAD, THINK, END_THINK), vocab_size=VOCAB, max_context=im.max_context)
     engine.reserve(batch, prompt + new, new, VOCAB)  # cache and graphs ready before the clock starts
     _sync(im)
-    engine.gpu_decode_seconds()
+    cuda = im.info.device.type == "cuda"
+    if cuda:
+        engine.gpu_decode_seconds(), engine.gpu_prefill_seconds()
     steps0 = engine.stats["decode_steps"]
     t = time.perf_counter()
     outs = generate_ids(engine, prompts, req, **kw)
     _sync(im)
     wall = time.perf_counter() - t
-    gpu = engine.gpu_decode_seconds() if im.info.device.type == "cuda" else float("nan")
+    gpu = engine.gpu_decode_seconds() if cuda else float("nan")
+    prefill = engine.gpu_prefill_seconds() if cuda else float("nan")
     tokens = sum(len(o.tokens) for o in outs)
-    return {"tok_s": tokens / wall, "wall_s": wall, "tokens": tokens,
+    return {"tok_s": tokens / wall, "wall_s": wall, "tokens": tokens, "prefill_s": prefill,
             "ms_per_step": 1e3 * gpu / max(1, engine.stats["decode_steps"] - steps0), "busy": gpu / wall}
+
+
+def _graph_ms(fn, iters: int = 50) -> float:
+    fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        g.replay()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t) / iters
+
+
+def attention_time(im, batch: int, length: int) -> list:
+    """The decode-attention kernel alone over every layer (rows at ``length`` keys): ms, GB/s."""
+    from megatron_bluelm.inference.attention import decode_attention, num_splits
+
+    m = im.cfg.model
+    d, groups, layers = m.hidden_size // m.num_attention_heads, m.num_query_groups, m.num_layers
+    k = torch.randn(batch, groups, length, d, device=im.info.device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, m.num_attention_heads, d, device=k.device, dtype=k.dtype)
+    lengths = torch.full((batch,), length, device=k.device)
+    splits = num_splits(batch, groups, length, k.device)
+    ms = _graph_ms(lambda: [decode_attention(q, k, v, lengths, splits) for _ in range(layers)])
+    return [round(ms, 3), round(2 * k.numel() * 2 * layers / (ms / 1e3) / 1e9)]
+
+
+def sampling_time(batch: int, device) -> dict:
+    """decode_state.advance alone on [batch, 100k] logits, per sampler mode."""
+    from megatron_bluelm.inference.decode_state import DecodeState, advance
+
+    st = DecodeState(batch, 64, 100352, device)
+    st.active.fill_(True)
+    st.limit.fill_(1 << 30)
+    st.temperature.fill_(1.0)
+    logits = torch.randn(batch, 100352, device=device)
+    return {mode: round(_graph_ms(lambda: advance(st, logits, batch, mode)), 3) for mode in ("greedy", "sample")}
+
+
+def matmul_floor(im, batch: int, iters: int = 50) -> float:
+    """ms per step of the decode step's matmuls alone (every layer's four + the output layer, at
+    ``batch`` rows, one CUDA graph): what the weights cost without the rest of the step."""
+    from megatron_bluelm.inference.stage import StageWeights
+
+    w = StageWeights(im.model)
+    x = torch.randn(batch, w.hidden, device=im.info.device, dtype=w.dtype)
+    mats = [m for lw in w.layers for m in (lw.qkv, lw.proj, lw.fc1, lw.fc2)] + [w.output]
+    ins = [torch.randn(batch, m.shape[1], device=x.device, dtype=w.dtype) for m in mats]
+
+    def step():
+        for a, m in zip(ins, mats):
+            a @ m.t()
+
+    step()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    g.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        g.replay()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t) / iters
 
 
 def run_mixed(engine, im, n, seed=0):
@@ -103,6 +174,7 @@ def run_mixed(engine, im, n, seed=0):
     engine.reserve(n, 129 + max(max_new), max(max_new), VOCAB)
     _sync(im)
     engine.gpu_decode_seconds()
+    engine.gpu_prefill_seconds()
     t = time.perf_counter()
     outs = generate_ids(engine, prompts, req, **kw)
     _sync(im)
@@ -111,7 +183,7 @@ def run_mixed(engine, im, n, seed=0):
     tokens = sum(len(o.tokens) for o in outs)
     over = sum(o.thinking_tokens > b for o, b in zip(outs, budgets))
     return {"tok_s": tokens / wall, "wall_s": wall, "tokens": tokens, "busy": gpu / wall,
-            "mean_len": tokens / n, "budget_violations": over}
+            "prefill_s": engine.gpu_prefill_seconds(), "mean_len": tokens / n, "budget_violations": over}
 
 
 def check_against_reference(engine, im, prompts=4, new=32) -> dict:
@@ -194,6 +266,12 @@ def main() -> None:
     engine.timing = True
     if a.check:
         print("check vs reference loop:", json.dumps(check_against_reference(engine, im)), flush=True)
+    if device.type == "cuda":
+        print("matmul-only ms/step:", json.dumps({b: round(matmul_floor(im, b), 3) for b in (1, 32, 256)}), flush=True)
+        print("decode attention ms/step (all layers) and GB/s:",
+              json.dumps({f"{b}x{L}": attention_time(im, b, L) for b, L in ((1, 384), (256, 256), (256, 1152))}),
+              flush=True)
+        print("sampling + state ms/step:", json.dumps({b: sampling_time(b, device) for b in (1, 256)}), flush=True)
     bw = copy_bandwidth(device)
     kv_tok = kv_bytes_per_token(im.cfg)
     rows = []
@@ -223,13 +301,14 @@ def main() -> None:
         rows.append(r)
         print(json.dumps(r), flush=True)
     print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; KV {kv_tok} B/token; slots {a.slots}")
-    print(f"{'case':>14} {'system':>11} {'tok/s':>10} {'ms/step':>8} {'%roof':>6} {'busy':>5}")
+    print(f"{'case':>14} {'system':>11} {'tok/s':>10} {'ms/step':>8} {'%roof':>6} {'busy':>5} {'prefill s':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['case']:>14} {r['system']:>11} {r['error']}")
             continue
         print(f"{r['case']:>14} {r['system']:>11} {r['tok_s']:>10.0f} {r.get('ms_per_step', float('nan')):>8.2f} "
-              f"{r.get('pct_roofline', float('nan')):>6.1f} {r.get('busy', float('nan')):>5.2f}")
+              f"{r.get('pct_roofline', float('nan')):>6.1f} {r.get('busy', float('nan')):>5.2f} "
+              f"{r.get('prefill_s', float('nan')):>9.3f}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"copy_bandwidth": bw, "rows": rows}, f, indent=1)
