@@ -1,0 +1,62 @@
+"""Guards for the private megatron-core internals we override or reach into (parallel/cpu.py's names have
+their own, tests/test_cpu_compat.py). Each entry says where we depend on it; an upgrade that renames or
+reshapes one fails here, naming it, instead of silently taking another path at run time."""
+import dataclasses
+import importlib
+import inspect
+
+import pytest
+
+# (module, qualified name, parameters our code passes or reads (in order, after self), where we use it)
+SIGNATURES = [
+    ("megatron.core.models.gpt.gpt_model", "GPTModel._preprocess",
+     ["input_ids", "position_ids", "decoder_input", "inference_context", "packed_seq_params", "padding_mask"],
+     "models/decoder.py: BlueLMModel._preprocess (per-token RoPE; calls super positionally)"),
+    ("megatron.core.models.gpt.gpt_model", "GPTModel._postprocess",
+     ["hidden_states", "input_ids", "position_ids", "labels"],
+     "models/decoder.py: BlueLMModel._postprocess (fused loss; reads kwargs['loss_mask'])"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._set_main_param_and_optimizer_states",
+     ["model_param", "tensors"],
+     "training/checkpointing.py: the torch-Adam 'step' fix wraps it per instance during load_state_dict"),
+]
+# (module, attribute, where we use it)
+ATTRIBUTES = [
+    ("megatron.core.dist_checkpointing.strategies.filesystem_async", "_results_queue",
+     "training/checkpointing.py: the async writer's results queue (our own Manager, stopped at exit)"),
+    ("megatron.core.optimizer.distrib_optimizer", "HAVE_APEX_OR_TE",
+     "training/checkpointing.py: the 'step' fix applies only to the torch-Adam fallback"),
+]
+
+
+def _resolve(module: str, qualname: str):
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            pytest.fail(f"megatron-core has no {module}.{qualname}")
+    return obj
+
+
+@pytest.mark.parametrize("module,name,params,where", SIGNATURES, ids=[s[1] for s in SIGNATURES])
+def test_overridden_private_methods_keep_their_signature(module, name, params, where):
+    sig = list(inspect.signature(_resolve(module, name)).parameters)[1:]  # after self
+    assert sig[: len(params)] == params, f"{module}.{name}{sig} changed; used by {where}"
+    if name.endswith("_postprocess"):
+        assert "loss_mask" in sig, f"{name} no longer takes loss_mask; used by {where}"
+
+
+@pytest.mark.parametrize("module,name,where", ATTRIBUTES, ids=[a[1] for a in ATTRIBUTES])
+def test_private_attributes_exist(module, name, where):
+    assert hasattr(importlib.import_module(module), name), f"megatron-core has no {module}.{name}; used by {where}"
+
+
+def test_use_te_activation_func_still_builds_the_spec_activation():
+    """models/decoder.py sets TransformerConfig.use_te_activation_func for the fused backend so that MLP
+    builds the activation module given in the layer spec (our SwiGLU): guard that meaning, not the name."""
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    assert "use_te_activation_func" in {f.name for f in dataclasses.fields(TransformerConfig)}
+    src = inspect.getsource(MLP.__init__)
+    assert "self.config.use_te_activation_func" in src and "submodules.activation_func" in src, (
+        "MLP no longer builds submodules.activation_func under use_te_activation_func (models/decoder.py)")
