@@ -7,7 +7,10 @@
     python tools/convert_checkpoint.py hf-to-mcore --hf outputs/hf --out outputs/ckpt_from_hf
 
 The HF side is a transformers directory: config.json, safetensors shards, generation_config.json, the
-tokenizer (tokenizer.json + chat template) and our tokenizer.model. The architecture follows the
+tokenizer (tokenizer.json + chat template) and our tokenizer.model (none when the run trained with a
+Hugging Face tokenizer.json; an HF directory without tokenizer.model is imported with its tokenizer.json,
+our special tokens added). hf-to-mcore refuses, by name, configs the decoder cannot compute (RoPE
+scaling, a non-SiLU activation). The architecture follows the
 checkpoint: ``LlamaForCausalLM`` for a text model, ``Lfm2VlForConditionalGeneration`` for the
 multimodal one (ViT + adapter + decoder); ``--architecture`` states it explicitly and fails on a
 checkpoint of the other kind. See docs/CHECKPOINTS.md and docs/MULTIMODAL.md.
@@ -42,7 +45,9 @@ def main(argv=None) -> None:
     from_hf.add_argument("--out", required=True)
     from_hf.add_argument("--seq-length", type=int, default=None)
     args = ap.parse_args(argv)
+    from megatron_bluelm.config.cli import filter_known_warnings
 
+    filter_known_warnings()
     from megatron_bluelm.convert.api import hf_to_megatron, megatron_to_hf
 
     try:
