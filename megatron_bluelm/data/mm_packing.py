@@ -168,6 +168,7 @@ class PackingStats:
     tokens: int  # record tokens in the rows (the rest of rows * (seq_length + 1) is padding)
     tiles: int
     source_tokens: list[int]
+    sum_len_sq: float  # sum over the rows' records of length^2 (the attention work of the packed rows)
 
     def padding_fraction(self, row_tokens: int) -> float:
         return 1.0 - self.tokens / max(self.rows * row_tokens, 1)
@@ -207,7 +208,7 @@ class PackedMultimodalDataset(torch.utils.data.Dataset):
         used = np.concatenate(self.rows) if self.rows else np.zeros(0, np.int64)
         self.stats = PackingStats(len(self.rows), len(used), int(lengths[used].sum()), int(tiles[used].sum()),
                                   np.bincount(src[used], weights=lengths[used], minlength=len(sources))
-                                  .astype(np.int64).tolist())
+                                  .astype(np.int64).tolist(), float(np.sum(lengths[used].astype(np.float64) ** 2)))
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -109,6 +109,12 @@ def vision_flops_per_tile(v) -> float:
     return v.num_layers * per_layer + conv
 
 
+def adapter_flops_per_tile(v, decoder_hidden: int) -> float:
+    """Forward FLOPs of the adapter's two matmuls for one tile (4 x ViT width -> a -> decoder width)."""
+    a = v.adapter_hidden_size or decoder_hidden
+    return v.tokens_per_tile * 2 * (4 * v.hidden_size * a + a * decoder_hidden)
+
+
 def decoder_layer_flops(m, seq_length: int) -> float:
     """Forward FLOPs of one decoder layer for one sequence (GQA attention, SwiGLU MLP)."""
     h, d = m.hidden_size, m.hidden_size // m.num_attention_heads

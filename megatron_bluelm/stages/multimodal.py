@@ -64,6 +64,21 @@ def train_flops_per_token(cfg: RunConfig, vocab: int) -> float:
     return decoder + 3.0 * tiles * vision_flops_per_tile(v) / cfg.data.seq_length
 
 
+def packed_flops_per_position(cfg: RunConfig, vocab: int, stats) -> float:
+    """Packed rows: the useful model FLOPs of the average row (record tokens only, each record attending
+    to itself: 6 P T + 12 L d sum len^2, plus 3 x (ViT + adapter) per tile) per row position, so that
+    the loop's positions x this = useful FLOPs, and the logged MFU counts no padding."""
+    from megatron_bluelm.models import counting
+    from megatron_bluelm.models.multimodal import adapter_flops_per_tile, vision_flops_per_tile
+
+    d = counting.DecoderShape.from_model_config(cfg.model, vocab)
+    matmul = d.num_layers * counting.layer_matmul_params(d) + d.vocab_size * d.hidden_size
+    attention = 12.0 * d.num_layers * d.num_attention_heads * d.head_dim * stats.sum_len_sq
+    per_tile = vision_flops_per_tile(cfg.vision) + adapter_flops_per_tile(cfg.vision, d.hidden_size)
+    useful = 6.0 * matmul * stats.tokens + attention + 3.0 * stats.tiles * per_tile
+    return useful / max(stats.rows, 1) / cfg.data.seq_length
+
+
 def _is_text_checkpoint(root: str) -> bool:
     from megatron_bluelm.training.checkpointing import read_meta, resolve_checkpoint
 
@@ -125,6 +140,7 @@ def run_multimodal(cfg: RunConfig, pretrained: Optional[str] = None, collect: Op
                                       with_pixels=parallel_state.is_pipeline_first_stage(ignore_virtual=True))
         if cfg.vision.pack:
             st = train_ds.stats
+            run.flops_per_token = packed_flops_per_position(cfg, vocab, st)
             run.logger.print(f"packed rows: {st.records} records in {st.rows} rows, "
                              f"{st.padding_fraction(cfg.data.seq_length + 1):.1%} padding, "
                              f"{st.tiles / max(st.rows, 1):.2f} tiles per row")

@@ -208,5 +208,13 @@ def test_bench_counts_useful_flops_only_and_runs_its_attention_section(mixture):
     assert bench.useful_flops(cfg, 8192, [batch]) == pytest.approx(6 * p * 150 + attn * (100**2 + 50**2))
     with_tiles = dict(batch, pixel_values=torch.zeros(3, 3, 112, 112))
     assert bench.useful_flops(cfg, 8192, [with_tiles]) > bench.useful_flops(cfg, 8192, [batch])
+    # the stage's logged FLOPs of packed rows (from the packing stats) = the bench's count over the rows
+    from megatron_bluelm.data.multimodal_dataset import collate
+    from megatron_bluelm.stages.multimodal import packed_flops_per_position
+
+    ds, _ = _build(cfg, rows=20)
+    batches = [collate([ds[i]]) for i in range(len(ds))]
+    stage = packed_flops_per_position(cfg, 8192, ds.stats) * len(ds) * SEQ
+    assert stage == pytest.approx(bench.useful_flops(cfg, 8192, batches), rel=0.01)
     bench.main(["--only", "attn", "--attn-seq", "512", "--attn-heads", "2,1", "--attn-dim", "16",
                 "--attn-docs", "8", "--steps", "1", "--warmup", "0"])

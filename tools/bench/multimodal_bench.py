@@ -132,13 +132,12 @@ def mixture_for_text_share(out: str, mm: str, text: str, cfg, share: float) -> s
 def useful_flops(cfg, vocab: int, batches: list[dict]) -> float:
     """Model FLOPs of the useful work of these micro-batches (module docstring)."""
     from megatron_bluelm.models.counting import DecoderShape, layer_matmul_params
-    from megatron_bluelm.models.multimodal import vision_flops_per_tile
+    from megatron_bluelm.models.multimodal import adapter_flops_per_tile, vision_flops_per_tile
 
     m, v = cfg.model, cfg.vision
     d = DecoderShape.from_model_config(m, vocab)
     p_matmul = d.num_layers * layer_matmul_params(d) + d.vocab_size * d.hidden_size
-    a = v.adapter_hidden_size or m.hidden_size
-    per_tile = vision_flops_per_tile(v) + v.tokens_per_tile * 2 * (4 * v.hidden_size * a + a * m.hidden_size)
+    per_tile = vision_flops_per_tile(v) + adapter_flops_per_tile(v, m.hidden_size)
     total = 0.0
     for b in batches:
         for ids, useful in zip(b["document_ids"], b["useful_tokens"].tolist()):
