@@ -44,6 +44,8 @@ setup(
             "bluelm-mixture-report=tools.mixture_report:main",
             "bluelm-convert=tools.convert_checkpoint:main",
             "bluelm-generate=tools.generate:main",
+            "bluelm-evaluate=tools.evaluate:main",
+            "bluelm-plot-metrics=tools.plot_metrics:main",
         ]
     },
 )

@@ -85,6 +85,13 @@ def test_help_lists_every_field_with_type_default_and_choices(tmp_path):
     assert "tensor parallel size [default: 1]" in " ".join(text.split())
 
 
+@pytest.mark.parametrize("stage", [*STAGES, "rl"])
+def test_every_stage_has_the_generated_help_and_print_config(stage, tmp_path):
+    r = _stage(stage, "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "--print-config" in r.stdout and "  --rl.group_size INT" in r.stdout, r.stderr
+    assert "  --parallel.tp INT" in r.stdout and "--config CONFIG" in r.stdout
+
+
 def test_choices_have_one_source():
     from megatron_bluelm.config.schema import choices_of, literal_choices
     from megatron_bluelm.models.spec import BACKENDS
@@ -163,14 +170,24 @@ def _console_scripts() -> dict[str, str]:
     raise AssertionError("setup.py has no entry_points")
 
 
+def _entry_modules() -> set[str]:
+    """Committed stage and tool modules with a main() (work in progress not yet in git is left out)."""
+    tracked = subprocess.run(["git", "ls-files", "megatron_bluelm/stages", "tools"], cwd=REPO, capture_output=True,
+                             text=True).stdout.split()
+    out = set()
+    for path in tracked:
+        if path.endswith(".py") and path.count("/") == (2 if path.startswith("megatron_bluelm") else 1):
+            if "\ndef main(" in open(os.path.join(REPO, path)).read():
+                out.add(path[:-3].replace("/", "."))
+    return out
+
+
 def test_console_script_for_every_stage_and_tool():
     scripts = _console_scripts()
     targets = {t.split(":")[0] for t in scripts.values()}
-    stages = {f"megatron_bluelm.stages.{f[:-3]}" for f in os.listdir(os.path.join(REPO, "megatron_bluelm/stages"))
-              if f.endswith(".py") and f != "__init__.py"}
-    tools = {f"tools.{f[:-3]}" for f in os.listdir(os.path.join(REPO, "tools")) if f.endswith(".py")
-             and f != "__init__.py"}
-    assert stages | tools <= targets, f"no console script for {sorted((stages | tools) - targets)}"
+    entries = _entry_modules()
+    assert {"megatron_bluelm.stages.pretrain", "tools.preprocess_data"} <= entries
+    assert entries <= targets, f"no console script for {sorted(entries - targets)}"
     sys.path.insert(0, REPO)
     try:
         for name, target in scripts.items():

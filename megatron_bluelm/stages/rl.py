@@ -556,9 +556,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[RunConfig, Optiona
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from megatron_bluelm.training.loop import cli
+    from megatron_bluelm.config.cli import run_stage_cli
 
-    cli(lambda: run_rl(*parse_args(argv)))
+    def add_arguments(ap):
+        ap.add_argument("--pretrained", default=None, help="SFT / pretrain checkpoint whose weights RL starts from")
+
+    run_stage_cli(__doc__, lambda cfg, args: run_rl(cfg, args.pretrained), argv, add_arguments=add_arguments)
 
 
 if __name__ == "__main__":
