@@ -98,7 +98,9 @@ def mm_generation_checks(overrides, tmp_dir):
         r = gen.request(max_new_tokens=12, thinking_budget=budgets, bridge_text="Answer:", stop_tokens=[],
                         sampling=sampling)
         res[key] = gen.chat(convs, r, chat_images)
-    res["bridge"] = tok.encode("Answer:")
+    from megatron_bluelm.data.chat_template import budget_close_ids
+
+    res["close"] = budget_close_ids(tok, "Answer:")  # what the request forces: "\n</think>\n" + bridge
     res["think"], res["end_think"] = tok.special_ids["<think>"], tok.special_ids["</think>"]
 
     corrupt = os.path.join(tmp_dir, "corrupt.jpg")

@@ -41,17 +41,18 @@ def test_the_image_influences_the_first_generated_token(res):
 
 @pytest.mark.parametrize("key", ["budget_greedy", "budget_sampled"])
 def test_budget_obeyed_with_image_prompts(res, key):
-    end, bridge = res["end_think"], res["bridge"]
+    think, end, close = res["think"], res["end_think"], res["close"]
     for out, budget in zip(res[key], res["budgets"]):
         if budget == 0:  # non-thinking prompt: the empty think block is closed in the prompt
-            assert end not in out.tokens and not out.forced_close
+            assert end not in out.tokens and not out.forced_close and out.thinking_tokens == 0
             continue
-        # the thinking-mode prompt ends with "<think>" + "\n": the newline is the first thinking token
-        in_prompt = out.prompt[::-1].index(res["think"])  # prompt tokens after the last <think>
-        # random weights never close by themselves: the close is the forced one, at the budget
-        closed_at = out.tokens.index(end)
-        assert closed_at + in_prompt == budget == out.thinking_tokens and out.forced_close
-        assert out.tokens[closed_at + 1:closed_at + 1 + len(bridge)] == bridge
+        # the budget counts sampled thinking tokens only (not the template's newline after <think>);
+        # random weights never close by themselves: the close is the forced one, SFT's close exactly
+        assert out.thinking_tokens == budget and out.forced_close
+        assert out.tokens[budget:budget + len(close)] == close
+        assert [i for i, f in enumerate(out.forced) if f] == list(range(budget, budget + len(close)))
+        after = out.tokens[budget + len(close):]
+        assert think not in after and end not in after
 
 
 def test_errors_name_the_image_and_the_counts(res):
@@ -110,3 +111,15 @@ def test_image_tiles_are_the_training_tiles():
     prompts, tiles = PromptImages(ImageProcessor.from_config(v), ids).expand([[10, 6, 11]], [[CAT]], 256)
     assert prompts == [[10, 7] + [6] * 80 + [8, 11]]
     torch.testing.assert_close(tiles, ImageProcessor.from_config(v).tiles(Image.open(CAT)), rtol=0, atol=0)
+
+
+def test_prefill_sharing_key_of_a_prompt_without_images():
+    """A text prompt in an image batch gets an empty slice of the (channels-last) tiles: it must get a
+    key (it failed with 'stride(-1) must be 1 to view Float as Byte'), equal for all empty slices."""
+    import torch
+
+    from megatron_bluelm.inference.batcher import _tile_key
+
+    tiles = torch.rand(3, 3, 8, 8).to(memory_format=torch.channels_last)
+    assert _tile_key(tiles[3:3]) == _tile_key(torch.zeros(0, 3, 8, 8))
+    assert _tile_key(tiles[:1]) != _tile_key(tiles[1:2]) and _tile_key(tiles[:1]) == _tile_key(tiles[:1].clone())
