@@ -183,3 +183,4 @@ def pretrain_nan_grad(overrides: list[str], nan_at: int) -> dict:
 
     step_mod.finalize_model_grads = poisoned
     return pretrain(overrides)
+

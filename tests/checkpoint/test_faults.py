@@ -1,6 +1,6 @@
 """Faults a checkpoint must survive: stale shards under overlap_param_gather, preemption through
 torchrun, NaN gradients, unwritable / full disks, damaged files, an optimizer switch, a growing run's
-data order, and async saves killed mid-write."""
+data order; async saves (kill -9 mid-write: test_crash.py)."""
 import json
 import os
 import re
@@ -9,10 +9,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
-import psutil
 import pytest
 import torch
 from ckpt_workers import (
@@ -20,7 +18,6 @@ from ckpt_workers import (
     pretrain,
     pretrain_nan_grad,
     pretrain_synced,
-    same_model,
     saved_weights,
     tiny_overrides,
 )
@@ -51,8 +48,11 @@ def launch(args, env_extra=None, torchrun=False, file_size_limit=None):
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(key, None)
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"] if torchrun else []
-    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
-             if file_size_limit else None)
+
+    def limit():
+        if file_size_limit:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
     return subprocess.Popen([sys.executable, *launcher, "-m", "megatron_bluelm.stages.pretrain", *args], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=limit, start_new_session=True)
@@ -70,14 +70,9 @@ def losses_of(out: str) -> list[float]:
     return [float(loss) for _, loss in STEP_RE.findall(out)]
 
 
-def assert_no_survivors(procs, seconds=10.0):
-    deadline = time.time() + seconds
-    while time.time() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs):
-        time.sleep(0.2)
-    alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    for p in alive:  # the test cleans up what the code under test failed to
-        p.kill()
-    assert not alive, f"writer processes outlived the killed run: {[p.cmdline() for p in alive]}"
+def logged_train(log_dir) -> list[dict]:
+    """metrics.jsonl's training records (full-precision losses)."""
+    return [r for r in map(json.loads, open(os.path.join(log_dir, "metrics.jsonl"))) if r["split"] == "train"]
 
 
 # ----------------------------------------------------------------------------- stale weights
@@ -86,7 +81,7 @@ def test_overlap_param_gather_checkpoint_holds_the_current_weights(demo_prefix, 
     """DP4, distributed optimizer, both overlaps: the checkpoint's weights, loaded alone, equal bit for
     bit the weights the ranks hold once their pending all-gather is done (not the previous step's)."""
     save = str(tmp_path / "save")
-    args = tiny_overrides(demo_prefix, str(tmp_path), steps=3, distopt=True, save=save) + [
+    args = tiny_overrides(demo_prefix, str(tmp_path), steps=2, distopt=True, save=save) + [
         "--parallel.overlap_grad_reduce", "true", "--parallel.overlap_param_gather", "true"]
     live = run_distributed(pretrain_synced, 4, args)[0]["params"]
     saved = run_distributed(saved_weights, 1, save)[0]
@@ -101,7 +96,7 @@ def test_sigterm_through_torchrun_saves_and_resumes_exactly(reference_run, demo_
     """torchrun forwards SIGTERM to the worker's whole process group, checkpoint writer helpers
     included: the preemption save still completes, and the resumed run continues bit-identically.
     Also: the step after a (slowed) save reports its own time, and metrics.jsonl holds every step once."""
-    ref, ref_save = reference_run
+    ref, _ = reference_run
     save = str(tmp_path / "save")
     args = tiny_overrides(demo_prefix, str(tmp_path), save=save, load=save, save_interval=2)
     proc = launch(args, {SLOW_SAVE_ENV: "2:4"}, torchrun=True)
@@ -114,14 +109,11 @@ def test_sigterm_through_torchrun_saves_and_resumes_exactly(reference_run, demo_
         proc.kill()
     assert "preemption signal: saved step 3" in out, out
     assert read_latest(save) == 3
-    first = losses_of(out)
     out2 = launch(args).communicate(timeout=300)[0]
     assert "resumed from" in out2, out2
-    assert first + losses_of(out2) == [round(x, 4) for x in ref["losses"]], out + out2
-    assert run_distributed(same_model, 1, save, ref_save)[0]
-    records = [json.loads(line) for line in open(tmp_path / "log" / "metrics.jsonl")]
-    train = [r for r in records if r["split"] == "train"]
+    train = logged_train(tmp_path / "log")
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]  # appended on resume, not truncated
+    assert [r["loss"] for r in train] == ref["losses"], out + out2  # bit-identical continuation
     step3 = next(r for r in train if r["step"] == 3)
     assert step3["step_time_s"] < 2.0, step3  # the 4 s pause inside step 2's save is not step 3's time
     assert "mem_gib" not in step3 and "skipped" not in step3  # no constant noise on CPU
@@ -141,18 +133,14 @@ def test_nan_gradient_stops_without_saving_the_step(demo_prefix, tmp_path):
 
 def test_nan_gradient_skipped_and_counted(reference_run, demo_prefix, tmp_path):
     """nan_policy skip: the NaN step is dropped (weights, Adam state and LR schedule untouched), counted,
-    and the run goes on to a finite final checkpoint."""
+    and the run goes on with finite weights."""
     ref, _ = reference_run
-    save = str(tmp_path / "save")
-    args = tiny_overrides(demo_prefix, str(tmp_path), save=save) + ["--training.nan_policy", "skip"]
+    args = tiny_overrides(demo_prefix, str(tmp_path)) + ["--training.nan_policy", "skip"]
     res = run_distributed(pretrain_nan_grad, 1, args, 4)[0]
     assert res["step"] == 6 and res["losses"][:4] == ref["losses"][:4]
     assert all(torch.isfinite(p).all() for p in res["params"].values())
     assert res["losses"][4] != ref["losses"][4]  # step 5 starts from the step-3 weights
-    records = [json.loads(line) for line in open(tmp_path / "log" / "metrics.jsonl")]
-    assert [r["skipped_steps"] for r in records if r["split"] == "train"] == [0, 0, 0, 1, 1, 1]
-    weights = run_distributed(saved_weights, 1, save)[0]
-    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert [r["skipped_steps"] for r in logged_train(tmp_path / "log")] == [0, 0, 0, 1, 1, 1]
 
 
 # ----------------------------------------------------------------------------- disks
@@ -268,31 +256,23 @@ def test_train_samples_fixes_the_data_order(demo_prefix, tmp_path):
 
 # ----------------------------------------------------------------------------- async save
 
-def test_async_save_trains_on_and_survives_kill9_mid_write(reference_run, demo_prefix, tmp_path):
-    """checkpoint.async_save: training goes on while the writer writes; `latest` moves only once the
-    write is complete; kill -9 while the writer is writing leaves the previous checkpoint in force,
-    no writer process behind, and the resumed run continues bit-identically."""
-    ref, ref_save = reference_run
+def test_async_save_trains_on_while_writing(reference_run, demo_prefix, tmp_path):
+    """checkpoint.async_save: training goes on while step 4's writer is held; `latest` moves to 4 only
+    once that write is complete; the run equals the blocking-save run bit for bit. (kill -9 during an
+    async write: test_crash.py.)"""
+    ref, _ = reference_run
     save = str(tmp_path / "save")
-    args = tiny_overrides(demo_prefix, str(tmp_path), save=save, load=save, save_interval=2) + [
-        "--checkpoint.async_save", "true"]
-    proc = launch(args, {SLOW_WRITE_ENV: "4:120"})
+    args = tiny_overrides(demo_prefix, str(tmp_path), save=save, save_interval=2) + ["--checkpoint.async_save", "true"]
+    proc = launch(args, {SLOW_WRITE_ENV: "4:3"})
     seen = []
     try:
-        read_until(proc, r"saved checkpoint .*iter_0000002", seen)
         read_until(proc, SLOW_WRITE_ENV, seen)  # the writer of step 4 is paused before writing
         read_until(proc, r"step\s+5/6", seen)  # ... and training went on meanwhile
         assert read_latest(save) == 2
-        helpers = psutil.Process(proc.pid).children(recursive=True)
-        assert helpers
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert_no_survivors(helpers)
+        out = "".join(seen) + proc.communicate(timeout=300)[0]
     finally:
         proc.kill()
-    assert read_latest(save) == 2 and not os.path.exists(os.path.join(iter_dir(save, 4), META))
-    out = launch(args).communicate(timeout=300)[0]
-    assert "ignoring incomplete checkpoint" in out and "resumed from" in out, out
-    assert losses_of(out) == [round(x, 4) for x in ref["losses"][2:]], out
+    assert proc.returncode == 0, out
+    assert out.index("step      5/6") < out.index("saved checkpoint " + iter_dir(save, 4)), out
     assert read_latest(save) == 6
-    assert run_distributed(same_model, 1, save, ref_save)[0]
+    assert [r["loss"] for r in logged_train(tmp_path / "log")] == ref["losses"]  # bit-identical
