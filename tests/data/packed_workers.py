@@ -64,7 +64,7 @@ def full_grads(model) -> dict:
             p.data = d
 
 
-def _grads_and_loss(run, batches) -> dict:
+def _grads_and_loss(run, batches, seq: int = SEQ) -> dict:
     from megatron.core import parallel_state
 
     from megatron_bluelm.training.step import _run_schedule
@@ -72,7 +72,7 @@ def _grads_and_loss(run, batches) -> dict:
     for chunk in run.model:
         chunk.zero_grad_buffer()
     reports = _run_schedule(run.model, [iter(list(batches)) for _ in run.model], False,
-                            num_microbatches=len(batches), seq_length=SEQ, micro_batch_size=1,
+                            num_microbatches=len(batches), seq_length=seq, micro_batch_size=1,
                             device=run.info.device)
     total = sum((r["lm loss"].double().cpu() for r in reports), torch.zeros(2, dtype=torch.float64))
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)

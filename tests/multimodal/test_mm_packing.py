@@ -218,3 +218,55 @@ def test_bench_counts_useful_flops_only_and_runs_its_attention_section(mixture):
     assert stage == pytest.approx(bench.useful_flops(cfg, 8192, batches), rel=0.01)
     bench.main(["--only", "attn", "--attn-seq", "512", "--attn-heads", "2,1", "--attn-dim", "16",
                 "--attn-docs", "8", "--steps", "1", "--warmup", "0"])
+
+
+def _mm_packed_vs_alone_parallel(mixture, extra):
+    """Packed rows vs their records alone through the schedule in a TP x PP layout (gradients, loss)."""
+    import os
+    import sys
+    from functools import partial
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data"))
+    from packed_workers import _grads_and_loss  # the schedule + gathered-gradient helper of the text tests
+
+    from megatron_bluelm.data import load_tokenizer
+    from megatron_bluelm.models.multimodal import build_vlm
+    from megatron_bluelm.parallel.setup import teardown
+    from megatron_bluelm.stages.multimodal import multimodal_config
+    from megatron_bluelm.training.loop import prepare_config, setup_run
+
+    cfg = multimodal_config(_cfg(mixture, ["--training.train_steps", "1", "--training.global_batch_size", "2",
+                                           "--training.eval_interval", "0", "--schedule.warmup_steps", "0",
+                                           "--logging.tensorboard", "false", *extra]))
+    prepare_config(cfg)
+    tok = load_tokenizer(cfg.data.tokenizer_model)
+    run = setup_run(cfg, partial(build_vlm, cfg, tok.vocab_size, tok.special_ids["<image>"]), 0.0)
+    try:
+        ds, _ = _build(cfg)
+        rows = [i for i in range(len(ds)) if len(ds.rows[i]) >= 2 and ds[i]["num_tiles"] > 0][:2]
+        packed, alone = [], []
+        for i in rows:
+            packed.append(ds[i])
+            for k in ds.rows[i]:
+                s, p = ds.sources[ds.src[k]], ds.pos[k]
+                alone.append(_alone_row([s.read(int(s.index[p]), int(s.offset[p]), int(s.length[p]), True)], tok.pad))
+        as_batch = lambda r: {k: (v[None] if torch.is_tensor(v) and k != "pixel_values" else v)  # noqa: E731
+                              for k, v in r.items() if k not in ("num_tiles", "useful_tokens")}
+        return {"packed": _grads_and_loss(run, [as_batch(r) for r in packed], SEQ),
+                "alone": _grads_and_loss(run, [as_batch(r) for r in alone], SEQ)}
+    finally:
+        teardown()
+
+
+@pytest.mark.slow
+def test_packed_multimodal_rows_train_like_records_alone_tp2_pp2(mixture):
+    """Under TP2 x PP2 (the ViT and the splice on the first stage, the ids on both): loss sums and every
+    gathered gradient of packed rows = their records alone."""
+    results = run_distributed(_mm_packed_vs_alone_parallel, 4, mixture, ["--parallel.tp", "2", "--parallel.pp", "2"])
+    last = results[-1]
+    assert last["packed"]["tokens"] == last["alone"]["tokens"] > 0
+    assert abs(last["packed"]["loss_sum"] - last["alone"]["loss_sum"]) < 1e-4 * abs(last["alone"]["loss_sum"])
+    for r in results:
+        for name, g in r["alone"]["grads"].items():
+            torch.testing.assert_close(r["packed"]["grads"][name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()),
+                                       msg=name)
