@@ -313,7 +313,7 @@ class GenerationEngine:
         slot_of: dict[int, int] = {}  # slot -> sample
         results: list = [None] * n
         while waiting or slot_of:
-            if waiting and free:
+            if self._should_admit(waiting, free, slot_of):
                 self._admit(waiting, free, slot_of, prompts, samples_cfg, tiles, ids)
             rows = next(b for b in buckets if b > max(slot_of))
             self._decode(rows, mode, self.check_every)
@@ -321,6 +321,16 @@ class GenerationEngine:
             if not waiting and slot_of:
                 self._compact(slot_of, free, buckets)
         return results
+
+    def _should_admit(self, waiting, free, slot_of) -> bool:
+        """Refill in batches: a prefill of a few rows costs nearly what one of many does (launches), so
+        wait until 1/16 of the slots are free (or every waiting sample fits, or nothing runs)."""
+        if not waiting or not free:
+            return False
+        if not slot_of:
+            return True
+        waiting_samples = sum(len(g) for g in waiting)
+        return len(free) >= min(max(1, self.state.slots // 16), waiting_samples)
 
     def reserve(self, samples: int, capacity: int, max_new: int, vocab_size: int, mode: str = "greedy") -> None:
         """Size the cache and state for a workload and capture its graphs now (a call that fits runs
