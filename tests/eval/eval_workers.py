@@ -75,3 +75,24 @@ def evaluate_main(argv: list) -> dict:
     """tools/evaluate.py on this rank (every rank of the model runs it; rank 0 writes)."""
     assert _tool("evaluate").main(argv) == 0
     return {}
+
+
+def image_sweep(budgets: list) -> list:
+    """The bundled image questions on a randomly initialized tiny multimodal model (the wiring of
+    images through the harness and the engine, not accuracy)."""
+    from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.data.tokenizer import load_tokenizer
+    from megatron_bluelm.eval.benchmarks import load_benchmark
+    from megatron_bluelm.eval.generation import EngineGenerate
+    from megatron_bluelm.eval.harness import EvalSettings, evaluate
+    from megatron_bluelm.inference.engine import TextGenerator
+    from megatron_bluelm.inference.model import build_inference_model
+
+    cfg = load_config(None, ["--vision.preset", "vit-tiny", "--vision.max_tiles", "1", "--vision.thumbnail", "false",
+                             "--data.seq_length", "512", "--model.backend", "torch"])
+    tok = load_tokenizer(cfg.data.tokenizer_model)
+    im = build_inference_model(cfg, tok.vocab_size, image_token_id=tok.special_ids["<image>"])
+    settings = EvalSettings(budgets=budgets, max_new_tokens=8, answer_tokens=2, batch_size=2)
+    summary = evaluate(EngineGenerate(TextGenerator(im, tok), settings), [load_benchmark("images", limit=2)],
+                       settings, progress=False)
+    return summary["benchmarks"]["images"]["budgets"]

@@ -7,7 +7,7 @@ import os
 
 import pytest
 from distributed import run_distributed
-from eval_workers import evaluate_main, sft_then_evaluate
+from eval_workers import evaluate_main, image_sweep, sft_then_evaluate
 
 from megatron_bluelm.data.sft import DEFAULT_BRIDGE
 from megatron_bluelm.eval.plots import read_metrics
@@ -101,3 +101,12 @@ def test_pipeline_parallel_sweep_equals_one_rank(toy):
         rows = [json.loads(x) for x in f][1:]
     ours = {(r["budget"], r["id"]): r["samples"] for r in out["full_rows"] if r["bench"] == "arithmetic"}
     assert len(rows) == 9 and all(r["samples"] == ours[(r["budget"], r["id"])] for r in rows)
+
+
+@pytest.mark.slow
+def test_image_questions_reach_the_multimodal_engine():
+    """The bundled image set through the harness on a tiny multimodal model (random weights):
+    images are loaded, tiled and spliced for every sample; budgets hold as for text."""
+    out = run_distributed(image_sweep, 1, [0, 2])[0]
+    assert out["nothink"]["items"] == 2 and out["nothink"]["mean_thinking_tokens"] == 0
+    assert out["2"]["items"] == 2 and out["2"]["max_thinking_tokens"] <= 2
