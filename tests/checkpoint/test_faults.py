@@ -276,3 +276,35 @@ def test_async_save_trains_on_while_writing(reference_run, demo_prefix, tmp_path
     assert out.index("step      5/6") < out.index("saved checkpoint " + iter_dir(save, 4)), out
     assert read_latest(save) == 6
     assert [r["loss"] for r in logged_train(tmp_path / "log")] == ref["losses"]  # bit-identical
+
+
+# ----------------------------------------------------------------------------- logs across resumes
+
+def test_logger_continues_a_resumed_run(tmp_path, monkeypatch):
+    """metrics.jsonl: a fresh run starts it empty, a resumed one keeps the records up to its step
+    (a torn last line dropped) and appends; wandb is resumed under the id saved with the run."""
+    from megatron_bluelm.training.logging import RunLogger
+
+    inits = []
+    fake = SimpleNamespace(init=lambda **kw: inits.append(kw) or SimpleNamespace(log=lambda *a, **k: None,
+                                                                                 finish=lambda: None),
+                           util=SimpleNamespace(generate_id=lambda: f"id{len(inits)}"))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = RunConfig()
+    cfg.logging.output_dir, cfg.logging.tensorboard, cfg.logging.wandb = str(tmp_path), False, True
+
+    def session(start, steps):
+        logger = RunLogger(cfg, enabled=True, run_config={})
+        logger.begin(start)
+        for step in steps:
+            logger.log(step, {"loss": float(step)})
+        logger.close()
+
+    session(0, [1, 2, 3, 4])
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "spl')  # killed mid-write
+    session(3, [4, 5])  # resumed from the step-3 checkpoint
+    assert [r["step"] for r in logged_train(tmp_path)] == [1, 2, 3, 4, 5]
+    assert inits[0]["id"] == inits[1]["id"] and inits[1]["resume"] == "allow"
+    session(0, [1])  # a fresh run in the same directory: new file, new wandb run
+    assert [r["step"] for r in logged_train(tmp_path)] == [1] and inits[2]["id"] != inits[0]["id"]
