@@ -391,7 +391,7 @@ class GenerationEngine:
         st = self.state
         vals = {k: [] for k in ("token", "pos", "limit", "limit_reason", "key", "temperature", "top_p", "top_k",
                                 "bstate", "budget", "grace", "force_idx")}
-        for s, i in admitted:
+        for _, i in admitted:
             p, c = prompts[i], cfgs[i]
             state = _prompt_state(p, ids.think, ids.end_think)
             budget = -1 if c["budget"] is None else c["budget"]
@@ -467,4 +467,6 @@ def _tile_key(t: torch.Tensor) -> str:
     """Images take part in the prefill-sharing key: equal tokens with other images are other prompts."""
     import hashlib
 
-    return hashlib.sha1(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    if t.numel() == 0:
+        return None  # a prompt without images
+    return hashlib.sha1(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()

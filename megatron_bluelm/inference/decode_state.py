@@ -145,7 +145,8 @@ def advance(st: DecodeState, logits: torch.Tensor, rows: int, mode: str) -> None
     if isinstance(mode, bool):  # filtered or not, sampling
         mode = "filtered" if mode else "sample"
     sl = slice(0, rows)
-    active, bstate = st.active[sl], st.bstate[sl]
+    # a copy: st.active is rewritten below, before the other buffers' updates read it
+    active, bstate = st.active[sl].clone(), st.bstate[sl]
     think, end_think = st.think_ids[0], st.think_ids[1]
     lg = logits + st.ban
     # 1-d index tensors (a 0-d one would be read on the host): no second <think>, no </think> after the close
@@ -196,7 +197,8 @@ def advance(st: DecodeState, logits: torch.Tensor, rows: int, mode: str) -> None
     col = gen.clamp(max=st.max_new - 1)[:, None]
     st.out_token[sl].scatter_(1, col, torch.where(active, tok, st.out_token[sl].gather(1, col).squeeze(1))[:, None])
     st.out_logp[sl].scatter_(1, col, torch.where(active, lp, st.out_logp[sl].gather(1, col).squeeze(1))[:, None])
-    st.out_forced[sl].scatter_(1, col, (forcing & active)[:, None] | st.out_forced[sl].gather(1, col) & ~active[:, None])
+    kept = st.out_forced[sl].gather(1, col) & ~active[:, None]
+    st.out_forced[sl].scatter_(1, col, (forcing & active)[:, None] | kept)
     gen = gen + active.long()
     stop = (tok[:, None] == st.stop_ids[None, :]).any(-1) & ~forcing
     limit = gen >= st.limit[sl]

@@ -12,6 +12,7 @@ forcing and stop logic, so all ranks agree on the batch state without further me
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from kernels.dispatch import use_triton
 from megatron_bluelm.inference.attention import decode_attention, prefill_attention
 from megatron_bluelm.inference.errors import GenerationError
 
@@ -105,7 +106,7 @@ class StageWeights:
         return x
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and _fused_kernels():
+        if use_triton(x):
             from kernels.rmsnorm import rmsnorm
 
             return rmsnorm(x, w, self.eps)
@@ -147,7 +148,7 @@ class StageWeights:
 
     def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         f = self._norm(x, lw.norm2) @ lw.fc1.t()
-        if f.is_cuda and _fused_kernels():
+        if use_triton(f):
             from kernels.swiglu import swiglu
 
             a = swiglu(f)
@@ -161,7 +162,7 @@ class StageWeights:
                rows: int) -> torch.Tensor:
         """One token per row for the first ``rows`` cache slots. x [rows, hidden] at positions
         ``pos`` [rows]; writes each row's k, v at its position and attends to positions 0..pos."""
-        if x.is_cuda and _fused_kernels():
+        if use_triton(x):
             return self._decode_fused(x, pos, cache, cos, sin, rows)
         slot = torch.arange(rows, device=x.device)
         c, s = cos[pos][:, None, :], sin[pos][:, None, :]
@@ -182,7 +183,6 @@ class StageWeights:
         RoPE + cache write in one kernel, the decode kernel, SwiGLU; cuBLAS for the matmuls."""
         from kernels.rmsnorm import rmsnorm
         from kernels.swiglu import swiglu
-
         from megatron_bluelm.inference.attention import rope_and_cache
 
         lengths = pos + 1
@@ -228,12 +228,6 @@ class StageWeights:
             x = self._mlp(x, lw)
         del lengths  # padded positions write garbage beyond each row's length, never read
         return x
-
-
-def _fused_kernels() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

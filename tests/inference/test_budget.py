@@ -166,8 +166,6 @@ def test_device_counts_only_sampled_thinking_tokens():
     assert int(st.bcount[0]) == 2  # tokens before <think> and after </think> do not count
 
 
-@pytest.mark.xfail(strict=True, reason="decode_state.advance: `keep = active` aliases st.active, overwritten "
-                   "by `st.active[sl].copy_(still)` first: a row's last step never updates bcount/bstate")
 def test_device_last_step_of_a_row_is_counted():
     st = _state(budget=-1, limit=3)
     toks, _ = _drive(st, [20, 21, 22])

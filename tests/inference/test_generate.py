@@ -78,8 +78,6 @@ def test_budget_obeyed_for_every_row(res, key):
         _check_budget(out, budget, CLOSE)
 
 
-@pytest.mark.xfail(strict=True, reason="decode_state.advance: `keep = active` aliases st.active, overwritten "
-                   "by `st.active[sl].copy_(still)` first: a row's last step never updates bcount/bstate")
 @pytest.mark.parametrize("key", ["budget_greedy", "budget_hot"])
 def test_unlimited_row_counts_every_thinking_token(res, key):
     out = res[key][res["budgets"].index(None)]

@@ -130,7 +130,7 @@ def sampling_time(batch: int, device) -> dict:
     st.limit.fill_(1 << 30)
     st.temperature.fill_(1.0)
     logits = torch.randn(batch, 100352, device=device)
-    return {mode: round(_graph_ms(lambda: advance(st, logits, batch, mode)), 3) for mode in ("greedy", "sample")}
+    return {mode: round(_graph_ms(lambda m=mode: advance(st, logits, batch, m)), 3) for mode in ("greedy", "sample")}
 
 
 def matmul_floor(im, batch: int, iters: int = 50) -> float:

@@ -1,0 +1,216 @@
+"""Decode attention for the generation engine: one query per row against that row's cached keys.
+
+The KV cache is per slot, [slots, groups, capacity, d], and row b attends to its first
+``lengths[b]`` positions. Triton split-K kernel (flash-decoding): one program per (row, KV group, key
+chunk) loads the group's query heads once — GQA without repeating K/V — streams the chunk's keys and
+values with an online softmax; a second small kernel merges the chunks (one chunk: normalized in place).
+Chunks past a row's length exit at once, so a short row costs what its keys cost, not the capacity.
+
+``rope_and_cache``: the decode step's RoPE (rotate-half) of the query heads and key of the fused QKV
+output at each row's position, with the key and value written into the row's cache slot — one launch
+per layer instead of a dozen small ones.
+
+Each has a torch reference (``*_ref``) that runs on CPU and is what the interpreter tests compare with;
+``use_triton(x)`` picks the kernel on CUDA (and under ``TRITON_INTERPRET=1``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._triton import tl, triton
+from .dispatch import use_triton
+
+
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """q [b, heads, d], k/v [b, groups, capacity, d], lengths [b] -> [b, heads, d] (torch, any device)."""
+    b, heads, d = q.shape
+    groups = k.shape[1]
+    qg = q.view(b, groups, heads // groups, d).float()
+    scores = torch.einsum("bgqd,bgkd->bgqk", qg, k.float()) / math.sqrt(d)
+    valid = torch.arange(k.shape[2], device=q.device)[None, :] < lengths[:, None]  # [b, K]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("bgqk,bgkd->bgqd", scores.softmax(-1), v.float())
+    return out.reshape(b, heads, d).to(q.dtype)
+
+
+def num_splits(rows: int, groups: int, capacity: int, device: torch.device, block: int = 64) -> int:
+    """Key chunks per (row, group) so that the decode grid fills the GPU at small batches."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, math.ceil(2 * sms / max(1, rows * groups)))
+    return max(1, min(want, math.ceil(capacity / block)))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                     splits: int = 1) -> torch.Tensor:
+    """q [b, heads, d], k/v [b, groups, capacity, d], lengths [b] -> [b, heads, d]; ``splits`` key chunks
+    per (row, group) (``num_splits``)."""
+    if not use_triton(q):
+        return decode_attention_ref(q, k, v, lengths)
+    return _decode_attention_triton(q, k, v, lengths, splits)
+
+
+def rope_and_cache_ref(qkv, pos, cos, sin, kc, vc, heads: int, groups: int) -> torch.Tensor:
+    rows, d = qkv.shape[0], kc.shape[-1]
+    npg = heads // groups
+    mixed = qkv.view(rows, groups, npg + 2, d)
+    c, s = cos[pos][:, None, :], sin[pos][:, None, :]
+
+    def rotate(t):
+        t1, t2 = t.chunk(2, dim=-1)
+        return t * c + torch.cat((-t2, t1), dim=-1) * s
+
+    slot = torch.arange(rows, device=qkv.device)
+    kc[slot, :, pos] = rotate(mixed[:, :, npg])
+    vc[slot, :, pos] = mixed[:, :, npg + 1]
+    return rotate(mixed[:, :, :npg].reshape(rows, heads, d))
+
+
+def rope_and_cache(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,
+                   vc: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
+    """qkv [rows, groups*(heads/groups+2)*d] (megatron's per-group layout) -> rotated q [rows, heads, d];
+    the rotated k and v written into cache slots 0..rows-1 at ``pos``. cos/sin [capacity, d]."""
+    if not use_triton(qkv):
+        return rope_and_cache_ref(qkv, pos, cos, sin, kc, vc, heads, groups)
+    rows, d = qkv.shape[0], kc.shape[-1]
+    npg = heads // groups
+    q = torch.empty(rows, heads, d, dtype=qkv.dtype, device=qkv.device)
+    assert qkv.stride(1) == 1 and kc.stride(3) == 1 and vc.stride(3) == 1 and cos.stride(1) == 1
+    _rope_cache_kernel[(rows, groups)](
+        qkv, pos, cos, sin, q, kc, vc, qkv.stride(0), q.stride(0), q.stride(1), kc.stride(0), kc.stride(1),
+        kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), cos.stride(0),
+        NPG=npg, BLOCK_H=triton.next_power_of_2(npg), HALF=d // 2, num_warps=1)
+    return q
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, Lens, Out, M, L,
+                   sq_b, sq_h, sk_b, sk_g, sk_n, sv_b, sv_g, sv_n,
+                   so_b, so_h, so_s, sm_b, sm_h,
+                   scale_log2, chunk,
+                   SINGLE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                   D: tl.constexpr):
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    s = tl.program_id(2)
+    length = tl.load(Lens + b).to(tl.int32)
+    start = s * chunk
+    end = tl.minimum(start + chunk, length)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    hmask = offs_h < GROUP
+    heads = g * GROUP + offs_h
+    q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=hmask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D], tl.float32)
+    kbase = K + b * sk_b + g * sk_g
+    vbase = V + b * sv_b + g * sv_g
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + offs_n
+        nmask = n < end
+        k = tl.load(kbase + n[:, None] * sk_n + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * scale_log2
+        qk = tl.where(nmask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vv = tl.load(vbase + n[:, None] * sv_n + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+        m_i = m_new
+    optr = Out + b * so_b + heads[:, None] * so_h + s * so_s + offs_d[None, :]
+    if SINGLE:  # one chunk: normalize here, write the output dtype
+        tl.store(optr, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=hmask[:, None])
+    else:
+        tl.store(optr, acc, mask=hmask[:, None])
+        tl.store(M + b * sm_b + heads * sm_h + s, m_i, mask=hmask)
+        tl.store(L + b * sm_b + heads * sm_h + s, l_i, mask=hmask)
+
+@triton.jit
+def _combine_kernel(Part, M, L, Out, sp_b, sp_h, sp_s, sm_b, sm_h, so_b, so_h, splits,
+                    BLOCK_S: tl.constexpr, D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    smask = offs_s < splits
+    m = tl.load(M + b * sm_b + h * sm_h + offs_s, mask=smask, other=float("-inf"))
+    lsum = tl.load(L + b * sm_b + h * sm_h + offs_s, mask=smask, other=0.0)
+    top = tl.max(m, 0)
+    w = tl.where(smask, tl.math.exp2(m - top), 0.0)  # empty chunks: m = -inf -> weight 0
+    offs_d = tl.arange(0, D)
+    part = tl.load(Part + b * sp_b + h * sp_h + offs_s[:, None] * sp_s + offs_d[None, :],
+                   mask=smask[:, None], other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.sum(lsum * w, 0)
+    tl.store(Out + b * so_b + h * so_h + offs_d, out.to(Out.dtype.element_ty))
+
+@triton.jit
+def _rope_cache_kernel(QKV, POS, COS, SIN, QO, KC, VC, s_qkv, s_qo_b, s_qo_h, s_kc_s, s_kc_g, s_kc_n,
+                       s_vc_s, s_vc_g, s_vc_n, s_cos,
+                       NPG: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr):
+    """Row b, KV group g of the fused QKV output: rotate the group's query heads and key at the
+    row's position (rotate-half RoPE), write the rotated queries, and the key and value into the
+    row's cache slot at that position. One launch per layer instead of a dozen small ones."""
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    pos = tl.load(POS + b)
+    offs = tl.arange(0, HALF)
+    c = tl.load(COS + pos * s_cos + offs).to(tl.float32)
+    sn = tl.load(SIN + pos * s_cos + offs).to(tl.float32)
+    base = QKV + b * s_qkv + g * (NPG + 2) * 2 * HALF
+    hh = tl.arange(0, BLOCK_H)
+    hm = hh < NPG
+    qp = base + hh[:, None] * 2 * HALF + offs[None, :]
+    q1 = tl.load(qp, mask=hm[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(qp + HALF, mask=hm[:, None], other=0.0).to(tl.float32)
+    qo = QO + b * s_qo_b + (g * NPG + hh)[:, None] * s_qo_h + offs[None, :]
+    tl.store(qo, (q1 * c[None, :] - q2 * sn[None, :]).to(QO.dtype.element_ty), mask=hm[:, None])
+    tl.store(qo + HALF, (q2 * c[None, :] + q1 * sn[None, :]).to(QO.dtype.element_ty), mask=hm[:, None])
+    kp = base + NPG * 2 * HALF + offs
+    k1 = tl.load(kp).to(tl.float32)
+    k2 = tl.load(kp + HALF).to(tl.float32)
+    kc = KC + b * s_kc_s + g * s_kc_g + pos * s_kc_n + offs
+    tl.store(kc, (k1 * c - k2 * sn).to(KC.dtype.element_ty))
+    tl.store(kc + HALF, (k2 * c + k1 * sn).to(KC.dtype.element_ty))
+    vp = base + (NPG + 1) * 2 * HALF + offs
+    vc = VC + b * s_vc_s + g * s_vc_g + pos * s_vc_n + offs
+    tl.store(vc, tl.load(vp))
+    tl.store(vc + HALF, tl.load(vp + HALF))
+
+
+
+def _decode_attention_triton(q, k, v, lengths, splits):
+    b, heads, d = q.shape
+    groups, capacity = k.shape[1], k.shape[2]
+    group = heads // groups
+    block_n = 64
+    chunk = math.ceil(math.ceil(capacity / splits) / block_n) * block_n
+    single = splits == 1
+    if single:
+        out = torch.empty(b, heads, 1, d, device=q.device, dtype=q.dtype)
+        m = lsum = out  # unused
+        sm = (0, 0)
+    else:
+        out = torch.empty(b, heads, splits, d, device=q.device, dtype=torch.float32)
+        m = torch.empty(b, heads, splits, device=q.device, dtype=torch.float32)
+        lsum = torch.empty_like(m)
+        sm = (m.stride(0), m.stride(1))
+    assert k.stride(3) == 1 and v.stride(3) == 1 and q.stride(2) == 1
+    _decode_kernel[(b, groups, splits)](
+        q, k, v, lengths, out, m, lsum,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), sm[0], sm[1],
+        (1.0 / math.sqrt(d)) * 1.4426950408889634, chunk,
+        SINGLE=single, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, D=d,
+        num_warps=4, num_stages=2)
+    if single:
+        return out[:, :, 0]
+    res = torch.empty(b, heads, d, device=q.device, dtype=q.dtype)
+    _combine_kernel[(b, heads)](out, m, lsum, res, out.stride(0), out.stride(1), out.stride(2), m.stride(0),
+                                m.stride(1), res.stride(0), res.stride(1), splits,
+                                BLOCK_S=triton.next_power_of_2(splits), D=d, num_warps=1)
+    return res
