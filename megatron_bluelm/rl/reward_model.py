@@ -26,15 +26,17 @@ HEAD_PREFIX = "output_layer."
 
 class ScalarHead(torch.nn.Module):
     """The reward model's output layer: hidden [s, b, h] -> ([s, b, 1], None), the output layer's
-    call signature. Its weights are replicated over tensor parallel (the final hidden states are)."""
+    call signature. Its weights are replicated over tensor parallel (the final hidden states are);
+    named ``weight`` / ``bias`` like the layer it replaces (megatron-core's state dict expects them)."""
 
     def __init__(self, hidden_size: int, dtype: torch.dtype):
         super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, 1, dtype=dtype)
-        torch.nn.init.zeros_(self.linear.bias)
+        self.weight = torch.nn.Parameter(torch.empty(1, hidden_size, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+        torch.nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, hidden_states, weight=None, runtime_gather_output=None):
-        return self.linear(hidden_states), None
+        return F.linear(hidden_states, self.weight, self.bias), None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint

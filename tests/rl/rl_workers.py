@@ -73,6 +73,13 @@ def toy_run(extra=()):
     return run_rl(cfg)["rl"]
 
 
+def next_port():
+    """Before a second process group in the same ranks: a fresh rendezvous port (the same on every rank)."""
+    import os
+
+    os.environ["MASTER_PORT"] = str(int(os.environ["MASTER_PORT"]) + 1)
+
+
 def rl_stage(config, overrides, pretrained=None, collect=None):
     """One RL stage run on this rank (the shim stands in for the engine's logprobs/forced until #15)."""
     engine_shim.install()
@@ -88,13 +95,13 @@ def scheduler_decay_steps(run):
     return run.scheduler.lr_decay_steps
 
 
-def pretrain_checkpoint(save_dir):
+def pretrain_checkpoint(save_dir, extra=()):
     """A 1-step pretrain run of the tiny model (mock data) saved to ``save_dir``: a non-RL checkpoint."""
     from megatron_bluelm.config.loader import load_config
     from megatron_bluelm.stages.pretrain import run_pretrain
 
     cfg = load_config(None, tiny_overrides(["--training.train_steps", "1", "--checkpoint.save", save_dir,
-                                            "--logging.output_dir", save_dir + "_log"]))
+                                            "--logging.output_dir", save_dir + "_log", *extra]))
     run_pretrain(cfg)
     return save_dir
 
@@ -138,3 +145,38 @@ def stage_then_error(config, overrides):
         return str(e)
     return None
 
+
+def reward_model_story(tmp, world_overrides):
+    """In one process: a pretrain checkpoint; the reward-model stage from it on the toy preference;
+    an RL step whose only reward is that model. All three in the same layout: megatron-core keeps
+    some state of the first process group's layout (seen: checkpoint replica ids) across a re-init."""
+    from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.stages.reward_model import run_reward_model
+
+    engine_shim.install()
+    ckpt = pretrain_checkpoint(tmp + "/pre", world_overrides)
+    rm_dir = tmp + "/rm"
+    cfg = load_config("examples/reward_model_tiny.yaml", ["--checkpoint.save", rm_dir, "--logging.output_dir",
+                                                          tmp + "/rm_log", "--training.train_steps", "12",
+                                                          "--training.eval_interval", "12", *world_overrides])
+    next_port()
+    rm = run_reward_model(cfg, pretrained=ckpt)
+    next_port()
+    rl = rl_stage("examples/rl_toy.yaml",
+                  ["--rl.warmup_sft_steps", "0", "--training.train_steps", "1", "--rl.prompts_per_step", "4",
+                   "--rl.group_size", "4", "--training.micro_batch_size", "4", "--rl.updates_per_step", "1",
+                   "--rl.reward_model", rm_dir, "--rl.rewards", '{"default": {"model": 1.0}}',
+                   "--logging.output_dir", tmp + "/rl_log", *world_overrides])
+    return {"rm_eval": rm["eval"], "rm_history": rm["history"], "rl": rl["rl"]}
+
+
+def mixed_batches(task_path, world_overrides, tmp):
+    """RL steps of the multimodal model on a task mixing two sources and text / image prompts."""
+    over = ["--vision.preset", "vit-tiny", "--vision.max_tiles", "1", "--vision.freeze", '["vision"]',
+            "--data.seq_length", "64", "--rl.task", task_path, "--rl.source_ratios", '{"math": 1, "vqa": 1}',
+            "--rl.rewards", '{"math": {"exact_match": 1.0, "format": 0.1}, "vqa": {"image_qa": 1.0}}',
+            "--rl.warmup_sft_steps", "0", "--training.train_steps", "2", "--rl.prompts_per_step", "4",
+            "--rl.group_size", "4", "--training.micro_batch_size", "4", "--rl.updates_per_step", "1",
+            "--rl.max_new_tokens", "4", "--rl.filter_zero_variance", "false", "--rl.kl_coef", "0.01",
+            "--logging.output_dir", tmp + "/log", *world_overrides]
+    return rl_stage("examples/rl_toy.yaml", over)["rl"]
