@@ -37,7 +37,7 @@ def test_text_checkpoint_initializes_decoder_and_freezing_holds(mm_prefix, demo_
                  "--training.train_steps", "1", "--training.micro_batch_size", "1",
                  "--training.global_batch_size", "2", "--training.eval_interval", "0",
                  "--schedule.warmup_steps", "0", "--logging.output_dir", str(tmp_path / "t"),
-                 "--logging.tensorboard", "false", "--checkpoint.save", ckpt]
+                 "--logging.tensorboard", "false", "--checkpoint.save", ckpt, "--data.cache_dir", str(tmp_path / "c")]
     text = run_distributed(train_text, 1, text_args)[0]["params"]
     stage1 = ["--vision.freeze", "vision,decoder", "--parallel.pp", "2"]
     before = run_distributed(train_mm, 2, overrides(mm_prefix, str(tmp_path / "a"), 1, stage1 + [
