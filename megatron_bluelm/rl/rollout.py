@@ -1,5 +1,6 @@
 """Rollouts: G sampled responses per prompt from the current policy through the generation engine
-(batched, thinking mode and budget per prompt, image prompts on the multimodal model), turned into
+(continuous batching, a group's samples sharing one prefill, thinking mode and budget per prompt,
+image prompts on the multimodal model), turned into
 fixed-length training rows.
 
 A row is prompt + response (stop token included), right-padded to ``seq_length``. ``loss_mask``
@@ -47,9 +48,9 @@ def encode_prompt(tok, record: dict, thinking: bool) -> list[int]:
 
         messages = record["messages"]
         if record.get("images"):
-            from megatron_bluelm.inference.engine import _place_images
+            from megatron_bluelm.inference.engine import place_images
 
-            messages = _place_images(messages, len(record["images"]))
+            messages = place_images(messages, len(record["images"]))
         return tok.encode(render_prompt(messages, thinking=thinking))
     text = record["prompt"]
     if record.get("images"):
@@ -60,20 +61,31 @@ def encode_prompt(tok, record: dict, thinking: bool) -> list[int]:
     return tok.encode(text)
 
 
-def _bridge_ids(tok, bridge_text: str) -> list[int]:
-    return tok.encode(bridge_text) if bridge_text else []
+def close_ids(tok, bridge_text, budgets) -> list[int] | None:
+    """What a spent thinking budget forces (``chat_template.budget_close_ids``: "\\n</think>\\n" +
+    bridge, the text SFT teaches; the bridge defaults to SFT's); None when no prompt of the call
+    thinks (nothing can be forced, and a non-thinking batch needs no room for it)."""
+    from megatron_bluelm.data.chat_template import budget_close_ids
+    from megatron_bluelm.data.sft import DEFAULT_BRIDGE
+
+    if not any(b != 0 for b in budgets):
+        return None
+    return budget_close_ids(tok, DEFAULT_BRIDGE if bridge_text is None else bridge_text)
 
 
-def generate_rollouts(runner, tok, records: list, *, group_size: int, rl, seed: int, vocab_size: int,
-                      max_context: int, images=None, need_logprobs: bool = True) -> Rollouts:
-    """``images``: a ``PromptImages`` of the multimodal model (None for a text model)."""
+def generate_rollouts(engine, tok, records: list, *, group_size: int, rl, seed: int, vocab_size: int,
+                      max_context: int, images=None, need_logprobs: bool = True, tables=None) -> Rollouts:
+    """``engine``: ``inference.make_engine`` over the policy's chunk (it reads the training weights);
+    ``images``: a ``PromptImages`` of the multimodal model (None for a text model); ``tables``: the
+    tokenizer's ``TokenTables`` for the budget's forcing rules."""
     budgets = [r.get("thinking_budget", rl.thinking_budget) for r in records]
     prompts = [encode_prompt(tok, r, thinking=b != 0) for r, b in zip(records, budgets)]
-    pixel_rows, banned = None, ()
+    pixel_rows, banned, image_id = None, (), None
     if images is not None:
         from megatron_bluelm.inference.images import IMAGE
 
-        banned = [images.ids[IMAGE]]
+        image_id = images.ids[IMAGE]
+        banned = [image_id]
         pixel_rows = []
         expanded = []
         for r, p in zip(records, prompts):
@@ -95,14 +107,14 @@ def generate_rollouts(runner, tok, records: list, *, group_size: int, rl, seed: 
         sampling=SamplingParams(temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p, seed=seed),
         stop_token_ids=[tok.eod, s["<|end|>"]],
         thinking_budget=budgets,
-        bridge_ids=_bridge_ids(tok, rl.bridge_text),
+        close_ids=close_ids(tok, rl.bridge_text, budgets),
     )
     ids = SpecialIds(pad=tok.pad, think=s["<think>"], end_think=s["</think>"])
     tiles = None
     if pixel_rows is not None and any(t is not None for t in pixel_rows):
         tiles = torch.cat([t for t in pixel_rows if t is not None])
-    outs = generate_ids(runner, prompts, req, ids=ids, vocab_size=vocab_size, max_context=max_context,
-                        pixel_values=tiles, banned_ids=banned)
+    outs = generate_ids(engine, prompts, req, ids=ids, vocab_size=vocab_size, max_context=max_context,
+                        pixel_values=tiles, banned_ids=banned, image_token_id=image_id, tables=tables)
     texts = [tok.decode(o.tokens[:-1] if o.finish_reason == "stop" else o.tokens) for o in outs]
     return Rollouts(records=samples, prompts=prompts, responses=[o.tokens for o in outs], texts=texts,
                     thinking_tokens=[o.thinking_tokens for o in outs],

@@ -221,7 +221,7 @@ class Sampler:
         run = self.run
         roll = generate_rollouts(self.runner(), self.tok, records, group_size=rl.group_size, rl=rl, seed=seed,
                                  vocab_size=self.tok.vocab_size, max_context=run.cfg.data.seq_length,
-                                 images=self.images, need_logprobs=rl.rollout_is != "none")
+                                 images=self.images, need_logprobs=rl.rollout_is != "none", tables=self.tables)
         for chunk in run.model:
             chunk.train()
         samples = [dict(r, thinking_tokens=n, thinking_budget=r.get("thinking_budget", rl.thinking_budget),
@@ -235,9 +235,14 @@ class Sampler:
         return roll, samples, self.rewards(roll.texts, samples)
 
     def runner(self):
-        from megatron_bluelm.inference.runner import ModelRunner
+        """The generation engine over the policy's own parameters (built once: no weight copy or sync)."""
+        if getattr(self, "_engine", None) is None:
+            from megatron_bluelm.inference.decode_state import TokenTables
+            from megatron_bluelm.inference.generate import make_engine
 
-        return ModelRunner(self.run.model[0].module, self.run.info.device)
+            self._engine = make_engine(self.run.model[0].module, self.run.info.device)
+            self.tables = TokenTables.from_tokenizer(self.tok, self.tok.vocab_size)
+        return self._engine
 
     def collect(self, step: int) -> dict:
         """Per sample, group-major: the rollout fields, the scored samples, and which groups had reward
