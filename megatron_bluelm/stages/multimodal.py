@@ -112,44 +112,56 @@ def load_pretrained(run, root: str) -> str:
 
 def run_multimodal(cfg: RunConfig, pretrained: Optional[str] = None, collect: Optional[Callable] = None) -> dict:
     """Validate, build, (load weights,) train; returns the run summary on every rank."""
-    from megatron.core import parallel_state
-
-    from megatron_bluelm.data import load_tokenizer
-    from megatron_bluelm.data.mm_packing import build_packed_multimodal_datasets
-    from megatron_bluelm.data.multimodal_dataset import build_multimodal_datasets, collate
-    from megatron_bluelm.models.multimodal import build_vlm, describe_split
-    from megatron_bluelm.training.loop import data_iterators, prepare_config, run_stage, setup_run, train
+    from megatron_bluelm.data.multimodal_dataset import collate
+    from megatron_bluelm.stages.runner import StageParts, run_training_stage
 
     cfg = multimodal_config(cfg)
     if cfg.checkpoint.load and _is_text_checkpoint(cfg.checkpoint.load):
         pretrained, cfg.checkpoint.load = pretrained or cfg.checkpoint.load, None
-    prepare_config(cfg)
-    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
-    build = partial(build_vlm, cfg, vocab, tokenizer.special_ids["<image>"])
-    run = setup_run(cfg, build, train_flops_per_token(cfg, vocab))
-
-    def body(run, checkpointer):
-        if cfg.parallel.pp > 1:
-            run.logger.print(describe_split(cfg, cfg.parallel.first_stage_layers or 0))
-        t = cfg.training
-        evals = (t.train_steps // t.eval_interval + 1) if t.eval_interval else 0
-        num_samples = (t.train_steps * t.global_batch_size, evals * t.eval_steps * t.global_batch_size, 0)
-        build = build_packed_multimodal_datasets if cfg.vision.pack else build_multimodal_datasets
-        train_ds, valid_ds, _ = build(cfg, tokenizer, num_samples=num_samples, seed=t.seed,
-                                      with_pixels=parallel_state.is_pipeline_first_stage(ignore_virtual=True))
-        if cfg.vision.pack:
-            st = train_ds.stats
-            run.flops_per_token = packed_flops_per_position(cfg, vocab, st)
-            run.logger.print(f"packed rows: {st.records} records in {st.rows} rows, "
-                             f"{st.padding_fraction(cfg.data.seq_length + 1):.1%} padding, "
-                             f"{st.tiles / max(st.rows, 1):.2f} tiles per row")
-        iterators = partial(data_iterators, cfg, num_workers=cfg.data.num_workers, collate_fn=collate)
-        train(run, partial(iterators, train_ds), partial(iterators, valid_ds) if valid_ds else None,
-              on_step_end=checkpointer.on_step_end)
-
+    parts = StageParts(build_chunk=_build_chunk, flops_per_token=train_flops_per_token, datasets=_datasets,
+                       collate_fn=collate, before_train=_describe_split, num_samples=_num_samples)
     initial = (lambda run: load_pretrained(run, pretrained)) if pretrained else None
-    return run_stage(run, body, collect, initial_weights=initial)
+    return run_training_stage(cfg, parts, collect, initial_weights=initial)
+
+
+def _build_chunk(cfg: RunConfig, vocab: int, tokenizer):
+    from megatron_bluelm.models.multimodal import build_vlm
+
+    return partial(build_vlm, cfg, vocab, tokenizer.special_ids["<image>"])
+
+
+def _describe_split(run) -> None:
+    from megatron_bluelm.models.multimodal import describe_split
+
+    if run.cfg.parallel.pp > 1:
+        run.logger.print(describe_split(run.cfg, run.cfg.parallel.first_stage_layers or 0))
+
+
+def _num_samples(cfg: RunConfig) -> tuple[int, int, int]:
+    # Validation samples only when periodic evaluation is on, and no test split: the image-text datasets
+    # are built per split from the records, and an empty split asked for samples is an error there.
+    t = cfg.training
+    evals = (t.train_steps // t.eval_interval + 1) if t.eval_interval else 0
+    return t.train_steps * t.global_batch_size, evals * t.eval_steps * t.global_batch_size, 0
+
+
+def _datasets(run, tokenizer, num_samples):
+    from megatron.core import parallel_state
+
+    from megatron_bluelm.data.mm_packing import build_packed_multimodal_datasets
+    from megatron_bluelm.data.multimodal_dataset import build_multimodal_datasets
+
+    cfg = run.cfg
+    build = build_packed_multimodal_datasets if cfg.vision.pack else build_multimodal_datasets
+    train_ds, valid_ds, _ = build(cfg, tokenizer, num_samples=num_samples, seed=cfg.training.seed,
+                                  with_pixels=parallel_state.is_pipeline_first_stage(ignore_virtual=True))
+    if cfg.vision.pack:
+        st = train_ds.stats
+        run.flops_per_token = packed_flops_per_position(cfg, cfg.model.vocab_size or tokenizer.vocab_size, st)
+        run.logger.print(f"packed rows: {st.records} records in {st.rows} rows, "
+                         f"{st.padding_fraction(cfg.data.seq_length + 1):.1%} padding, "
+                         f"{st.tiles / max(st.rows, 1):.2f} tiles per row")
+    return train_ds, valid_ds or None
 
 
 def early_check(cfg: RunConfig, world_size: int) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable, Optional, Sequence
 
-from megatron_bluelm.config.errors import ConfigError
 from megatron_bluelm.config.schema import RunConfig
 
 
@@ -21,28 +20,35 @@ def run_pretrain(cfg: RunConfig, collect: Optional[Callable] = None) -> dict:
 
     ``collect(run)``, if given, runs after training (before teardown); its result is returned under
     ``"collected"`` (tests use it to gather the trained parameters)."""
-    from megatron_bluelm.data import build_pretrain_datasets, load_tokenizer
-    from megatron_bluelm.models.counting import DecoderShape, train_flops_per_token
-    from megatron_bluelm.models.decoder import build_decoder
-    from megatron_bluelm.training.loop import data_iterators, prepare_config, run_stage, sample_counts, setup_run, train
+    from megatron_bluelm.stages.runner import run_training_stage
 
-    prepare_config(cfg)
-    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
-    if vocab < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's vocabulary "
-                          f"({tokenizer.vocab_size}, data.tokenizer_model={cfg.data.tokenizer_model})")
-    flops = train_flops_per_token(DecoderShape.from_model_config(cfg.model, vocab), cfg.data.seq_length)
-    run = setup_run(cfg, partial(build_decoder, cfg, vocab), flops)
+    return run_training_stage(cfg, text_stage_parts(_pretrain_datasets), collect)
 
-    def body(run, checkpointer):
-        train_ds, valid_ds, _ = build_pretrain_datasets(cfg.data, tokenizer, seq_length=cfg.data.seq_length,
-                                                        num_samples=sample_counts(cfg), seed=cfg.training.seed)
-        train(run, partial(data_iterators, cfg, train_ds),
-              partial(data_iterators, cfg, valid_ds) if valid_ds is not None else None,
-              on_step_end=checkpointer.on_step_end)
 
-    return run_stage(run, body, collect)
+def text_stage_parts(datasets: Callable, **kw):
+    """The decoder-only stages' parts (pretrain, SFT): the BlueLM decoder and its FLOPs; ``datasets``."""
+    from megatron_bluelm.stages.runner import StageParts
+
+    def build_chunk(cfg, vocab, tokenizer):
+        from megatron_bluelm.models.decoder import build_decoder
+
+        return partial(build_decoder, cfg, vocab)
+
+    def flops(cfg, vocab):
+        from megatron_bluelm.models.counting import DecoderShape, train_flops_per_token
+
+        return train_flops_per_token(DecoderShape.from_model_config(cfg.model, vocab), cfg.data.seq_length)
+
+    return StageParts(build_chunk=build_chunk, flops_per_token=flops, datasets=datasets, **kw)
+
+
+def _pretrain_datasets(run, tokenizer, num_samples):
+    from megatron_bluelm.data import build_pretrain_datasets
+
+    cfg = run.cfg
+    train_ds, valid_ds, _ = build_pretrain_datasets(cfg.data, tokenizer, seq_length=cfg.data.seq_length,
+                                                    num_samples=num_samples, seed=cfg.training.seed)
+    return train_ds, valid_ds
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

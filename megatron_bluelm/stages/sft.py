@@ -12,7 +12,6 @@ model weights of a pretrain checkpoint (any layout; optimizer and step start fre
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Optional, Sequence
 
 from megatron_bluelm.config.schema import RunConfig
@@ -35,30 +34,26 @@ def _load_pretrained(run, path: str) -> None:
 
 def run_sft(cfg: RunConfig, pretrained: Optional[str] = None, collect: Optional[Callable] = None) -> dict:
     """Validate, build, (load pretrained weights,) train; returns the run summary on every rank."""
-    from megatron_bluelm.data import load_tokenizer
-    from megatron_bluelm.data.sft_packing import build_sft_datasets
-    from megatron_bluelm.eval.periodic import PeriodicEval
-    from megatron_bluelm.models.counting import DecoderShape, train_flops_per_token
-    from megatron_bluelm.models.decoder import build_decoder
-    from megatron_bluelm.training.loop import data_iterators, prepare_config, run_stage, sample_counts, setup_run, train
+    from megatron_bluelm.stages.pretrain import text_stage_parts
+    from megatron_bluelm.stages.runner import run_training_stage
 
-    cfg = sft_config(cfg)
-    prepare_config(cfg)
-    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
-    evaluator = PeriodicEval.from_config(cfg, tokenizer)  # training.eval_benchmarks: generation + graders
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
-    flops = train_flops_per_token(DecoderShape.from_model_config(cfg.model, vocab), cfg.data.seq_length)
-    run = setup_run(cfg, partial(build_decoder, cfg, vocab), flops)
+    def evaluator(cfg, tokenizer):
+        from megatron_bluelm.eval.periodic import PeriodicEval
 
-    def body(run, checkpointer):
-        train_ds, valid_ds, _ = build_sft_datasets(cfg.data, tokenizer, seq_length=cfg.data.seq_length,
-                                                   num_samples=sample_counts(cfg), seed=cfg.training.seed)
-        train(run, partial(data_iterators, cfg, train_ds),
-              partial(data_iterators, cfg, valid_ds) if valid_ds else None, on_step_end=checkpointer.on_step_end,
-              on_eval=evaluator)
+        return PeriodicEval.from_config(cfg, tokenizer)  # training.eval_benchmarks: generation + graders
 
     initial = (lambda run: _load_pretrained(run, pretrained)) if pretrained else None
-    return run_stage(run, body, collect, initial_weights=initial)
+    return run_training_stage(sft_config(cfg), text_stage_parts(_sft_datasets, evaluator=evaluator), collect,
+                              initial_weights=initial)
+
+
+def _sft_datasets(run, tokenizer, num_samples):
+    from megatron_bluelm.data.sft_packing import build_sft_datasets
+
+    cfg = run.cfg
+    train_ds, valid_ds, _ = build_sft_datasets(cfg.data, tokenizer, seq_length=cfg.data.seq_length,
+                                               num_samples=num_samples, seed=cfg.training.seed)
+    return train_ds, valid_ds or None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
