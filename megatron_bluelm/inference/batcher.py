@@ -69,7 +69,7 @@ class _Parallel:
     """This rank's place in the TP x PP layout (1 x 1 when torch.distributed / megatron is not set up)."""
 
     def __init__(self):
-        self.tp_group = self.pp_group = None
+        self.tp_group = self.pp_group = self.mp_group = None
         self.first = self.last = True
         self.pp = 1
         try:
@@ -81,6 +81,8 @@ class _Parallel:
             return
         if ps.get_tensor_model_parallel_world_size() > 1:
             self.tp_group = ps.get_tensor_model_parallel_group()
+        if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() > 1:
+            self.mp_group = ps.get_model_parallel_group()
         self.pp = ps.get_pipeline_model_parallel_world_size()
         if self.pp > 1:
             self.pp_group = ps.get_pipeline_model_parallel_group()
@@ -130,6 +132,10 @@ class GenerationEngine:
                 raise GenerationError(f"KV cache: one slot of {capacity} positions needs {per_slot / 2**30:.2f} GiB; "
                                       f"{free / 2**30:.1f} GiB are free")
             slots = min(slots, fit)
+        if self.par.mp_group is not None:  # every rank of the replica must size (and capture) alike
+            t = torch.tensor([slots], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.par.mp_group)
+            slots = int(t)
         return slots
 
     def _ensure(self, slots: int, capacity: int, max_new: int, vocab: int) -> None:
