@@ -169,7 +169,9 @@ class _Timed:
 
 def _vit_adapter_seconds(model, batches) -> tuple[float, float]:
     """Forward + backward of the ViT and of the adapter alone on these micro-batches' tiles."""
-    vlm = getattr(model[0], "module", model[0])
+    vlm = model[0]
+    while hasattr(vlm, "module"):  # DDP (and any other wrapper) around the BlueLMVLM
+        vlm = vlm.module
     dev = next(vlm.parameters()).device
     vit_s = ad_s = 0.0
     for b in batches:
