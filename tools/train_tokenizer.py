@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--max-sentences", type=int, default=2_000_000, help="sample cap for training")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while the corpus is read")
     args = p.parse_args(argv)
     try:
         return train(args)
@@ -118,11 +119,21 @@ def train(args) -> int:
     stats, failed = TextStats(), []
 
     def texts():
+        bar = None if args.no_progress else _progress_bar()
         try:
-            yield from iter_texts(args.input, args.json_key, stats)
+            for text in iter_texts(args.input, args.json_key, stats):
+                if bar is not None:
+                    bar.update(1)
+                yield text
         except ConfigError as e:  # SentencePiece wraps it in its own error: keep it to report as is
             failed.append(e)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
+        # SentencePiece reads everything first, then trains in C++ without output
+        print(f"read {stats.documents:,} documents; training the {args.model_type} model "
+              f"(vocab {args.vocab_size}) ...", file=sys.stderr, flush=True)
 
     try:
         spm.SentencePieceTrainer.Train(
@@ -156,6 +167,12 @@ def train(args) -> int:
     print(stats.format())
     print(f"wrote {args.model_prefix}.model (vocab {args.vocab_size}, {args.model_type})")
     return 0
+
+
+def _progress_bar():
+    from tqdm import tqdm
+
+    return tqdm(unit=" strings", unit_scale=True, desc="reading", mininterval=0.5, file=sys.stderr)
 
 
 if __name__ == "__main__":
