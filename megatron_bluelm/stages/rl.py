@@ -353,6 +353,7 @@ def rl_step(run, sampler: Sampler, ref_model, sources: list[str]) -> dict:
              "response_len": (float(sum(len(r) for r in got["responses"])), n),
              "thinking_len": (float(sum(got["thinking_tokens"])), n),
              "forced_close_frac": (float(sum(s["forced_close"] for s in samples)), n),
+             "forced_tokens": (float(sum(sum(f) for f in got["forced"])), n),  # per sample, out of the loss
              "zero_variance_frac": (filtered.sum().item(), n),
              "filtered_frac": ((1 - keep.float()).sum().item(), n),
              "generated_groups": (float(got["generated_groups"]), 1.0),

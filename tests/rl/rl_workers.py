@@ -177,6 +177,7 @@ def mixed_batches(task_path, world_overrides, tmp):
             "--rl.rewards", '{"math": {"exact_match": 1.0, "format": 0.1}, "vqa": {"image_qa": 1.0}}',
             "--rl.warmup_sft_steps", "0", "--training.train_steps", "2", "--rl.prompts_per_step", "8",
             "--rl.group_size", "2", "--training.micro_batch_size", "4", "--rl.updates_per_step", "1",
-            "--rl.max_new_tokens", "4", "--rl.filter_zero_variance", "false", "--rl.kl_coef", "0.01",
+            "--rl.max_new_tokens", "7", "--rl.filter_zero_variance", "false", "--rl.kl_coef", "0.01",
+            "--rl.bridge_text", "",
             "--logging.output_dir", tmp + "/log", *world_overrides]
     return rl_stage("examples/rl_toy.yaml", over)["rl"]

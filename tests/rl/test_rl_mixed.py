@@ -1,6 +1,7 @@
 """Mixed-source and mixed-modality RL batches on DP2 and PP2 (gloo): rollouts through the multimodal
-model (image prompts from the task JSONL, the ViT frozen by config), rewards per source, statistics
-keyed by component name and identical on every rank."""
+model (image prompts from the task JSONL, the ViT frozen by config; chat prompts that think under a
+budget of 2 tokens), rewards per source, statistics keyed by component name and identical on every
+rank, the budget's forced tokens out of the loss."""
 import json
 import math
 import os
@@ -13,7 +14,8 @@ IMAGES = os.path.join(os.path.dirname(__file__), "..", "..", "megatron_bluelm", 
 
 
 def _task(tmp_path) -> str:
-    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "source": "math"} for a in range(3) for b in range(3)]
+    rows = [{"messages": [{"role": "user", "content": f"{a}+{b}="}], "answer": str(a + b), "source": "math",
+             "thinking_budget": 2} for a in range(3) for b in range(3)]
     rows += [{"prompt": "<image>what animal?", "images": [os.path.abspath(os.path.join(IMAGES, "chelsea.jpg"))],
               "answer": "cat", "source": "vqa"},
              {"prompt": "what is this?", "images": ["rocket.jpg"], "answer": "rocket", "source": "vqa"}]
@@ -35,5 +37,8 @@ def test_mixed_sources_and_modalities(tmp_path, layout):
     for step in out[0]:
         assert {"reward/exact_match", "reward/format", "reward/image_qa"} <= set(step)
         assert step["update_tokens"] > 0 and step["kl"] >= 0
+        # the budget's forced close is context, not loss: only sampled tokens are trained
+        assert step["update_tokens"] == round((step["response_len"] - step["forced_tokens"]) * 16)
+    assert any(s["forced_close_frac"] > 0 for s in out[0])
     both = [s for s in out[0] if not math.isnan(s["reward/image_qa"]) and not math.isnan(s["reward/exact_match"])]
     assert both, "no step drew text and image prompts together"
