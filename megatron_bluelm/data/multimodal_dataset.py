@@ -99,7 +99,8 @@ class MultimodalDataset(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    keys = ("tokens", "labels", "loss_mask", "position_ids") + (("document_ids",) if "document_ids" in samples[0] else ())
+    keys = ("tokens", "labels", "loss_mask", "position_ids")
+    keys += ("document_ids",) if "document_ids" in samples[0] else ()  # packed rows (data/mm_packing.py)
     batch = {k: torch.stack([s[k] for s in samples]) for k in keys}
     batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])
     batch["num_tiles"] = torch.tensor([s["num_tiles"] for s in samples])

@@ -92,7 +92,8 @@ class SDPACoreAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
         dropout = self.dropout_p if self.training else 0.0
         if attention_mask is not None and attention_mask.dtype != torch.bool:
-            return self._documents(q, k, v, attention_mask, attn_mask_type, dropout).permute(2, 0, 1, 3).reshape(sq, b, -1)
+            out = self._documents(q, k, v, attention_mask, attn_mask_type, dropout)
+            return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
         mask = None if attention_mask is None else ~attention_mask
         causal = mask is None and attn_mask_type != AttnMaskType.no_mask
         def attend():

@@ -76,7 +76,8 @@ def _vision_recompute(lm_config: TransformerConfig, v: VisionConfig) -> dict:
     return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
 
 
-def vision_transformer_config(lm_config: TransformerConfig, v: VisionConfig, backend: str = "torch") -> TransformerConfig:
+def vision_transformer_config(lm_config: TransformerConfig, v: VisionConfig,
+                              backend: str = "torch") -> TransformerConfig:
     """The decoder's config (precision, TP) with the ViT's shape; no pipeline split: the whole ViT
     lives on the first pipeline stage. The fused backend adds the bias and applies GELU(tanh) in one
     fused kernel (megatron-core's bias-GELU, which *is* the tanh approximation; its config names the

@@ -53,10 +53,10 @@ def test_block_mask_cache_is_per_micro_batch():
 # ---------------------------------------------------------------------------- one process
 
 def _model(extra=()):
+    from packed_workers import tiny_overrides
+
     from megatron_bluelm.config.loader import load_config
     from megatron_bluelm.inference.model import build_inference_model
-
-    from packed_workers import tiny_overrides
 
     cfg = load_config(None, tiny_overrides(["--data.reset_position_ids", "true", *extra]))
     model = build_inference_model(cfg, 8192).model

@@ -91,7 +91,8 @@ def make_records(out: str, n_images: int, tile: int, seed: int) -> str:
             n_words = int(rng.randint(12, 190))  # ~16-256 tokens with the bundled tokenizer
             start = int(rng.randint(0, len(words) - n_words))
             caption = " ".join(words[start:start + n_words])
-            f.write(json.dumps({"images": [variants[rng.randint(len(variants))]], "text": "<image>\n" + caption}) + "\n")
+            record = {"images": [variants[rng.randint(len(variants))]], "text": "<image>\n" + caption}
+            f.write(json.dumps(record) + "\n")
     prefix = os.path.join(out, "mm")
     preprocess_multimodal(MultimodalOptions([os.path.join(out, "records.jsonl")], prefix, BUNDLED_TOKENIZER))
     return prefix + "_text_document"
@@ -333,7 +334,7 @@ def section_attn(args) -> list[dict]:
                                                                             enable_gqa=nq != nkv))):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        sec = _timed(lambda: fn().backward(grad), args.warmup, max(args.steps, 3))
+        sec = _timed(lambda fn=fn: fn().backward(grad), args.warmup, max(args.steps, 3))
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         results.append({"variant": name, "fwd_bwd_ms": sec * 1e3, "peak_mem_gib": mem})
     work = sum(n * n for n in lengths) / (s * s)
@@ -388,8 +389,10 @@ def section_text(args) -> list[dict]:
             data = [text_batches(vocab, args.mbs, args.seq, args.doc_mean, masked, args.seed)]
             kw = dict(num_microbatches=args.microbatches, seq_length=args.seq, micro_batch_size=args.mbs,
                       device=run.info.device)
-            sec = _timed(lambda: train_step(run.model, run.optimizer, run.scheduler, data, **kw), args.warmup,
-                         args.steps)
+            def step(run=run, data=data, kw=kw):
+                train_step(run.model, run.optimizer, run.scheduler, data, **kw)
+
+            sec = _timed(step, args.warmup, args.steps)
             tokens = args.mbs * args.microbatches * args.seq
             results.append({"variant": "reset_attention_mask" if masked else "unmasked", "step_s": sec,
                             "tokens_per_s": tokens / sec})
