@@ -39,9 +39,12 @@ def budget_plot(runs: Sequence[tuple[str, dict]], path: str, title: Optional[str
             if points:
                 xs, ys = [p[0] for p in points], [p[1] for p in points]
                 ax.plot(xs, ys, style, marker="o", color=colour, label=f"{name} (thinking)")
+                labels: dict = {}  # budgets that spent the same tokens for the same accuracy share a label
                 for x, y, budget in points:
-                    ax.annotate("none" if budget is None else str(budget), (x, y), textcoords="offset points",
-                                xytext=(4, 4), fontsize=7, color=colour)
+                    labels.setdefault((round(x, 6), round(y, 6)), []).append("none" if budget is None else str(budget))
+                for (x, y), names in labels.items():
+                    ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                color=colour)
             if nothink is not None:
                 ax.plot([nothink[0]], [nothink[1]], marker="*", markersize=13, linestyle="none", color=colour,
                         markeredgecolor="black", label=f"{name} (non-thinking)")
@@ -142,15 +145,16 @@ def metrics_plot(runs: Sequence[tuple[str, list]], path: str, panels: Optional[S
                 name = key.rsplit("/accuracy", 1)[0] if title == "eval accuracy" else f"{split} {key}"
                 name = name if len(runs) == 1 else f"{label}: {name}"
                 colour = colours[(r if title != "eval accuracy" else r * len(series) + j) % len(colours)]
-                ax.plot(xs, ys, _LINESTYLES[j % len(_LINESTYLES)] if title != "eval accuracy" else "-",
-                        color=colour, marker="o" if len(xs) < 30 else None, markersize=3, label=name)
+                ax.plot(xs, ys, _LINESTYLES[j % len(_LINESTYLES)], color=colour,
+                        marker="o" if len(xs) < 30 else None, markersize=3, label=name)
         if log and all(y > 0 for _, rows in runs for sp, k in series for y in _series(rows, sp, k)[1]):
             ax.set_yscale("log")
             from matplotlib.ticker import FuncFormatter
 
-            plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2, 3, 4 rather than 2x10^0
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            # plain numbers rather than 2x10^0; minor ticks labelled at 2 and 5 only (no crowding)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(
+                lambda v, _: f"{v:g}" if v > 0 and f"{v:.0e}"[0] in "25" else ""))
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
