@@ -56,28 +56,57 @@ def is_multimodal_prefix(prefix: str) -> bool:
     return prefix.endswith(TEXT_SUFFIX) and os.path.isfile(prefix[: -len(TEXT_SUFFIX)] + IMAGES_SUFFIX + ".idx")
 
 
-class _MultimodalSource:
-    """Records of one multimodal dataset: lengths after image expansion and tiles, from headers."""
+def record_metadata(records: MultimodalRecords, processor: ImageProcessor, image_id: int,
+                    cache_dir: str | None) -> dict:
+    """Per record of ``records``: tokens after image expansion, tiles, image positions; from the image
+    headers (no decoding). One pass over every record's images, so it is cached under
+    ``cache_dir/mm_meta`` keyed by the datasets' files (size, mtime) and the tiling settings."""
+    import hashlib
 
-    def __init__(self, prefix: str, ids: np.ndarray, processor: ImageProcessor, special: dict, row: int):
+    key = hashlib.sha256(repr((os.path.abspath(records.prefix), processor, image_id)).encode())
+    for suffix in (TEXT_SUFFIX, "_loss_mask_document", IMAGES_SUFFIX):
+        st = os.stat(records.prefix + suffix + ".idx")
+        key.update(f"{st.st_size}|{st.st_mtime_ns}".encode())
+    path = os.path.join(cache_dir, "mm_meta", key.hexdigest()[:16] + ".npz") if cache_dir else None
+    if path and os.path.isfile(path):
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    n, tpt = len(records), processor.tokens_per_tile
+    meta = {k: np.zeros(n, np.int64) for k in ("length", "tiles", "image_tokens")}
+    for r in range(n):
+        where = f"record {r} of '{records.prefix}'"
+        blobs = records.image_bytes(r)
+        tiles = [processor.num_tiles(*image_size(b, f"{where}: image {i}")) for i, b in enumerate(blobs)]
+        text = records.text[r]
+        slots = int(np.sum(text == image_id)) if tiles else 0
+        meta["image_tokens"][r] = sum(t * tpt + 2 for t in tiles)
+        meta["tiles"][r] = sum(tiles)
+        meta["length"][r] = len(text) - slots + meta["image_tokens"][r]
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"  # several ranks may write it: each its own file, then a rename
+        np.savez(tmp, **meta)
+        os.replace(tmp, path)
+    return meta
+
+
+class _MultimodalSource:
+    """Records of one multimodal dataset: lengths after image expansion and tiles (record_metadata)."""
+
+    def __init__(self, prefix: str, ids: np.ndarray, processor: ImageProcessor, special: dict, row: int,
+                 cache_dir: str | None = None):
         self.records, self.processor, self.special, self.row = MultimodalRecords(prefix), processor, special, row
         self.name = prefix
         self.index = ids.astype(np.int64)
         self.offset = np.zeros(len(ids), np.int64)
-        self.length = np.zeros(len(ids), np.int64)
-        self.tiles = np.zeros(len(ids), np.int64)
-        tpt = processor.tokens_per_tile
-        for k, r in enumerate(self.index):
-            sizes = [image_size(b, self._where(r, i)) for i, b in enumerate(self.records.image_bytes(int(r)))]
-            tiles = [processor.num_tiles(w, h) for w, h in sizes]
-            text = self.records.text[int(r)]
-            slots = int(np.sum(text == special[IMAGE])) if tiles else 0
-            image_tokens = sum(t * tpt + 2 for t in tiles)
-            if image_tokens >= row - 1:
-                raise ImageError(f"{self._where(int(r))}: its images need {image_tokens} positions, more than "
-                                 f"data.seq_length ({row - 1}); raise data.seq_length or lower vision.max_tiles")
-            self.tiles[k] = sum(tiles)
-            self.length[k] = min(len(text) - slots + image_tokens, row)
+        meta = record_metadata(self.records, processor, special[IMAGE], cache_dir)
+        too_big = np.flatnonzero(meta["image_tokens"][self.index] >= row - 1)
+        if len(too_big):
+            r = int(self.index[too_big[0]])
+            raise ImageError(f"{self._where(r)}: its images need {int(meta['image_tokens'][r])} positions, more "
+                             f"than data.seq_length ({row - 1}); raise data.seq_length or lower vision.max_tiles")
+        self.tiles = meta["tiles"][self.index]
+        self.length = np.minimum(meta["length"][self.index], row)
 
     def _where(self, r: int, image: int | None = None) -> str:
         return f"record {r} of '{self.records.prefix}'" + ("" if image is None else f": image {image}")
@@ -278,7 +307,8 @@ def build_packed_multimodal_datasets(cfg, tokenizer, *, num_samples, seed: int, 
             if is_multimodal_prefix(s.prefix):
                 count = len(MultimodalRecords(s.prefix))
                 ids = split_records(count, cfg.data.split)[which]
-                src = _MultimodalSource(s.prefix, ids, processor, special, row) if len(ids) else None
+                src = (_MultimodalSource(s.prefix, ids, processor, special, row, cfg.data.cache_dir)
+                       if len(ids) else None)
             else:
                 from megatron.core.datasets.indexed_dataset import IndexedDataset
 

@@ -18,7 +18,11 @@ def mixture(mm_prefix, demo_prefix, tmp_path_factory):
 
 
 def _cfg(mixture, extra=()):
+    import os
+
+    cache = os.path.join(os.path.dirname(mixture), "cache")
     cfg = load_config(None, ["--data.seq_length", str(SEQ), "--data.mixture", mixture, "--data.split", "1,0,0",
+                             "--data.cache_dir", cache,
                              "--model.preset", "tiny", "--vision.preset", "vit-tiny", "--vision.max_tiles", "4",
                              "--vision.pack", "true", "--model.backend", "torch", *extra])
     cfg.vision.resolve()
@@ -82,10 +86,18 @@ def test_packed_order_is_deterministic_and_resumes_exactly(mixture):
     from megatron_bluelm.data import build_data_iterator
     from megatron_bluelm.data.multimodal_dataset import collate
 
+    import glob
+    import os
+
     cfg = _cfg(mixture)
-    a, _ = _build(cfg, with_pixels=False)
-    b, _ = _build(cfg, with_pixels=False)
+    for old in glob.glob(os.path.join(cfg.data.cache_dir, "mm_meta", "*.npz")):
+        os.remove(old)
+    a, _ = _build(cfg, with_pixels=False)  # scans the image headers, writes the metadata cache
+    assert len(glob.glob(os.path.join(cfg.data.cache_dir, "mm_meta", "*.npz"))) == 1
+    b, _ = _build(cfg, with_pixels=False)  # reads it
     assert [a.records_of(i) for i in range(len(a))] == [b.records_of(i) for i in range(len(b))]
+    assert np.array_equal(a.sources[0].length, b.sources[0].length) and np.array_equal(a.sources[0].tiles,
+                                                                                       b.sources[0].tiles)
     c, _ = _build(cfg, seed=4, with_pixels=False)
     assert [a.records_of(i) for i in range(len(a))] != [c.records_of(i) for i in range(len(c))]
 
