@@ -83,11 +83,11 @@ def test_mixture_weights_are_token_shares(mixture):
 
 
 def test_packed_order_is_deterministic_and_resumes_exactly(mixture):
-    from megatron_bluelm.data import build_data_iterator
-    from megatron_bluelm.data.multimodal_dataset import collate
-
     import glob
     import os
+
+    from megatron_bluelm.data import build_data_iterator
+    from megatron_bluelm.data.multimodal_dataset import collate
 
     cfg = _cfg(mixture)
     for old in glob.glob(os.path.join(cfg.data.cache_dir, "mm_meta", "*.npz")):
