@@ -115,7 +115,9 @@ def document_block_mask(document_ids, causal=True, block_size=128):
 
 
 _BLOCK_MASKS: "collections.OrderedDict" = collections.OrderedDict()
-_CACHE_SIZE = 64  # micro-batches in flight: pipeline stages x virtual chunks, with room
+# Micro-batches whose mask may still be wanted (recomputation in backward); an evicted one is rebuilt,
+# so the size bounds memory (a 32k-token row's mask is ~1 MB), never correctness.
+_CACHE_SIZE = 16
 
 
 def cached_document_block_mask(document_ids, causal=True):
