@@ -39,6 +39,7 @@ setup(
             "bluelm-sft=megatron_bluelm.stages.sft:main",
             "bluelm-multimodal=megatron_bluelm.stages.multimodal:main",
             "bluelm-rl=megatron_bluelm.stages.rl:main",
+            "bluelm-reward-model=megatron_bluelm.stages.reward_model:main",
             "bluelm-preprocess=tools.preprocess_data:main",
             "bluelm-train-tokenizer=tools.train_tokenizer:main",
             "bluelm-mixture-report=tools.mixture_report:main",
@@ -46,6 +47,7 @@ setup(
             "bluelm-generate=tools.generate:main",
             "bluelm-evaluate=tools.evaluate:main",
             "bluelm-plot-metrics=tools.plot_metrics:main",
+            "bluelm-fault-check=tools.fault_check:main",
         ]
     },
 )

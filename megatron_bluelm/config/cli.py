@@ -26,7 +26,9 @@ import inspect
 import io
 import os
 import sys
+import tempfile
 import textwrap
+import time
 import tokenize
 import types
 import typing
@@ -197,10 +199,39 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def report_error(message: str) -> None:
-    """One line on stderr, from rank 0 only: under torchrun every rank fails the same way."""
+def _error_marker() -> Optional[str]:
+    """A file rank 0 creates once its error line is out (under a launcher only): the other ranks wait for
+    it before exiting, because torchrun stops every process as soon as the first one exits."""
+    if world_size_from_env() <= 1:
+        return None
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "") + "-" + os.environ.get("MASTER_PORT", "")
+    return os.path.join(tempfile.gettempdir(), f"bluelm-config-error-{run}")
+
+
+def report_error(message: str, wait_s: float = 60.0) -> None:
+    """One line on stderr, from rank 0 only: under torchrun every rank fails the same way. The other
+    ranks return once rank 0 has printed (or after ``wait_s``, e.g. when rank 0 is on another node)."""
+    marker = _error_marker()
     if launch_rank() == 0:
         print(f"config error: {message}", file=sys.stderr, flush=True)
+        if marker is not None:
+            with open(marker, "w"):
+                pass
+        return
+    deadline = time.monotonic() + wait_s
+    while marker is not None and not _fresh(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+_STARTED = time.time()
+
+
+def _fresh(path: str) -> bool:
+    """The marker exists and is of this launch (not left by an earlier run with the same run id / port)."""
+    try:
+        return os.path.getmtime(path) >= _STARTED - 30.0
+    except OSError:
+        return False
 
 
 def stage_parser(description: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
