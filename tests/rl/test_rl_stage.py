@@ -19,7 +19,7 @@ def _run(tmp_path, extra, world=1, **kw):
 
 def test_logprobs_schedule_and_stats(tmp_path):
     """Temperature 0.7, top-p 0.9: the trainer's log-prob of every sampled token is the one the sampler
-    drew it with (mean |log p_train - log p_rollout| at float noise; the raw softmax is ~0.3 nats off
+    drew it with (mean |log p_train - log p_rollout| at kernel noise, < 1e-3; the raw softmax is ~0.1 nats off
     here). The LR schedule spans every optimizer update (warm-up + steps x updates_per_step), and the
     logged statistics cover both mini-batches of a step."""
     from rl_workers import scheduler_decay_steps
@@ -29,7 +29,7 @@ def test_logprobs_schedule_and_stats(tmp_path):
                collect=scheduler_decay_steps)[0]
     assert out["collected"] == 1 + 2 * 2
     for step in out["rl"]:
-        assert step["rollout_mismatch"] < 1e-4, step["rollout_mismatch"]
+        assert step["rollout_mismatch"] < 1e-3, step["rollout_mismatch"]
         assert step["first_ratio_mean"] == 1.0 and step["updates"] == 2
         assert step["update_tokens"] == round(step["response_len"] * 8 * 4)  # all tokens, both mini-batches
     assert out["rl"][-1]["lr"] < out["rl"][0]["lr"]

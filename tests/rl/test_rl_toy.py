@@ -16,6 +16,6 @@ def test_toy_heldout_accuracy_rises(tmp_path):
     assert evals[-1]["accuracy"] >= evals[0]["accuracy"] + 0.2, evals
     # every update began at ratio 1 (old log-probs recomputed) with the rollout's own distribution
     assert all(s["first_ratio_mean"] == 1.0 for s in steps if not s.get("skipped_update"))
-    assert all(s["rollout_mismatch"] < 1e-4 for s in steps if "rollout_mismatch" in s)
+    assert all(s["rollout_mismatch"] < 1e-3 for s in steps if "rollout_mismatch" in s)
     for name in ("rl_curves.png", "metrics.jsonl"):
         assert os.path.getsize(tmp_path / name) > 0
