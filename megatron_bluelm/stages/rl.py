@@ -219,7 +219,7 @@ class Sampler:
         from megatron_bluelm.rl.rollout import generate_rollouts
 
         run = self.run
-        roll = generate_rollouts(self.runner(), self.tok, records, group_size=rl.group_size, rl=rl, seed=seed,
+        roll = generate_rollouts(self.engine(), self.tok, records, group_size=rl.group_size, rl=rl, seed=seed,
                                  vocab_size=self.tok.vocab_size, max_context=run.cfg.data.seq_length,
                                  images=self.images, need_logprobs=rl.rollout_is != "none", tables=self.tables)
         for chunk in run.model:
@@ -234,7 +234,7 @@ class Sampler:
             s["thinking"] = s["thinking_budget"] != 0
         return roll, samples, self.rewards(roll.texts, samples)
 
-    def runner(self):
+    def engine(self):
         """The generation engine over the policy's own parameters (built once: no weight copy or sync)."""
         if getattr(self, "_engine", None) is None:
             from megatron_bluelm.inference.decode_state import TokenTables

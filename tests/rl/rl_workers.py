@@ -65,7 +65,6 @@ def first_update_stats(extra=()):
 
 
 def toy_run(extra=()):
-    engine_shim.install()
     from megatron_bluelm.config.loader import load_config
     from megatron_bluelm.stages.rl import run_rl
 
@@ -81,8 +80,7 @@ def next_port():
 
 
 def rl_stage(config, overrides, pretrained=None, collect=None):
-    """One RL stage run on this rank (the shim stands in for the engine's logprobs/forced until #15)."""
-    engine_shim.install()
+    """One RL stage run on this rank: its history, evaluations, final step and ``collect(run)``."""
     from megatron_bluelm.config.loader import load_config
     from megatron_bluelm.stages.rl import run_rl
 
@@ -153,7 +151,6 @@ def reward_model_story(tmp, world_overrides):
     from megatron_bluelm.config.loader import load_config
     from megatron_bluelm.stages.reward_model import run_reward_model
 
-    engine_shim.install()
     ckpt = pretrain_checkpoint(tmp + "/pre", world_overrides)
     rm_dir = tmp + "/rm"
     cfg = load_config("examples/reward_model_tiny.yaml", ["--checkpoint.save", rm_dir, "--logging.output_dir",
