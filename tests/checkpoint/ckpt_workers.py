@@ -140,30 +140,25 @@ def greedy_generate(load: str, prompts: list, max_new_tokens: int, tp: int = 1):
 
 
 def pretrain_synced(overrides: list[str]) -> dict:
-    """``pretrain`` whose collected parameters are read after the pending parameter all-gather
-    (``overlap_param_gather``) is finished: the weights every rank really holds."""
+    """``pretrain`` returning, after the final save, the weights every rank really holds (read once the
+    pending ``overlap_param_gather`` all-gather is finished) and the checkpoint's weights loaded alone
+    into a fresh TP1 model (same process group)."""
     from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.convert import megatron_io
     from megatron_bluelm.parallel.gather import full_state_dict
     from megatron_bluelm.stages.pretrain import run_pretrain
-    from megatron_bluelm.training.checkpointing import finish_param_gather
+    from megatron_bluelm.training.checkpointing import finish_param_gather, read_meta, resolve_checkpoint
 
     def collect(run):
         finish_param_gather(run.model)
-        return full_state_dict(run.model)
+        live = full_state_dict(run.model)
+        path, _ = resolve_checkpoint(run.cfg.checkpoint.save)
+        fresh = megatron_io.build_model(megatron_io.run_config_from_meta(read_meta(path)), 8192)
+        return live, megatron_io.load_full(fresh, path)
 
     result = run_pretrain(load_config(None, overrides), collect=collect)
-    return {"losses": result["losses"], "step": result["step"], "params": result["collected"]}
-
-
-def saved_weights(root: str) -> dict:
-    """The model weights alone of the newest complete checkpoint under ``root`` (TP1, one process)."""
-    from megatron_bluelm.convert import megatron_io
-    from megatron_bluelm.training.checkpointing import read_meta, resolve_checkpoint
-
-    megatron_io.start_single_process()
-    path, _ = resolve_checkpoint(root)
-    cfg = megatron_io.run_config_from_meta(read_meta(path))
-    return megatron_io.load_full(megatron_io.build_model(cfg, 8192), path)
+    live, saved = result["collected"]
+    return {"live": live, "saved": saved}
 
 
 def pretrain_nan_grad(overrides: list[str], nan_at: int) -> dict:

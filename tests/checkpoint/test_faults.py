@@ -18,7 +18,6 @@ from ckpt_workers import (
     pretrain,
     pretrain_nan_grad,
     pretrain_synced,
-    saved_weights,
     tiny_overrides,
 )
 from distributed import free_port, run_distributed
@@ -83,8 +82,8 @@ def test_overlap_param_gather_checkpoint_holds_the_current_weights(demo_prefix, 
     save = str(tmp_path / "save")
     args = tiny_overrides(demo_prefix, str(tmp_path), steps=2, distopt=True, save=save) + [
         "--parallel.overlap_grad_reduce", "true", "--parallel.overlap_param_gather", "true"]
-    live = run_distributed(pretrain_synced, 4, args)[0]["params"]
-    saved = run_distributed(saved_weights, 1, save)[0]
+    res = run_distributed(pretrain_synced, 4, args)[0]
+    live, saved = res["live"], res["saved"]
     assert set(live) <= set(saved)
     stale = [name for name in live if not torch.equal(live[name], saved[name])]
     assert not stale, f"{len(stale)} of {len(live)} tensors differ from the weights in memory, e.g. {stale[:3]}"
