@@ -192,7 +192,8 @@ def test_packed_multimodal_stage_trains(mixture, tmp_path):
             "--vision.pack", "true", "--vision.max_tiles_per_microbatch", "12",
             "--training.train_steps", "4", "--training.micro_batch_size", "1", "--training.global_batch_size", "2",
             "--training.eval_interval", "0", "--optimizer.lr", "3e-3", "--schedule.warmup_steps", "1",
-            "--logging.output_dir", str(tmp_path), "--logging.tensorboard", "false", "--logging.log_interval", "100"]
+            "--logging.output_dir", str(tmp_path), "--logging.tensorboard", "false", "--logging.log_interval", "100",
+            "--data.cache_dir", str(tmp_path / "cache")]
     losses = run_distributed(train_mm, 1, args)[0]["losses"]
     assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0]
 
@@ -249,7 +250,8 @@ def _mm_packed_vs_alone_parallel(mixture, extra):
 
     cfg = multimodal_config(_cfg(mixture, ["--training.train_steps", "1", "--training.global_batch_size", "2",
                                            "--training.eval_interval", "0", "--schedule.warmup_steps", "0",
-                                           "--logging.tensorboard", "false", *extra]))
+                                           "--logging.tensorboard", "false", "--logging.output_dir",
+                                           os.path.join(os.path.dirname(mixture), "log"), *extra]))
     prepare_config(cfg)
     tok = load_tokenizer(cfg.data.tokenizer_model)
     run = setup_run(cfg, partial(build_vlm, cfg, tok.vocab_size, tok.special_ids["<image>"]), 0.0)
