@@ -369,8 +369,8 @@ def rl_step(run, sampler: Sampler, ref_model, sources: list[str]) -> dict:
     if _dp_sums([float(keep.sum())], device)[0] == 0:  # every group had equal rewards: nothing to learn
         stats.update(skipped_update=True, logprob_s=0.0, update_s=0.0)
         return stats
-    spec = LogProbSpec(sampler.tok.vocab_size if cfg.model.vocab_size is None else cfg.model.vocab_size,
-                       rl.temperature, rl.top_k, rl.top_p)
+    # The rows the rollout could sample: the tokenizer's ids (generation masks the embedding's other rows).
+    spec = LogProbSpec(sampler.tok.vocab_size, rl.temperature, rl.top_k, rl.top_p)
     old = sequence_logprobs(run.model, batches, spec, cfg.data.seq_length, mbs, device)
     ref = sequence_logprobs(ref_model, batches, spec, cfg.data.seq_length, mbs, device) if ref_model else None
     for i, mb in enumerate(batches):
@@ -411,7 +411,7 @@ def evaluate(run, sampler: Sampler, eval_task) -> dict:
     by held-out accuracy: the correctness verifier of each sample's source."""
     rl = run.cfg.rl
     rank, dp = _dp()
-    n = rl.eval_prompts - rl.eval_prompts % dp
+    n = max(rl.eval_prompts - rl.eval_prompts % dp, dp)
     k = n // dp
     records = eval_task.records(n, seed=rl.seed + 99_991)[rank * k:(rank + 1) * k]
     greedy = dataclasses.replace(rl, temperature=0.0, top_k=0, top_p=1.0, group_size=1, rollout_is="none")
@@ -519,7 +519,9 @@ def run_rl(cfg: RunConfig, pretrained: Optional[str] = None, collect: Optional[C
             if ref_model is not None:
                 copy_policy(run.model, ref_model)  # the anchor: the policy as RL starts
             if eval_task is not None:
-                run.logger.print(f"rl eval step     0 | accuracy {on_eval(run)['heldout/accuracy']:.3f}")
+                scores = on_eval(run)
+                run.logger.log(0, scores, prefix="eval")
+                run.logger.print(f"rl eval step     0 | accuracy {scores['heldout/accuracy']:.3f}")
         run.logger.print(f"RL: {cfg.training.train_steps - run.step} steps of {cfg.rl.prompts_per_step} prompts x "
                          f"{cfg.rl.group_size} samples, {cfg.rl.updates_per_step} update(s) each "
                          f"(TP{run.info.tp} PP{run.info.pp} DP{run.info.dp})")

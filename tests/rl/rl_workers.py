@@ -2,7 +2,6 @@
 import os
 import tempfile
 
-import engine_shim
 import torch
 
 # Logs go under the temporary directory, never into the working tree (tests/conftest.py checks).
