@@ -108,8 +108,17 @@ class Throughput:
         return out
 
 
-def _format(step: int, total: int, metrics: dict) -> str:
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def _format(step: int, total: int, metrics: dict, elapsed: Optional[float] = None,
+            eta: Optional[float] = None) -> str:
     parts = [f"step {step:>6}/{total}"]
+    if elapsed is not None:  # wall time of this run so far, and the remaining steps at its mean pace
+        parts.append(f"elapsed {_clock(elapsed)}" + ("" if eta is None else f" eta {_clock(eta)}"))
     per_gpu = (("tflops_per_gpu", "{:.1f}"), ("mfu", "{:.1%}"), ("mem_gib", "{:.1f}"))
     for key, fmt in (("loss", "{:.4f}"), ("grad_norm", "{:.3f}"), ("lr", "{:.3e}"),
                      ("tokens_per_s", "{:,.0f}"), *(per_gpu if torch.cuda.is_available() else ())):
@@ -148,6 +157,7 @@ def train(run: Run, make_train_iterators: Callable, make_valid_iterators: Option
     cfg, t = run.cfg, run.cfg.training
     iterators = make_train_iterators(run.consumed_samples)
     meter = Throughput(run)
+    started, first_step = time.perf_counter(), run.step
     run.logger.print(f"training: {t.train_steps - run.step} steps, {run.num_microbatches} micro-batches of "
                      f"{t.micro_batch_size} x {cfg.data.seq_length} per step and data-parallel rank "
                      f"(TP{run.info.tp} PP{run.info.pp} DP{run.info.dp})")
@@ -169,7 +179,9 @@ def train(run: Run, make_train_iterators: Callable, make_valid_iterators: Option
             if torch.cuda.is_available():
                 record["mem_gib"] = _memory_gib()
             run.logger.log(run.step, record)
-            run.logger.print(_format(run.step, t.train_steps, record))
+            elapsed = time.perf_counter() - started
+            eta = elapsed / (run.step - first_step) * (t.train_steps - run.step)
+            run.logger.print(_format(run.step, t.train_steps, record, elapsed, eta))
         meter.pause()
         if t.eval_interval and (run.step % t.eval_interval == 0 or run.step == t.train_steps):
             val = _evaluate(run, make_valid_iterators)
