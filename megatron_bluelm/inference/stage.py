@@ -88,10 +88,9 @@ class StageWeights:
             self.final_norm = _param(lm.decoder.final_layernorm, "weight", "the final norm")
             self.output = _param(lm.output_layer, "weight", "the output layer")
         rope = getattr(lm, "rotary_pos_emb", None)
-        self.inv_freq = None if rope is None else rope.inv_freq
-        if self.inv_freq is None:  # a middle stage builds no RoPE module; the angles are the same everywhere
-            self.inv_freq = 1.0 / (float(lm.rotary_base if hasattr(lm, "rotary_base") else 10000)
-                                   ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        if rope is None:  # GPTModel builds RoPE on every pipeline stage; without it there are no positions
+            raise GenerationError("generation engine: the model has no rotary_pos_emb (RoPE) module")
+        self.inv_freq = rope.inv_freq
         ref = self.layers[0].qkv if self.layers else (self.embedding if self.embedding is not None else self.output)
         self.dtype, self.device = ref.dtype, ref.device
 
