@@ -177,3 +177,34 @@ def mixed_batches(task_path, world_overrides, tmp):
             "--rl.bridge_text", "",
             "--logging.output_dir", tmp + "/log", *world_overrides]
     return rl_stage("examples/rl_toy.yaml", over)["rl"]
+
+
+def tp_token_logprobs(temperature, top_p):
+    """token_logprobs on this rank's vocabulary shard vs the formula on the full logits."""
+    from megatron.core import parallel_state
+
+    from megatron_bluelm.inference.sampling import filter_top_p
+    from megatron_bluelm.parallel.setup import setup_parallel, teardown
+    from megatron_bluelm.rl.trainer import LogProbSpec, token_logprobs
+
+    tp = int(__import__("os").environ["WORLD_SIZE"])
+    setup_parallel(tp, 1, None, 1, 0)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        vocab, padded = 50, 64  # 14 embedding padding rows, never sampled
+        full = torch.randn(2, 3, padded, generator=gen) * 3
+        labels = torch.randint(0, vocab, (2, 3), generator=gen)
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        shard = full.chunk(tp, dim=-1)[rank].clone().requires_grad_(True)
+        logp, entropy = token_logprobs(shard, labels, LogProbSpec(vocab, temperature, 0, top_p))
+        logp.sum().backward()
+        ref = full[..., :vocab] / temperature
+        keep = torch.isfinite(filter_top_p(ref, top_p))
+        keep.scatter_(-1, labels[..., None], True)
+        ref = ref.masked_fill(~keep, float("-inf")).log_softmax(-1)
+        p = ref.exp()
+        return {"logp": logp.detach(), "ref": ref.gather(-1, labels[..., None]).squeeze(-1),
+                "entropy": entropy, "ref_entropy": -(p * ref.nan_to_num(neginf=0.0)).sum(-1),
+                "grad_finite": bool(torch.isfinite(shard.grad).all())}
+    finally:
+        teardown()

@@ -22,3 +22,18 @@ def test_first_update_ratio_one_kl_zero(world, extra):
     assert last["moved"] > 0
     d = last["delta"]  # advantages were [1, -1, 0.5, -0.5, 2, -2, 0, 0]
     assert d[0] > 0 > d[1] and d[4] > 0 > d[5]  # the update raised the log-probs of A > 0 responses
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (0.7, 0.9)])
+def test_token_logprobs_under_tp2(temperature, top_p):
+    """The sampling distribution's log-probs and entropy from vocabulary-parallel logits (TP2: the
+    vocab-parallel cross-entropy without a nucleus, gathered logits with one) equal the formula on the
+    full logits; padding rows excluded; finite gradients."""
+    import torch
+
+    from rl_workers import tp_token_logprobs
+
+    for r in run_distributed(tp_token_logprobs, 2, temperature, top_p):
+        torch.testing.assert_close(r["logp"], r["ref"])
+        torch.testing.assert_close(r["entropy"], r["ref_entropy"])
+        assert r["grad_finite"]
