@@ -235,7 +235,12 @@ class Sampler:
         return roll, samples, self.rewards(roll.texts, samples)
 
     def engine(self):
-        """The generation engine over the policy's own parameters (built once: no weight copy or sync)."""
+        """The generation engine over the policy's own parameters (built once: no weight copy or sync).
+        With ``overlap_param_gather`` the other DP ranks' shards of the last update are still being
+        gathered; the engine reads the parameters directly (no forward hook), so finish that first."""
+        from megatron_bluelm.training.checkpointing import finish_param_gather
+
+        finish_param_gather(self.run.model)
         if getattr(self, "_engine", None) is None:
             from megatron_bluelm.inference.decode_state import TokenTables
             from megatron_bluelm.inference.generate import make_engine
