@@ -186,10 +186,9 @@ def load_pretrained(run, root: str) -> str:
 
 def build_reward_scorer(cfg: RunConfig, tok, device) -> Callable:
     """The reward-model checkpoint ``rl.reward_model`` in this run's TP x PP layout, as a scorer."""
-    from megatron_bluelm.inference.loading import checkpoint_run_config, load_weights
+    from megatron_bluelm.inference.loading import checkpoint_dir, checkpoint_run_config, load_weights
     from megatron_bluelm.rl.reward_model import build_reward_model, model_reward
     from megatron_bluelm.training.checkpointing import read_meta
-    from megatron_bluelm.inference.loading import checkpoint_dir
     from megatron_bluelm.training.model_setup import build_model_chunks
 
     root = cfg.rl.reward_model
@@ -279,7 +278,7 @@ def _select_groups(parts: list, k: int, g: int) -> dict:
     """The first ``k`` groups with reward variance over all rounds, then zero-variance ones of the
     first round to fill up (they carry no signal and are filtered)."""
     varied, flat = [], []
-    for pi, (roll, samples, scored) in enumerate(parts):
+    for pi, (_, _, scored) in enumerate(parts):
         for gi, v in enumerate(_varied(scored, g)):
             (varied if v else flat).append((pi, gi))
     if len(parts) == 1:
