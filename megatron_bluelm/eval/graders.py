@@ -166,6 +166,8 @@ def _extract_choice(part: str) -> Optional[str]:
     said = re.findall(r"answer\s*(?:is|:)\s*[:\-]?\s*\(?([A-J])\b\)?", part, re.IGNORECASE)
     if said:
         return said[-1].upper()
+    if re.search(r"(?<![\w'])\(?[A-J]\)?\s+or\s+\(?[A-J]\)?(?![\w'])", part):
+        return None  # "A or B": two options, no answer
     lead = re.match(r"^\s*\(?([A-J])(?:[).:]|\s*$)", part)
     if lead:
         return lead.group(1)

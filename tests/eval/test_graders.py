@@ -67,7 +67,8 @@ def test_require_boxed_turns_off_fallbacks():
 
 @pytest.mark.parametrize("response,ref,ok", [
     ("The answer is (B).", "B", True), ("B) because it is", "B", True), ("\\boxed{\\text{(C)}}", "C", True),
-    ("I think C", "C", True), ("A or B", "A", False), ("answer: d", "D", True), ("(A)", 0, True),
+    ("I think C", "C", True), ("A or B", "A", False), ("A or B", "B", False), ("(A) or (C)", "C", False),
+    ("answer: d", "D", True), ("(A)", 0, True),
     ("none of them", "A", False), ("<think>A? no</think>B", "B", True),
 ])
 def test_grade_choice(response, ref, ok):
