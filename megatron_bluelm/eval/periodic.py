@@ -53,7 +53,9 @@ class PeriodicEval:
         from megatron_bluelm.eval.generation import EngineGenerate
         from megatron_bluelm.inference.engine import TextGenerator
         from megatron_bluelm.inference.model import InferenceModel
+        from megatron_bluelm.training.checkpointing import finish_param_gather
 
+        finish_param_gather(run.model)  # the engine reads the parameters directly: no pending all-gather
         chunk = getattr(run.model[0], "module", run.model[0])
         was_training = chunk.training
         rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()

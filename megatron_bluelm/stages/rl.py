@@ -503,10 +503,19 @@ def run_rl(cfg: RunConfig, pretrained: Optional[str] = None, collect: Optional[C
     sources = _sources(task)
     evals: list = []
 
+    from megatron_bluelm.eval.periodic import PeriodicEval
+
+    periodic = PeriodicEval.from_config(cfg, tok)  # training.eval_benchmarks: accuracy per budget
+
     def on_eval(run) -> dict:
-        scores = evaluate(run, sampler, eval_task)
-        evals.append({"step": run.step, **scores})
-        return {f"heldout/{k}": v for k, v in scores.items()}
+        out = {}
+        if eval_task is not None:
+            scores = evaluate(run, sampler, eval_task)
+            evals.append({"step": run.step, **scores})
+            out.update({f"heldout/{k}": v for k, v in scores.items()})
+        if periodic is not None:
+            out.update(periodic(run))
+        return out
 
     def on_step_end(run) -> None:
         t = cfg.training
@@ -529,7 +538,8 @@ def run_rl(cfg: RunConfig, pretrained: Optional[str] = None, collect: Optional[C
         run.logger.print(f"RL: {cfg.training.train_steps - run.step} steps of {cfg.rl.prompts_per_step} prompts x "
                          f"{cfg.rl.group_size} samples, {cfg.rl.updates_per_step} update(s) each "
                          f"(TP{run.info.tp} PP{run.info.pp} DP{run.info.dp})")
-        train(run, lambda consumed: [], on_step_end=on_step_end, on_eval=on_eval if eval_task else None,
+        train(run, lambda consumed: [], on_step_end=on_step_end,
+              on_eval=on_eval if eval_task is not None or periodic is not None else None,
               step_fn=lambda run, _: _step_result(rl_step(run, sampler, ref_model, sources)))
         if run.info.is_logging_rank and run.history:
             from megatron_bluelm.rl.curves import write_curves

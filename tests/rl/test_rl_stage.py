@@ -60,3 +60,19 @@ def test_config_errors(tmp_path, bad, match):
     """Checked before any process group or model exists: run in this process."""
     err = stage_then_error(TOY, SMALL + ["--logging.output_dir", str(tmp_path / "l"), *bad])
     assert err is not None and match in err, err
+
+
+def test_benchmark_evaluation_inside_rl(tmp_path):
+    """training.eval_benchmarks runs in the RL stage as in SFT: accuracy and thinking tokens per budget
+    of the bundled arithmetic set logged as split 'eval' at each evaluation."""
+    from megatron_bluelm.eval.plots import read_metrics
+
+    _run(tmp_path, ["--training.train_steps", "1", "--rl.warmup_sft_steps", "0", "--data.seq_length", "128",
+                    "--training.eval_interval", "1", "--training.eval_benchmarks", "arithmetic",
+                    "--training.eval_limit", "2", "--training.eval_budgets", "0,2",
+                    "--training.eval_max_new_tokens", "8", "--training.eval_answer_tokens", "4"])
+    evals = [r for r in read_metrics(str(tmp_path / "log")) if r["split"] == "eval"]
+    assert evals and evals[-1]["step"] == 1
+    r = evals[-1]
+    assert 0 <= r["arithmetic/nothink/accuracy"] <= 1 and r["arithmetic/nothink/thinking_tokens"] == 0
+    assert 0 < r["arithmetic/2/thinking_tokens"] <= 2
