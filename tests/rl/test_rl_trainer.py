@@ -30,7 +30,6 @@ def test_token_logprobs_under_tp2(temperature, top_p):
     vocab-parallel cross-entropy without a nucleus, gathered logits with one) equal the formula on the
     full logits; padding rows excluded; finite gradients."""
     import torch
-
     from rl_workers import tp_token_logprobs
 
     for r in run_distributed(tp_token_logprobs, 2, temperature, top_p):
