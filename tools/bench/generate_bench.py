@@ -147,17 +147,7 @@ def matmul_floor(im, batch: int, iters: int = 50) -> float:
         for a, m in zip(ins, mats):
             a @ m.t()
 
-    step()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    g.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        g.replay()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t) / iters
+    return _graph_ms(step, iters)
 
 
 def run_mixed(engine, im, n, seed=0):
