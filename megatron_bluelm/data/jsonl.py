@@ -185,3 +185,21 @@ def _encodable(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+def read_json_records(path: str, missing: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line of a small UTF-8 JSONL file (tasks, preference
+    pairs, metrics). A line that is not JSON is a ConfigError naming ``path:line``; a missing file is one
+    saying ``missing``. Callers check the records' fields."""
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(missing) from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None

@@ -79,27 +79,17 @@ PANELS = [
 
 def read_metrics(path: str) -> list[dict]:
     """A run's metrics.jsonl (``training/logging.py``); bad lines named by file:line."""
-    import json
-
     from megatron_bluelm.config.errors import ConfigError
+    from megatron_bluelm.data.jsonl import read_json_records
 
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or "step" not in rec:
-                    raise ConfigError(f"{path}:{lineno}: a metrics record needs 'step'")
-                rows.append(rec)
-    except FileNotFoundError:
-        raise ConfigError(f"no metrics file '{path}' (a run's logging.output_dir holds metrics.jsonl)") from None
+    missing = f"no metrics file '{path}' (a run's logging.output_dir holds metrics.jsonl)"
+    for lineno, rec in read_json_records(path, missing):
+        if not isinstance(rec, dict) or "step" not in rec:
+            raise ConfigError(f"{path}:{lineno}: a metrics record needs 'step'")
+        rows.append(rec)
     return rows
 
 

@@ -11,7 +11,6 @@ file. Both draw prompts deterministically from (seed, step).
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 
@@ -44,25 +43,17 @@ class JsonlTask:
         self.name = path
         self.items = []
         self.source_ratios = dict(source_ratios or {})
-        try:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ConfigError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                    if not isinstance(rec, dict) or ("prompt" not in rec and "messages" not in rec):
-                        raise ConfigError(f"{path}:{lineno}: a record needs 'prompt' or 'messages'")
-                    if "answer" not in rec:
-                        raise ConfigError(f"{path}:{lineno}: a record needs 'answer' for the verifiers")
-                    rec.setdefault("source", "default")
-                    if "images" in rec:
-                        rec["images"] = _image_paths(rec["images"], path, lineno)
-                    self.items.append(rec)
-        except FileNotFoundError:
-            raise ConfigError(f"rl.task: no such file '{path}'") from None
+        from megatron_bluelm.data.jsonl import read_json_records
+
+        for lineno, rec in read_json_records(path, f"rl.task: no such file '{path}'"):
+            if not isinstance(rec, dict) or ("prompt" not in rec and "messages" not in rec):
+                raise ConfigError(f"{path}:{lineno}: a record needs 'prompt' or 'messages'")
+            if "answer" not in rec:
+                raise ConfigError(f"{path}:{lineno}: a record needs 'answer' for the verifiers")
+            rec.setdefault("source", "default")
+            if "images" in rec:
+                rec["images"] = _image_paths(rec["images"], path, lineno)
+            self.items.append(rec)
         if not self.items:
             raise ConfigError(f"rl.task: '{path}' has no records")
         self.by_source: dict[str, list] = {}

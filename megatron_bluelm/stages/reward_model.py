@@ -17,7 +17,6 @@ The RL stage loads the saved checkpoint with ``rl.reward_model`` for its ``model
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from functools import partial
 from typing import Callable, Optional, Sequence
@@ -48,23 +47,15 @@ def toy_pairs(n: int, seed: int) -> list[dict]:
 def load_pairs(spec: str, seed: int) -> list[dict]:
     if spec == "toy":
         return toy_pairs(512, seed)
+    from megatron_bluelm.data.jsonl import read_json_records
+
     pairs = []
-    try:
-        with open(spec, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{spec}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or ("prompt" not in rec and "messages" not in rec) \
-                        or not isinstance(rec.get("chosen"), str) or not isinstance(rec.get("rejected"), str):
-                    raise ConfigError(f"{spec}:{lineno}: a pair needs 'prompt' or 'messages', and 'chosen' and "
-                                      "'rejected' answers (strings)")
-                pairs.append(rec)
-    except FileNotFoundError:
-        raise ConfigError(f"rl.preference_data: no such file '{spec}'") from None
+    for lineno, rec in read_json_records(spec, f"rl.preference_data: no such file '{spec}'"):
+        if not isinstance(rec, dict) or ("prompt" not in rec and "messages" not in rec) \
+                or not isinstance(rec.get("chosen"), str) or not isinstance(rec.get("rejected"), str):
+            raise ConfigError(f"{spec}:{lineno}: a pair needs 'prompt' or 'messages', and 'chosen' and "
+                              "'rejected' answers (strings)")
+        pairs.append(rec)
     if len(pairs) < 2:
         raise ConfigError(f"rl.preference_data: '{spec}' has {len(pairs)} pair(s); need at least 2")
     return pairs
