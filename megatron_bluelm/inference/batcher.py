@@ -281,7 +281,7 @@ class GenerationEngine:
             else:
                 x = torch.empty(m, end - start, self.w.hidden, dtype=self.dtype, device=self.device)
                 dist.recv(x, src=self.par.prev)
-            x = self.w.prefill(x, start, lengths[:m], slots[:m], self.cache, self.cos, self.sin)
+            x = self.w.prefill(x, start, slots[:m], self.cache, self.cos, self.sin)
             if not self.par.last:
                 dist.send(x.contiguous(), dst=self.par.next)
         self.stats["prefill_tokens"] += sum(lengths)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from kernels.dispatch import use_triton
-from megatron_bluelm.inference.attention import decode_attention, prefill_attention
+from megatron_bluelm.inference.attention import decode_attention, prefill_attention, rope_and_cache
 from megatron_bluelm.inference.errors import GenerationError
 
 
@@ -163,15 +163,10 @@ class StageWeights:
         ``pos`` [rows]; writes each row's k, v at its position and attends to positions 0..pos."""
         if use_triton(x):
             return self._decode_fused(x, pos, cache, cos, sin, rows)
-        slot = torch.arange(rows, device=x.device)
-        c, s = cos[pos][:, None, :], sin[pos][:, None, :]
         lengths = pos + 1
         for i, lw in enumerate(self.layers):
-            q, k, v = self._split_qkv(self._norm(x, lw.norm1), lw.qkv)
-            q, k = _rotate(q, c, s), _rotate(k, c, s)
             kc, vc = cache.k[i], cache.v[i]
-            kc[slot, :, pos] = k
-            vc[slot, :, pos] = v
+            q = rope_and_cache(self._norm(x, lw.norm1) @ lw.qkv.t(), pos, cos, sin, kc, vc, self.heads, self.groups)
             o = decode_attention(q, kc[:rows], vc[:rows], lengths, cache.splits)
             x = x + self._all_reduce(o.reshape(rows, -1) @ lw.proj.t())
             x = self._mlp(x, lw)
@@ -182,7 +177,6 @@ class StageWeights:
         RoPE + cache write in one kernel, the decode kernel, SwiGLU; cuBLAS for the matmuls."""
         from kernels.rmsnorm import rmsnorm
         from kernels.swiglu import swiglu
-        from megatron_bluelm.inference.attention import rope_and_cache
 
         lengths = pos + 1
         h = rmsnorm(x, self.layers[0].norm1, self.eps) if self.layers else x
@@ -198,12 +192,13 @@ class StageWeights:
                 x = x + o
         return x
 
-    def prefill(self, x: torch.Tensor, start: int, lengths: list[int], slots: list[list[int]], cache,
+    def prefill(self, x: torch.Tensor, start: int, slots: list[list[int]], cache,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rows of prompt positions start..start+P-1 (right-padded to P; row r is valid for its first
-        ``lengths[r]``): write their k, v into every slot of ``slots[r]`` (a group's samples share the
-        prefill) and return the hidden states [n, P, hidden]. Rows with start > 0 attend to the
-        positions their first slot already holds (chunked prefill)."""
+        """Rows of prompt positions start..start+P-1 (right-padded to P): write their k, v into every
+        slot of ``slots[r]`` (a group's samples share the prefill) and return the hidden states
+        [n, P, hidden]. The padded positions write keys past each row's length, which decode overwrites
+        before it reads them. Rows with start > 0 attend to the positions their first slot already holds
+        (chunked prefill)."""
         n, p = x.shape[0], x.shape[1]
         flat = torch.tensor([s for group in slots for s in group], device=x.device)
         src = torch.tensor([r for r, group in enumerate(slots) for _ in group], device=x.device)
@@ -225,7 +220,6 @@ class StageWeights:
             o = prefill_attention(q.transpose(1, 2), kt, vt, mask)  # [n, heads, P, d]
             x = x + self._all_reduce(o.transpose(1, 2).reshape(n, p, -1) @ lw.proj.t())
             x = self._mlp(x, lw)
-        del lengths  # padded positions write garbage beyond each row's length, never read
         return x
 
 
