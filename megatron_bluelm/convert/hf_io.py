@@ -25,18 +25,29 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards + [current]
 
 
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _bar(desc: str, total: int):
+    """Bytes written / read, for conversions of multi-GB checkpoints (tqdm on stderr)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
+
+
 def save_tensors(out: str, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
     shards = _shards(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-        return
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out, fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    write_json(os.path.join(out, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    with _bar(f"writing {out}", _nbytes(tensors)) as bar:
+        for fname, shard in zip(names, shards):
+            save_file(shard, os.path.join(out, fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in shard})
+            bar.update(_nbytes(shard))
+    if len(shards) > 1:
+        write_json(os.path.join(out, INDEX), {"metadata": {"total_size": _nbytes(tensors)}, "weight_map": weight_map})
 
 
 def load_tensors(hf_dir: str) -> dict[str, torch.Tensor]:
@@ -49,8 +60,10 @@ def load_tensors(hf_dir: str) -> dict[str, torch.Tensor]:
     else:
         raise ConversionError(f"'{hf_dir}' has no model.safetensors nor {INDEX}")
     out = {}
-    for f in files:
-        out.update(load_file(os.path.join(hf_dir, f)))
+    with _bar(f"reading {hf_dir}", sum(os.path.getsize(os.path.join(hf_dir, f)) for f in files)) as bar:
+        for f in files:
+            out.update(load_file(os.path.join(hf_dir, f)))
+            bar.update(os.path.getsize(os.path.join(hf_dir, f)))
     return out
 
 
