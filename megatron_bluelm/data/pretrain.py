@@ -13,6 +13,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -127,13 +130,29 @@ def _resolve_sources(cfg: DataConfig, seq_length: int, seed: int) -> list[Mixtur
     return [apply_quality(s, cfg.cache_dir) if s.quality else s for s in sources]
 
 
+@contextmanager
+def _announce_index_build(num_samples, cache) -> Iterator[None]:
+    """megatron-core builds (or reads back) the shuffle and sample indices silently, which takes tens of
+    seconds on large corpora: say so, and how long it took (the first rank only)."""
+    first = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if first:
+        where = f" (index cache: {cache})" if cache else ""
+        print(f"data: building dataset indices for {', '.join(map(str, num_samples))} train/valid/test "
+              f"samples{where} ...", flush=True)
+    start = time.perf_counter()
+    yield
+    if first:
+        print(f"data: dataset indices ready in {time.perf_counter() - start:.1f} s", flush=True)
+
+
 def build_megatron_datasets(cfg: DataConfig, tok, *, seq_length: int, num_samples, seed: int):
     """(train, valid, test) megatron-core datasets (None for an empty split) and the mixture plan."""
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
     if cfg.mock:
         config = _gpt_config(cfg, tok, seq_length, seed, None, None)
-        return _Builder.make(MockGPTDataset, num_samples, config).build(), None
+        with _announce_index_build(num_samples, None):
+            return _Builder.make(MockGPTDataset, num_samples, config).build(), None
     sources = _resolve_sources(cfg, seq_length, seed)
     prefixes = [s.prefix for s in sources]
     cache = os.path.join(cfg.cache_dir, _fingerprint(prefixes, tok)) if cfg.cache_dir else None
@@ -146,7 +165,8 @@ def build_megatron_datasets(cfg: DataConfig, tok, *, seq_length: int, num_sample
     config = _gpt_config(cfg, tok, seq_length, seed, blend, cache)
     _drop_empty_splits(config, prefixes)
     try:
-        datasets = _Builder.make(GPTDataset, num_samples, config).build()
+        with _announce_index_build(num_samples, cache):
+            datasets = _Builder.make(GPTDataset, num_samples, config).build()
     except OSError as e:
         raise ConfigError(f"data.cache_dir: cannot write index cache under '{cache}': {e}") from e
     return datasets, plan

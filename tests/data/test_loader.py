@@ -118,3 +118,12 @@ def test_dataloader_workers_give_the_same_batches(demo_prefixes, tok, tmp_path):
     it = build_data_iterator(train, micro_batch_size=4, consumed_samples=0, dp_rank=0, dp_size=1, num_workers=2)
     b = [next(it) for _ in range(3)]
     assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, b))
+
+
+def test_index_build_is_announced_and_timed(tok, tmp_path, capsys):
+    """megatron-core's index build is silent and can take tens of seconds: the loader says so."""
+    cfg = DataConfig(prefix=str(tmp_path / "nothing"), mock=True)
+    build_pretrain_datasets(cfg, tok, seq_length=SEQ, num_samples=(16, 4, 4), seed=0)
+    out = capsys.readouterr().out
+    assert "data: building dataset indices for 16, 4, 4 train/valid/test samples" in out
+    assert "data: dataset indices ready in" in out
