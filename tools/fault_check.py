@@ -40,6 +40,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENARIOS = ("kill9", "sigterm", "corrupt", "fulldisk")
 
 
+def damage_file(target: str, damage: str) -> None:
+    """Break one checkpoint file: ``delete`` it, ``truncate`` it to half, or ``garble`` 64 bytes in it."""
+    if damage == "delete":
+        os.remove(target)
+    elif damage == "truncate":
+        os.truncate(target, os.path.getsize(target) // 2)
+    else:
+        data = bytearray(open(target, "rb").read())
+        data[len(data) // 3: len(data) // 3 + 64] = os.urandom(64)
+        open(target, "wb").write(bytes(data))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -265,14 +277,7 @@ class Check:
             shutil.copytree(src, os.path.join(root, os.path.basename(src)))
             open(os.path.join(root, LATEST), "w").write(str(int(os.path.basename(src)[5:])))
             target = os.path.join(root, os.path.basename(src), file)
-            if damage == "delete":
-                os.remove(target)
-            elif damage == "truncate":
-                os.truncate(target, os.path.getsize(target) // 2)
-            else:
-                data = bytearray(open(target, "rb").read())
-                data[len(data) // 3: len(data) // 3 + 64] = os.urandom(64)
-                open(target, "wb").write(bytes(data))
+            damage_file(target, damage)
             overrides = self.overrides(name, save=False) + ["--checkpoint.load", root]
             code, out = self.run(overrides)
             ok = code == 2 and file in out.split("config error:")[-1]  # the one-line error names the file

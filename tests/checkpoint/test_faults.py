@@ -36,6 +36,7 @@ from megatron_bluelm.training.checkpointing import (
     read_meta,
     verify_files,
 )
+from tools.fault_check import damage_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEP_RE = re.compile(r"step\s+(\d+)/\d+ \| loss (\S+)")
@@ -179,14 +180,7 @@ def test_damaged_files_are_named(reference_run, tmp_path, damage, file, message)
     path = str(tmp_path / "iter_0000003")
     shutil.copytree(iter_dir(ref_save, 3), path)
     target = os.path.join(path, file)
-    if damage == "delete":
-        os.remove(target)
-    elif damage == "truncate":
-        os.truncate(target, os.path.getsize(target) // 2)
-    else:
-        data = bytearray(open(target, "rb").read())
-        data[len(data) // 3: len(data) // 3 + 64] = os.urandom(64)
-        open(target, "wb").write(bytes(data))
+    damage_file(target, damage)
     with pytest.raises(CheckpointError, match=message):
         read_meta(path)
         verify_files(path)
