@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-BEFORE, THINKING, CLOSED = 0, 1, 2
+from kernels.decode_step import BEFORE, CLOSED, THINKING, greedy_pick, masked_logits_ref, update_rows  # noqa: F401
+
 FINISH_RUNNING, FINISH_STOP, FINISH_LENGTH, FINISH_CONTEXT = 0, 1, 2, 3
 MAX_STOP_IDS = 16
 MAX_CLOSE_IDS = 128
@@ -139,25 +140,18 @@ def _filtered_sample(z: torch.Tensor, u: torch.Tensor, top_k: torch.Tensor, top_
 
 
 def advance(st: DecodeState, logits: torch.Tensor, rows: int, mode: str) -> None:
-    """Choose each of the first ``rows`` slots' next token from its logits [rows, V] (fp32) and
-    update every per-row buffer in place. ``mode``: "greedy" (no row samples), "sample", or
-    "filtered" (some row uses top-k / top-p)."""
+    """Choose each of the first ``rows`` slots' next token from its logits [rows, V] (any float dtype)
+    and update every per-row buffer in place (``kernels.decode_step``: two launches on CUDA). ``mode``:
+    "greedy" (no row samples), "sample", or "filtered" (some row uses top-k / top-p)."""
     if isinstance(mode, bool):  # filtered or not, sampling
         mode = "filtered" if mode else "sample"
     sl = slice(0, rows)
-    # a copy: st.active is rewritten below, before the other buffers' updates read it
-    active, bstate = st.active[sl].clone(), st.bstate[sl]
-    think, end_think = st.think_ids[0], st.think_ids[1]
-    lg = logits + st.ban
-    # 1-d index tensors (a 0-d one would be read on the host): no second <think>, no </think> after the close
-    tcols = st.think_ids
-    banned = torch.stack((bstate >= THINKING, bstate == CLOSED), dim=1)
-    lg[:, tcols] = torch.where(banned, float("-inf"), lg[:, tcols])
-    best = lg.argmax(-1)
+    bstate = st.bstate[sl]
     if mode == "greedy":
-        tok = best
-        lp = lg.log_softmax(-1).gather(1, best[:, None]).squeeze(1)
+        tok, lp = greedy_pick(logits, st.ban, st.think_ids, bstate)
     else:
+        lg = masked_logits_ref(logits, st.ban, st.think_ids, bstate)
+        best = lg.argmax(-1)
         temp = st.temperature[sl]
         greedy = temp <= 0
         z = lg / torch.where(greedy, 1.0, temp)[:, None]
@@ -171,49 +165,4 @@ def advance(st: DecodeState, logits: torch.Tensor, rows: int, mode: str) -> None
             sampled_lp = logp_all.gather(1, sampled[:, None]).squeeze(1)
         tok = torch.where(greedy, best, sampled)
         lp = torch.where(greedy, logp_all.gather(1, best[:, None]).squeeze(1), sampled_lp)
-    # forced close
-    fidx = st.force_idx[sl]
-    forcing = fidx >= 0
-    tok = torch.where(forcing, st.close_ids[fidx.clamp(min=0)], tok)
-    lp = torch.where(forcing, torch.zeros_like(lp), lp)
-    fidx = torch.where(forcing, fidx + 1, fidx)
-    fidx = torch.where(fidx >= st.close_len, torch.full_like(fidx, -1), fidx)
-    # thinking-budget state
-    thinking = bstate == THINKING
-    counted = thinking & ~forcing & (tok != end_think) & active
-    bcount = st.bcount[sl] + counted.long()
-    new_state = torch.where((bstate == BEFORE) & (tok == think), THINKING, bstate)
-    new_state = torch.where(thinking & (tok == end_think), CLOSED, new_state)
-    role = st.utf8[tok]
-    pending = st.utf8_pending[sl]
-    pending = torch.where(role > 0, role, torch.where(role < 0, (pending - 1).clamp(min=0), torch.zeros_like(pending)))
-    budget = st.budget[sl]
-    reached = (new_state == THINKING) & (budget >= 0) & (bcount >= budget) & (fidx < 0) & ~forcing
-    graceful = (st.grace[sl] == 0) | st.sentence_end[tok] | (bcount >= budget + st.grace[sl])
-    start_force = reached & (pending == 0) & graceful & active
-    fidx = torch.where(start_force, torch.zeros_like(fidx), fidx)
-    # record
-    gen = st.gen[sl]
-    col = gen.clamp(max=st.max_new - 1)[:, None]
-    st.out_token[sl].scatter_(1, col, torch.where(active, tok, st.out_token[sl].gather(1, col).squeeze(1))[:, None])
-    st.out_logp[sl].scatter_(1, col, torch.where(active, lp, st.out_logp[sl].gather(1, col).squeeze(1))[:, None])
-    kept = st.out_forced[sl].gather(1, col) & ~active[:, None]
-    st.out_forced[sl].scatter_(1, col, (forcing & active)[:, None] | kept)
-    gen = gen + active.long()
-    stop = (tok[:, None] == st.stop_ids[None, :]).any(-1) & ~forcing
-    limit = gen >= st.limit[sl]
-    finish = st.finish[sl]
-    finish = torch.where(active & limit, st.limit_reason[sl], finish)
-    finish = torch.where(active & stop, FINISH_STOP, finish)
-    still = active & ~stop & ~limit
-    # write back (in place: the graphs hold these addresses)
-    st.token[sl].copy_(torch.where(active, tok, st.token[sl]))
-    st.pos[sl].add_(still.long())
-    st.gen[sl].copy_(gen)
-    st.finish[sl].copy_(finish)
-    st.active[sl].copy_(still)
-    keep = active  # inactive rows keep their state
-    st.bstate[sl].copy_(torch.where(keep, new_state, bstate))
-    st.bcount[sl].copy_(torch.where(keep, bcount, st.bcount[sl]))
-    st.force_idx[sl].copy_(torch.where(keep, fidx, st.force_idx[sl]))
-    st.utf8_pending[sl].copy_(torch.where(keep, pending, st.utf8_pending[sl]))
+    update_rows(st, tok.contiguous(), lp.contiguous(), rows)

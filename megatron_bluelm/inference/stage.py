@@ -123,13 +123,14 @@ class StageWeights:
         return self._all_reduce(out)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Hidden [n, hidden] -> fp32 logits over the (padded) vocabulary [n, V]."""
+        """Hidden [n, hidden] -> logits over the (padded) vocabulary [n, V] in the activation dtype
+        (``decode_state.advance`` reads them as fp32: no fp32 copy of [n, V] in memory)."""
         local = self._norm(x, self.final_norm) @ self.output.t()
         if self.tp > 1:
             parts = [torch.empty_like(local) for _ in range(self.tp)]
             dist.all_gather(parts, local.contiguous(), group=self.tp_group)
             local = torch.cat(parts, dim=-1)
-        return local.float()
+        return local
 
     def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, head_dim] in the activation dtype (megatron: fp32 angles, cast)."""

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 _previous = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 _MODULES = ["kernels._triton", "kernels.dispatch", "kernels.rmsnorm", "kernels.swiglu",
-            "kernels.rope", "kernels.cross_entropy", "kernels.attention", "kernels.decode_attention", "kernels"]
+            "kernels.rope", "kernels.cross_entropy", "kernels.attention", "kernels.decode_attention",
+            "kernels.decode_step", "kernels"]
 for _name in _MODULES:
     if _name in sys.modules:
         importlib.reload(sys.modules[_name])
