@@ -44,14 +44,16 @@ def greedy_pick_ref(logits, ban, think_ids, bstate):
 
 @triton.jit
 def _greedy_kernel(Logits, Ban, Think, Bstate, Tok, Lp, V, stride, BLOCK: tl.constexpr):
+    # Per-lane running max / index / sum-exp over the vocabulary, reduced across lanes once at the end
+    # (no block-wide reduction per chunk: the loop is a plain stream of loads).
     r = tl.program_id(0)
     state = tl.load(Bstate + r)
     think = tl.load(Think)
     end_think = tl.load(Think + 1)
     offs = tl.arange(0, BLOCK)
-    m = tl.full([1], float("-inf"), tl.float32)
-    s = tl.zeros([1], tl.float32)
-    best = tl.zeros([1], tl.int32)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    idx = tl.zeros([BLOCK], tl.int32)
     for v0 in range(0, V, BLOCK):
         v = v0 + offs
         ok = v < V
@@ -59,16 +61,17 @@ def _greedy_kernel(Logits, Ban, Think, Bstate, Tok, Lp, V, stride, BLOCK: tl.con
         z = z + tl.load(Ban + v, mask=ok, other=0.0)
         z = tl.where((v == think) & (state >= 1), float("-inf"), z)
         z = tl.where((v == end_think) & (state == 2), float("-inf"), z)
-        cm = tl.max(z, 0)
-        ci = tl.argmax(z, 0).to(tl.int32) + v0
-        better = cm > m  # strict: the first index of the maximum wins, as in torch.argmax
-        best = tl.where(better, ci, best)
-        new_m = tl.maximum(m, cm)
-        live = new_m > float("-inf")  # a chunk with every token banned adds nothing (no inf - inf)
-        s = tl.where(live, s * tl.exp(m - new_m), s) + tl.sum(tl.where(z > float("-inf"), tl.exp(z - new_m), 0.0), 0)
+        better = z > m  # strict: a lane keeps its first maximum
+        new_m = tl.maximum(m, z)
+        live = new_m > float("-inf")  # nothing seen yet but -inf: no inf - inf
+        s = tl.where(live, s * tl.exp(m - new_m) + tl.exp(z - new_m), 0.0)
+        idx = tl.where(better, v, idx)
         m = new_m
-    tl.store(Tok + r + tl.arange(0, 1), best.to(tl.int64))
-    tl.store(Lp + r + tl.arange(0, 1), -tl.log(s))
+    top = tl.max(m, 0)
+    best = tl.min(tl.where(m == top, idx, V), 0)  # the first index of the maximum, as torch.argmax
+    total = tl.sum(tl.where(m > float("-inf"), s * tl.exp(m - top), 0.0), 0)
+    tl.store(Tok + r, best.to(tl.int64))
+    tl.store(Lp + r, -tl.log(total))
 
 
 def greedy_pick(logits: torch.Tensor, ban: torch.Tensor, think_ids: torch.Tensor, bstate: torch.Tensor):
@@ -80,7 +83,7 @@ def greedy_pick(logits: torch.Tensor, ban: torch.Tensor, think_ids: torch.Tensor
     tok = torch.empty(rows, dtype=torch.long, device=logits.device)
     lp = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _greedy_kernel[(rows,)](logits, ban, think_ids, bstate, tok, lp, vocab, logits.stride(0),
-                            BLOCK=4096, num_warps=8)
+                            BLOCK=2048, num_warps=8)
     return tok, lp
 
 

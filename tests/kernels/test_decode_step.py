@@ -21,7 +21,7 @@ from kernels.decode_step import (
 def test_greedy_pick(dtype):
     rows, vocab = 5, 9000  # three 4096-wide chunks, the last one partial
     logits = torch.randn(rows, vocab).to(dtype)
-    logits[0, 5000] = logits[0, 8500] = 50.0  # a tie across chunks: the first index wins
+    logits[0, 5000] = logits[0, 7048] = logits[0, 8048] = logits[0, 8500] = 50.0  # ties: the first index wins
     logits[1, 4] = 60.0  # <think>: masked once row 1 thinks
     logits[2, 5] = 60.0  # </think>: masked once row 2 has closed
     logits[3, 5] = 60.0  # </think> while thinking: allowed
