@@ -6,9 +6,12 @@
 How a call runs:
 1. Samples are grouped by prompt (the G samples of an RL group share one prefill: its keys and
    values are computed once and written into each sample's slot).
-2. Slots are admitted lowest-first; a prefill writes the prompt minus its last token into the cache
-   (chunked: ``prefill_chunk`` positions at a time, rows batched up to ``prefill_tokens``); the last
-   prompt token is the first decode input, so every generated token comes from the decode step.
+2. Slots are admitted lowest-first; a prefill writes the prompt minus its last token into the cache:
+   prompts packed back to back in rows of ``prefill_tokens`` tokens, positions restarting per prompt,
+   attention within each prompt (a prompt cut at a row's end continues at the head of the next row,
+   attending to what its slot holds); ``pack_prefill=False``: right-padded rows of similar lengths in
+   chunks of ``prefill_chunk`` positions. The last prompt token is the first decode input, so every
+   generated token comes from the decode step.
 3. Decode steps run ``check_every`` at a time with no host involvement: the step (embedding, layers,
    logits, sampling, budget, stop — ``decode_state.advance``) is one CUDA graph per batch bucket
    (PP = 1 on CUDA), replayed; then the host reads which rows finished, collects their tokens,
@@ -34,7 +37,7 @@ from megatron_bluelm.inference.attention import num_splits
 from megatron_bluelm.inference.decode_state import DecodeState, TokenTables, advance, sample_key
 from megatron_bluelm.inference.errors import GenerationError
 from megatron_bluelm.inference.kv_cache import KVCache
-from megatron_bluelm.inference.stage import StageWeights
+from megatron_bluelm.inference.stage import PackedRow, StageWeights
 
 _REASONS = {ds.FINISH_STOP: "stop", ds.FINISH_LENGTH: "length", ds.FINISH_CONTEXT: "context"}
 
@@ -96,13 +99,16 @@ class _Parallel:
 class GenerationEngine:
     def __init__(self, model: torch.nn.Module, device: torch.device, *, max_slots: int = 256,
                  cuda_graphs: bool | None = None, check_every: int = 8, prefill_tokens: int = 16384,
-                 prefill_chunk: int = 4096, memory_fraction: float = 0.85):
+                 prefill_chunk: int = 4096, memory_fraction: float = 0.85, pack_prefill: bool = True):
         self.par = _Parallel()
         self.w = StageWeights(model, self.par.tp_group)
         self.device = torch.device(device)
         self.dtype = self.w.dtype
         self.max_slots, self.check_every = max_slots, check_every
         self.prefill_tokens, self.prefill_chunk = prefill_tokens, prefill_chunk
+        if prefill_tokens < 1:
+            raise GenerationError(f"prefill_tokens must be at least 1, got {prefill_tokens}")
+        self.pack_prefill = pack_prefill
         self.memory_fraction = memory_fraction
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and self.par.pp == 1
@@ -114,7 +120,9 @@ class GenerationEngine:
         self.state: DecodeState | None = None
         self.graphs: dict = {}
         self.pool = None
-        self.stats = {"decode_steps": 0, "row_steps": 0, "prefill_tokens": 0, "graph_captures": 0}
+        # prefill_computed: the tokens the prefill's matmuls ran on (padding included), prefill_calls: rows
+        self.stats = {"decode_steps": 0, "row_steps": 0, "prefill_tokens": 0, "graph_captures": 0,
+                      "prefill_computed": 0, "prefill_calls": 0}
         self.timing, self._events, self._prefill_events = False, [], []
 
     # -- sizing -------------------------------------------------------------------------------------
@@ -234,29 +242,92 @@ class GenerationEngine:
             torch.cuda.empty_cache()
 
     # -- prefill ------------------------------------------------------------------------------------
-    def _prefill(self, groups: list[tuple[list[int], list[int], torch.Tensor | None]]) -> None:
-        """groups: (prompt tokens, slots, image tiles or None). Writes positions 0..len-2."""
-        work = [(p[:-1], s, t) for p, s, t in groups if len(p) > 1]
-        work.sort(key=lambda g: -len(g[0]))
-        i = 0
-        while i < len(work):
-            longest = len(work[i][0])
-            rows = max(1, self.prefill_tokens // max(1, min(longest, self.prefill_chunk)))
-            batch = work[i:i + rows]
-            i += len(batch)
-            self._prefill_batch(batch)
+    def _prefill(self, groups: list[tuple[list[int], list[int], torch.Tensor | None]]) -> dict:
+        """groups: (prompt tokens, slots, image tiles or None). Writes positions 0..len-2 into every slot
+        of each group; returns {group index: hidden state [hidden] at position len-2} on the last
+        pipeline stage (this stage's output, before the final norm), empty on the others."""
+        index = [g for g, (p, _, _) in enumerate(groups) if len(p) > 1]
+        work = [(groups[g][0][:-1], groups[g][1], groups[g][2]) for g in index]
+        hidden = self._prefill_packed(work) if self.pack_prefill else self._prefill_padded(work)
+        return {index[i]: h for i, h in hidden.items()}
 
-    def _prefill_batch(self, batch) -> None:
+    def _timed_prefill(self, fn, *args) -> None:
         timed = self.timing and self.device.type == "cuda"
         if timed:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        self._prefill_rows(batch)
+        fn(*args)
         if timed:
             end.record()
             self._prefill_events.append((start, end))
 
-    def _prefill_rows(self, batch) -> None:
+    # packed rows
+    def _prefill_packed(self, work) -> dict:
+        hidden, embeds = {}, {}
+        for row in pack_prefill_rows([len(p) for p, _, _ in work], self.prefill_tokens):
+            self._timed_prefill(self._prefill_packed_row, work, row, embeds, hidden)
+        return hidden
+
+    def _prefill_packed_row(self, work, row, embeds, hidden) -> None:
+        packed = PackedRow.build([(start, n, work[i][1]) for i, start, n in row], self.device, self.prefill_tokens)
+        if self.par.first:
+            x = self._packed_embeddings(work, row, embeds)
+        else:
+            x = torch.empty(packed.tokens, self.w.hidden, dtype=self.dtype, device=self.device)
+            dist.recv(x, src=self.par.prev)
+        x = self.w.prefill_packed(x, packed, self.cache, self.cos, self.sin)
+        if not self.par.last:
+            dist.send(x.contiguous(), dst=self.par.next)
+        else:
+            ends = [j for j, (i, start, n) in enumerate(row) if start + n == len(work[i][0])]
+            if ends:
+                h = x[packed.last[ends]]
+                for r, j in enumerate(ends):
+                    hidden[row[j][0]] = h[r]
+        self.stats["prefill_tokens"] += packed.tokens
+        self.stats["prefill_computed"] += packed.tokens
+        self.stats["prefill_calls"] += 1
+
+    def _packed_embeddings(self, work, row, embeds) -> torch.Tensor:
+        """The row's input embeddings [T, hidden]. Prompts with images go through the multimodal
+        model's splice whole (all of the row's new ones in one ViT call); their embeddings are kept in
+        ``embeds`` while pieces of them remain for the next rows."""
+        x = self.w.embed(torch.tensor([t for i, start, n in row for t in work[i][0][start:start + n]],
+                                      device=self.device))
+        if self.w.vlm is None:
+            return x
+        new = [i for i, start, _ in row if start == 0 and work[i][2] is not None and work[i][2].shape[0]]
+        if new:
+            ids = torch.zeros(len(new), max(len(work[i][0]) for i in new), dtype=torch.long)
+            for r, i in enumerate(new):
+                ids[r, :len(work[i][0])] = torch.tensor(work[i][0])
+            pix = torch.cat([work[i][2] for i in new]).to(self.device)
+            spliced = self.w.vlm._decoder_input(ids.to(self.device), None, pix)  # [L, m, hidden]
+            for r, i in enumerate(new):
+                embeds[i] = spliced[:len(work[i][0]), r]
+        off = 0
+        for i, start, n in row:
+            if i in embeds:
+                x[off:off + n] = embeds[i][start:start + n]
+                if start + n == len(work[i][0]):
+                    del embeds[i]
+            off += n
+        return x
+
+    # right-padded rows
+    def _prefill_padded(self, work) -> dict:
+        """Rows of similar lengths (longest first), right-padded, in chunks of ``prefill_chunk``."""
+        order = sorted(range(len(work)), key=lambda i: -len(work[i][0]))
+        hidden, k = {}, 0
+        while k < len(order):
+            longest = len(work[order[k]][0])
+            rows = max(1, self.prefill_tokens // max(1, min(longest, self.prefill_chunk)))
+            batch = order[k:k + rows]
+            k += len(batch)
+            self._timed_prefill(self._prefill_rows, [work[i] for i in batch], batch, hidden)
+        return hidden
+
+    def _prefill_rows(self, batch, ids, hidden) -> None:
         n, longest = len(batch), len(batch[0][0])
         tokens = torch.zeros(n, longest, dtype=torch.long)
         for r, (p, _, _) in enumerate(batch):
@@ -284,6 +355,12 @@ class GenerationEngine:
             x = self.w.prefill(x, start, slots[:m], self.cache, self.cos, self.sin)
             if not self.par.last:
                 dist.send(x.contiguous(), dst=self.par.next)
+            else:
+                for r in live:
+                    if lengths[r] <= end:
+                        hidden[ids[r]] = x[r, lengths[r] - 1 - start]
+            self.stats["prefill_computed"] += m * (end - start)
+            self.stats["prefill_calls"] += 1
         self.stats["prefill_tokens"] += sum(lengths)
 
     # -- the call -----------------------------------------------------------------------------------
@@ -467,6 +544,26 @@ class GenerationEngine:
         heapq.heapify(free)
         for s, d in zip(high, low):
             slot_of[d] = slot_of.pop(s)
+
+
+def pack_prefill_rows(lengths: Sequence[int], capacity: int) -> list[list[tuple[int, int, int]]]:
+    """Next-fit with splitting: the prompts (``lengths`` tokens each, in order) fill rows of ``capacity``
+    tokens back to back; one that does not fit is cut at the row's end and continues at the head of
+    the next row. Every row but the last is full, and only a row's first piece continues a prompt.
+    Returns per row its pieces: (prompt index, start position, tokens)."""
+    rows, row, room = [], [], capacity
+    for i, n in enumerate(lengths):
+        start = 0
+        while start < n:
+            take = min(n - start, room)
+            row.append((i, start, take))
+            start, room = start + take, room - take
+            if room == 0:
+                rows.append(row)
+                row, room = [], capacity
+    if row:
+        rows.append(row)
+    return rows
 
 
 def _tile_key(t: torch.Tensor) -> str:

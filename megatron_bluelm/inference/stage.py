@@ -25,8 +25,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from kernels.attention import attention as document_attention
 from kernels.dispatch import use_triton
-from megatron_bluelm.inference.attention import decode_attention, prefill_attention, rope_and_cache
+from kernels.gemv import MAX_ROWS as gemv_rows
+from kernels.gemv import gemv
+from megatron_bluelm.inference.attention import (
+    continued_prefill_attention,
+    decode_attention,
+    prefill_attention,
+    rope_and_cache,
+)
 from megatron_bluelm.inference.errors import GenerationError
 
 
@@ -125,7 +133,10 @@ class StageWeights:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden [n, hidden] -> logits over the (padded) vocabulary [n, V] in the activation dtype
         (``decode_state.advance`` reads them as fp32: no fp32 copy of [n, V] in memory)."""
-        local = self._norm(x, self.final_norm) @ self.output.t()
+        if use_triton(x) and x.shape[0] <= gemv_rows:
+            local = gemv(x, self.output, norm=(self.final_norm, self.eps))
+        else:
+            local = self._norm(x, self.final_norm) @ self.output.t()
         if self.tp > 1:
             parts = [torch.empty_like(local) for _ in range(self.tp)]
             dist.all_gather(parts, local.contiguous(), group=self.tp_group)
@@ -175,10 +186,13 @@ class StageWeights:
 
     def _decode_fused(self, x, pos, cache, cos, sin, rows):
         """The same step in ~10 launches per layer: Triton RMSNorm with the residual add fused in,
-        RoPE + cache write in one kernel, the decode kernel, SwiGLU; cuBLAS for the matmuls."""
+        RoPE + cache write in one kernel, the decode kernel, SwiGLU; cuBLAS for the matmuls. At a few
+        rows, ``_decode_gemv``."""
         from kernels.rmsnorm import rmsnorm
         from kernels.swiglu import swiglu
 
+        if rows <= gemv_rows:
+            return self._decode_gemv(x, pos, cache, cos, sin, rows)
         lengths = pos + 1
         h = rmsnorm(x, self.layers[0].norm1, self.eps) if self.layers else x
         for i, lw in enumerate(self.layers):
@@ -192,6 +206,24 @@ class StageWeights:
             else:
                 x = x + o
         return x
+
+    def _decode_gemv(self, x, pos, cache, cos, sin, rows):
+        """At <= 8 rows the step is a read of the weights: ``kernels.gemv`` streams each weight once
+        with the norm in front of QKV / fc1 (and the residual add) and the SwiGLU after fc1 fused in,
+        7 launches per layer."""
+        lengths, o = pos + 1, None
+        for i, lw in enumerate(self.layers):
+            kc, vc = cache.k[i], cache.v[i]
+            if o is None:
+                qkv = gemv(x, lw.qkv, norm=(lw.norm1, self.eps))
+            else:
+                qkv, x = gemv(o, lw.qkv, norm=(lw.norm1, self.eps), residual=x)
+            q = rope_and_cache(qkv, pos, cos, sin, kc, vc, self.heads, self.groups)
+            a = decode_attention(q, kc[:rows], vc[:rows], lengths, cache.splits)
+            o = self._all_reduce(gemv(a.reshape(rows, -1), lw.proj))
+            act, x = gemv(o, lw.fc1, norm=(lw.norm2, self.eps), residual=x, swiglu=True)
+            o = self._all_reduce(gemv(act, lw.fc2))
+        return x if o is None else x + o
 
     def prefill(self, x: torch.Tensor, start: int, slots: list[list[int]], cache,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -223,8 +255,106 @@ class StageWeights:
             x = self._mlp(x, lw)
         return x
 
+    def prefill_packed(self, x: torch.Tensor, row: "PackedRow", cache, cos: torch.Tensor,
+                       sin: torch.Tensor) -> torch.Tensor:
+        """Prompt pieces packed back to back in one row (``PackedRow``): x [T, hidden] -> the hidden
+        states [T, hidden] (``row.last`` indexes each piece's last position). Positions restart per
+        prompt; each piece's k, v go into every slot of its group at its own positions; a piece that
+        starts its prompt attends causally within itself (kernels.attention's document path:
+        FlexAttention with one block mask per row, shared by the layers, on CUDA; the exact SDPA
+        mask on CPU), the continued piece at the row's head attends to what its slot holds."""
+        c, s = cos[row.pos][:, None, :], sin[row.pos][:, None, :]
+        for i, lw in enumerate(self.layers):
+            q, k, v = self._split_qkv(self._norm(x, lw.norm1), lw.qkv)  # [T, heads|groups, d]
+            q, k = _rotate(q, c, s), _rotate(k, c, s)
+            kc, vc = cache.k[i], cache.v[i]
+            kc[row.write_slot, :, row.write_pos] = k[row.write_src]
+            vc[row.write_slot, :, row.write_pos] = v[row.write_src]
+            o = self._packed_attention(q, k, v, row, kc, vc)
+            x = x + self._all_reduce(o.reshape(row.tokens, -1) @ lw.proj.t())
+            x = self._mlp(x, lw)
+        return x
+
+    def _packed_attention(self, q, k, v, row: "PackedRow", kc, vc) -> torch.Tensor:
+        """q [T, heads, d], k/v [T, groups, d] -> [T, heads, d]."""
+        h, out = row.head, []
+        if h:
+            end = row.head_start + h
+            o = continued_prefill_attention(q[None, :h].transpose(1, 2), kc[row.head_slot, :, :end][None],
+                                            vc[row.head_slot, :, :end][None])
+            out.append(o[0].transpose(0, 1))
+        if row.doc is not None:
+            fresh = row.tokens - h
+            pad = row.doc.shape[1] - fresh  # the attention's length is bucketed (FlexAttention's shapes)
+            qt, kt, vt = (F.pad(t[h:], (0, 0, 0, 0, 0, pad)).transpose(0, 1)[None] for t in (q, k, v))
+            o = document_attention(qt, kt, vt, causal=True, document_ids=row.doc)
+            out.append(o[0].transpose(0, 1)[:fresh])
+        return torch.cat(out) if len(out) > 1 else out[0]
+
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """megatron-core's rotate-half RoPE: t * cos + rotate_half(t) * sin, cos/sin broadcast over heads."""
     t1, t2 = t.chunk(2, dim=-1)
     return t * cos + torch.cat((-t2, t1), dim=-1) * sin
+
+
+# FlexAttention compiles once per shape, so the part of a packed row that starts prompts is padded
+# (for the attention only; the matmuls see the real tokens) to a few lengths: powers of two from
+# this one, multiples of its 128-token blocks, at most the row capacity rounded up to a block.
+_MIN_ATTENTION_LENGTH = 512
+
+
+def attention_length(tokens: int, capacity: int) -> int:
+    """The padded attention length of ``tokens`` fresh tokens in rows of ``capacity``."""
+    bucket = max(_MIN_ATTENTION_LENGTH, 1 << max(0, tokens - 1).bit_length())
+    return max(tokens, min(bucket, -(-capacity // 128) * 128))
+
+
+@dataclass
+class PackedRow:
+    """One packed prefill call: prompt pieces back to back in a row of ``tokens`` tokens.
+
+    The first piece may continue a prompt its slots already hold (``head`` tokens from position
+    ``head_start``, reading the cache of ``head_slot``); every other piece starts a prompt at
+    position 0 and has its own document id in ``doc`` ([1, S] int32, non-decreasing, S >= the
+    fresh tokens; the padding is one more document)."""
+    tokens: int
+    pos: torch.Tensor  # [T] each token's position in its prompt
+    head: int
+    head_start: int
+    head_slot: int
+    doc: torch.Tensor | None
+    write_slot: torch.Tensor  # cache writes, one per (token, slot of its group): slot, position, row index
+    write_pos: torch.Tensor
+    write_src: torch.Tensor
+    last: torch.Tensor  # [pieces] the row index of each piece's last token
+
+    @classmethod
+    def build(cls, pieces: list[tuple[int, int, list[int]]], device, capacity: int) -> "PackedRow":
+        """pieces: (start position, tokens, slots) in row order; capacity: the engine's row size."""
+        pos, wslot, wpos, wsrc, last, fresh = [], [], [], [], [], []
+        off = 0
+        for j, (start, n, slots) in enumerate(pieces):
+            if start and j:
+                raise ValueError("packed prefill: only the first piece of a row may continue a prompt")
+            p = torch.arange(start, start + n)
+            src = torch.arange(off, off + n)
+            pos.append(p)
+            for slot in slots:
+                wslot.append(torch.full((n,), slot))
+                wpos.append(p)
+                wsrc.append(src)
+            if not start:
+                fresh.append(n)
+            off += n
+            last.append(off - 1)
+        head_start, head, slots0 = pieces[0][0], pieces[0][1], pieces[0][2]
+        if not head_start:
+            head = 0
+        doc = None
+        if fresh:
+            ids = torch.repeat_interleave(torch.arange(len(fresh) + 1, dtype=torch.int32),
+                                          torch.tensor(fresh + [attention_length(sum(fresh), capacity) - sum(fresh)]))
+            doc = ids[None].to(device)
+        pos, wslot, wpos, wsrc = (torch.cat(t).to(device) for t in (pos, wslot, wpos, wsrc))
+        return cls(off, pos, head, head_start, slots0[0], doc, wslot, wpos, wsrc, torch.tensor(last, device=device))
