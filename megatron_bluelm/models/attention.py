@@ -70,9 +70,10 @@ class SDPACoreAttention(MegatronModule):
       * None: plain causal attention (the fast path: no mask tensor at all); with
         ``attn_mask_type=no_mask``, full bidirectional attention (the vision encoder, models/vision.py);
       * integer document ids [b, s] (packed rows, :func:`document_attention_mask`): attention within
-        each document only, causal. CUDA: FlexAttention with one BlockMask per micro-batch, shared by
-        every layer (``kernels.attention.cached_document_block_mask``), cost ∝ Σ len²; CPU: SDPA with
-        the boolean mask built here from the ids (the exact reference);
+        each document only, causal. CUDA: variable-length flash attention over the documents (or
+        FlexAttention), cost ∝ Σ len², with what it needs computed once per micro-batch and shared by
+        every layer (``kernels.attention``); CPU: SDPA with the boolean mask built from the ids (the
+        exact reference); a micro-batch of one document per row: plain causal SDPA;
       * megatron's boolean convention (True = masked out), [b, 1, sq, sk] (the generation engine).
     """
 
@@ -122,14 +123,15 @@ class SDPACoreAttention(MegatronModule):
         return attention(q, k, v, causal=causal, document_ids=document_ids, scale=self.scale)
 
 
-def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+def document_attention_mask(document_ids: torch.Tensor, host_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """What the model's ``attention_mask`` argument carries for packed rows: the [b, s] document ids
     themselves (int32, O(s) per row; they pass through megatron-core's layers and activation
-    checkpointing as any tensor). On CUDA the FlexAttention BlockMask is built here, once per
-    micro-batch, and every layer finds it in the cache."""
+    checkpointing as any tensor). The attention's per-micro-batch facts about them (kernels.attention's
+    DocumentLayout) are computed here, once, from ``host_ids`` (the loader's CPU copy: no device sync)
+    when given, and every layer finds them in the cache; a block mask, where one is needed, is built
+    on the first layer's call."""
     ids = document_ids.to(torch.int32)
-    if ids.is_cuda:
-        from kernels.attention import cached_document_block_mask
+    from kernels.attention import register_document_layout
 
-        cached_document_block_mask(ids, causal=True)
+    register_document_layout(ids, ids if host_ids is None or not ids.is_cuda else host_ids)
     return ids

@@ -27,16 +27,16 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     return {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None) for k in keys}
 
 
-def model_attention_mask(batch: dict):
+def model_attention_mask(batch: dict, host_batch: Optional[dict] = None):
     """The model's ``attention_mask`` argument: packed rows carry their document ids (compact, the
-    attention builds what it needs once per micro-batch, models/attention.py); else the batch's own
-    mask (None: causal)."""
+    attention derives what it needs once per micro-batch, models/attention.py, from ``host_batch``'s
+    CPU ids when given: no device sync); else the batch's own mask (None: causal)."""
     ids = batch.get("document_ids")
     if ids is None:
         return batch.get("attention_mask")
     from megatron_bluelm.models.attention import document_attention_mask
 
-    return document_attention_mask(ids)
+    return document_attention_mask(ids, None if host_batch is None else host_batch.get("document_ids"))
 
 
 def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -51,9 +51,11 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 def make_forward_step(device: torch.device):
     def forward_step(data_iterator: Iterator, model):
-        batch = batch_to_device(next(data_iterator), device)
+        host = next(data_iterator)
+        batch = batch_to_device(host, device)
         extra = {k: batch[k] for k in _OPTIONAL_INPUTS if k in batch}
-        output = model(batch["tokens"], batch["position_ids"], model_attention_mask(batch), labels=batch["labels"],
+        mask = model_attention_mask(batch, host)
+        output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"],
                        loss_mask=batch["loss_mask"], **extra)
         return output, partial(loss_func, batch["loss_mask"])
 
