@@ -1,0 +1,299 @@
+"""Where a training step's GPU time goes: text unmasked vs document-masked, and the packed multimodal step.
+
+    # one H200 (full model; about 3 minutes)
+    python tools/bench/decoder_profile.py LOGDIR --preset bluelm-2.5-3b --vision vit-so400m --seq 4096
+    # CPU smoke run (tiny model, seconds; only the CPU-side numbers mean anything)
+    python tools/bench/decoder_profile.py LOGDIR --preset tiny --vision vit-tiny --seq 256 --records 60 \\
+        --microbatches 2 --mm-microbatches 2 --steps 1 --warmup 1
+
+Variants (``--only``), each a few training steps under ``torch.profiler`` after warm-up steps:
+
+text_unmasked     text pretraining batches (multimodal_bench.text_batches), plain causal attention
+text_masked       the same with document ids (data.reset_attention_mask / reset_position_ids): the
+                  attention path kernels/attention.py picks (varlen flash on CUDA for sorted ids)
+text_masked_flex  the same, FlexAttention forced (the path before varlen), for a same-run comparison
+mm_packed         the packed multimodal step (multimodal_bench's record distribution)
+mm_vit            the ViT + adapter forward + backward alone on the same micro-batches' tiles
+
+Per variant, per micro-batch, in ms: wall time (CUDA-synchronized), GPU kernel time by category
+(attention | matmul | norm+elementwise | optimizer | copy/memset | other), GPU idle (= wall - busy:
+launch gaps and host syncs), host time spent computing document layouts / block masks and the kernels
+that run inside them, the attention paths taken (kernels.attention.PATHS), and the top kernels. Then
+``mm_decoder_side`` = mm_packed - mm_vit (the decoder + splice + loss + optimizer share of the
+multimodal step), to compare with text_masked. Everything is printed and written to LOGDIR
+(profile.log, profile.json; chrome traces with --traces).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from functools import partial
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+sys.path.insert(0, HERE)
+
+import multimodal_bench as mmb  # noqa: E402
+
+CATEGORIES = ("attention", "matmul", "norm+elementwise", "optimizer", "copy/memset", "other")
+_RULES = (  # first match wins; kernel names as CUDA / Triton / cuBLAS report them, lower case
+    ("attention", ("flash", "fmha", "attention", "attn", "flex", "triton_tem", "cudnn_sdpa", "sdpa")),
+    ("optimizer", ("multi_tensor", "adam", "foreach", "l2norm")),
+    ("matmul", ("gemm", "xmma", "nvjet", "cublas", "cutlass", "wgmma", "splitk", "matmul", "conv")),
+    ("copy/memset", ("memcpy", "memset")),
+    ("norm+elementwise", ("norm", "elementwise", "rope", "swiglu", "gelu", "silu", "softmax", "reduce",
+                          "cross_entropy", "copy", "triton_", "cat", "index", "scatter", "gather", "fill")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in _RULES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def _attention_module():
+    import kernels.attention  # noqa: F401  (the package re-exports the function under the module's name)
+
+    return sys.modules["kernels.attention"]
+
+
+class MaskTimer:
+    """Wraps kernels.attention's layout / block-mask builders: host seconds and a profiler range."""
+
+    def __init__(self):
+        ka = _attention_module()
+        self.ka, self.seconds, self.calls = ka, 0.0, 0
+        self.saved = {n: getattr(ka, n) for n in ("document_layout", "document_block_mask")}
+
+    def __enter__(self):
+        for name, fn in self.saved.items():
+            setattr(self.ka, name, self._wrap(name, fn))
+        return self
+
+    def _wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            with torch.profiler.record_function("mask_build"):
+                out = fn(*args, **kwargs)
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+            return out
+
+        return timed
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(self.ka, name, fn)
+
+
+@contextlib.contextmanager
+def forced_flex():
+    ka = _attention_module()
+    saved = ka.varlen_usable
+    ka.varlen_usable = lambda q, k: False
+    try:
+        yield
+    finally:
+        ka.varlen_usable = saved
+
+
+def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str, traces: bool) -> dict:
+    """Run ``step_fn`` ``steps`` times under the profiler; per-micro-batch figures (module docstring)."""
+    from kernels.attention import PATHS
+
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    PATHS.clear()
+    with MaskTimer() as masks, torch.profiler.profile(activities=acts) as prof:
+        t0 = mmb._now()
+        for _ in range(steps):
+            step_fn()
+        wall = mmb._now() - t0
+    n = steps * microbatches
+    by_cat, kernels, mask_dev = collections.Counter(), collections.Counter(), 0.0
+    for evt in prof.key_averages():
+        if evt.key == "mask_build":
+            mask_dev += evt.device_time_total / 1e3
+        if str(evt.device_type).endswith("CUDA") and evt.self_device_time_total > 0:
+            ms = evt.self_device_time_total / 1e3
+            by_cat[category(evt.key)] += ms
+            kernels[evt.key] += ms
+    if traces:
+        prof.export_chrome_trace(os.path.join(logdir, f"trace_{name}.json"))
+    busy = sum(by_cat.values())
+    return {"variant": name, "micro_batches": n, "wall_ms": wall * 1e3 / n, "gpu_busy_ms": busy / n,
+            "gpu_idle_ms": (wall * 1e3 - busy) / n, **{c: by_cat[c] / n for c in CATEGORIES},
+            "mask_build_host_ms": masks.seconds * 1e3 / n, "mask_build_kernels_ms": mask_dev / n,
+            "mask_builds": masks.calls, "attention_paths": dict(PATHS),
+            "top_kernels": [(k[:90], round(v / n, 3)) for k, v in kernels.most_common(8)]}
+
+
+# ------------------------------------------------------------------ text
+
+def text_variant(args, masked: bool, flex: bool, logdir: str) -> dict:
+    from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.data import load_tokenizer
+    from megatron_bluelm.models.decoder import build_decoder
+    from megatron_bluelm.parallel.setup import teardown
+    from megatron_bluelm.training.loop import prepare_config, setup_run
+    from megatron_bluelm.training.step import train_step
+
+    vocab = load_tokenizer(mmb.BUNDLED_TOKENIZER).vocab_size
+    flag = str(masked).lower()
+    cfg = load_config(None, ["--model.preset", args.preset, "--data.mock", "true", "--data.seq_length",
+                             str(args.seq), "--training.micro_batch_size", "1",
+                             "--training.global_batch_size", str(args.microbatches),
+                             "--training.recompute", "none", "--model.backend", args.backend,
+                             "--training.train_steps", "1000", "--schedule.warmup_steps", "1",
+                             "--data.reset_attention_mask", flag, "--data.reset_position_ids", flag,
+                             "--checkpoint.save", "none"])
+    prepare_config(cfg)
+    run = setup_run(cfg, partial(build_decoder, cfg, vocab), 0.0)
+    try:
+        data = [mmb.text_batches(vocab, 1, args.seq, args.doc_mean, masked, args.seed)]
+        kw = dict(num_microbatches=args.microbatches, seq_length=args.seq, micro_batch_size=1,
+                  device=run.info.device)
+
+        def step():
+            train_step(run.model, run.optimizer, run.scheduler, data, **kw)
+
+        name = "text_masked_flex" if flex else ("text_masked" if masked else "text_unmasked")
+        with forced_flex() if flex else contextlib.nullcontext():
+            for _ in range(args.warmup):
+                step()
+            return profile_steps(step, args.steps, args.microbatches, name, logdir, args.traces)
+    finally:
+        teardown()
+
+
+# ------------------------------------------------------------------ multimodal
+
+def mm_variants(args, logdir: str) -> list[dict]:
+    from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.config.presets import apply_preset
+    from megatron_bluelm.data import build_data_iterator, load_tokenizer
+    from megatron_bluelm.data.mm_packing import build_packed_multimodal_datasets
+    from megatron_bluelm.data.multimodal_dataset import collate
+    from megatron_bluelm.models.multimodal import build_vlm
+    from megatron_bluelm.parallel.setup import teardown
+    from megatron_bluelm.stages.multimodal import multimodal_config
+    from megatron_bluelm.training.loop import setup_run
+    from megatron_bluelm.training.step import train_step
+
+    tok = load_tokenizer(mmb.BUNDLED_TOKENIZER)
+    mbs = args.mm_microbatches
+    with tempfile.TemporaryDirectory() as out:
+        base = ["--model.preset", args.preset, "--vision.preset", args.vision, "--vision.max_tiles", "6",
+                "--data.seq_length", str(args.seq), "--data.split", "1,0,0", "--training.micro_batch_size", "1",
+                "--training.global_batch_size", str(mbs), "--training.train_steps", str(args.warmup + args.steps),
+                "--training.eval_interval", "0", "--schedule.warmup_steps", "1", "--training.recompute", "none",
+                "--logging.output_dir", os.path.join(out, "log"), "--logging.tensorboard", "false",
+                "--checkpoint.save", "none", "--model.backend", args.backend, "--vision.pack", "true"]
+        cfg = load_config(None, base)
+        cfg.vision.resolve()
+        mm = mmb.make_records(out, args.records, cfg.vision.image_size, args.seed)
+        mix = mmb.mixture_for_text_share(out, mm, mmb.text_prefix(out), cfg, 0.4)
+        cfg = multimodal_config(load_config(None, base + ["--data.mixture", mix]))
+        apply_preset(cfg.model)
+        vocab = cfg.model.vocab_size or tok.vocab_size
+        packed = build_packed_multimodal_datasets(cfg, tok, num_samples=(mbs * (args.warmup + args.steps), 0, 0),
+                                                  seed=args.seed)[0]
+        run = setup_run(cfg, partial(build_vlm, cfg, vocab, tok.special_ids["<image>"]), 0.0)
+        try:
+            it = mmb._Timed(build_data_iterator(packed, micro_batch_size=1, consumed_samples=0, dp_rank=0,
+                                                dp_size=1, num_workers=args.workers, collate_fn=collate))
+            kw = dict(num_microbatches=mbs, seq_length=args.seq, micro_batch_size=1, device=run.info.device)
+
+            def step():
+                train_step(run.model, run.optimizer, run.scheduler, [it], **kw)
+
+            for _ in range(args.warmup):
+                step()
+            it.seen = []
+            step_row = profile_steps(step, args.steps, mbs, "mm_packed", logdir, args.traces)
+            seen = list(it.seen)
+            step_row["tiles_per_micro_batch"] = sum(int(b["pixel_values"].shape[0]) for b in seen) / len(seen)
+
+            def vit():
+                mmb._vit_adapter_seconds(run.model, seen)
+
+            vit()  # the same shapes once more outside the profile (allocator, lazy init)
+            vit_row = profile_steps(vit, 1, len(seen), "mm_vit", logdir, args.traces)
+            # profile_steps counted len(seen) micro-batches for one call: the same unit as step_row
+            return [step_row, vit_row]
+        finally:
+            teardown()
+
+
+def difference(a: dict, b: dict, name: str) -> dict:
+    keys = ("wall_ms", "gpu_busy_ms", "gpu_idle_ms", *CATEGORIES, "mask_build_host_ms", "mask_build_kernels_ms")
+    return {"variant": name, **{k: a[k] - b[k] for k in keys}}
+
+
+def table(rows: list[dict]) -> str:
+    keys = ("wall_ms", "gpu_busy_ms", "gpu_idle_ms", *CATEGORIES, "mask_build_host_ms", "mask_build_kernels_ms")
+    head = f"{'ms per micro-batch':22s}" + "".join(f"{r['variant'][:17]:>18s}" for r in rows)
+    lines = [head]
+    for k in keys:
+        lines.append(f"{k:22s}" + "".join(f"{r.get(k, float('nan')):18.2f}" for r in rows))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("logdir")
+    ap.add_argument("--only", default="text,mm", help="text (three text variants), mm (the multimodal step)")
+    ap.add_argument("--preset", default="bluelm-2.5-3b")
+    ap.add_argument("--vision", default="vit-so400m")
+    ap.add_argument("--backend", default="fused")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--microbatches", type=int, default=4, help="text variants")
+    ap.add_argument("--mm-microbatches", type=int, default=8)
+    ap.add_argument("--records", type=int, default=600, help="image-text records for the mm variant")
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--doc-mean", type=int, default=1024, help="text variants: mean document length")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--traces", action="store_true", help="also write a chrome trace per variant")
+    args = ap.parse_args(argv)
+    os.makedirs(args.logdir, exist_ok=True)
+    log = open(os.path.join(args.logdir, "profile.log"), "a")
+
+    def say(text):
+        print(text, flush=True)
+        log.write(text + "\n")
+        log.flush()
+
+    rows = []
+    for part in args.only.split(","):
+        if part == "text":
+            for masked, flex in ((False, False), (True, False), (True, True)):
+                rows.append(text_variant(args, masked, flex, args.logdir))
+                say(json.dumps(rows[-1]))
+        elif part == "mm":
+            step_row, vit_row = mm_variants(args, args.logdir)
+            rows += [step_row, vit_row, difference(step_row, vit_row, "mm_decoder_side")]
+            for r in rows[-3:]:
+                say(json.dumps(r))
+        else:
+            ap.error(f"--only: unknown part {part!r}; choose from text, mm")
+    say(table(rows))
+    with open(os.path.join(args.logdir, "profile.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
