@@ -29,7 +29,7 @@ from .dispatch import use_triton
 
 MAX_ROWS = 8
 # (BLOCK_N, BLOCK_K, warps); the first is the default
-CANDIDATES = ((8, 512, 4), (4, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (2, 1024, 4))
+CANDIDATES = ((8, 512, 4), (4, 512, 4), (16, 256, 4), (32, 256, 8))  # few: each is a compile per variant
 _TUNED: dict = {}
 # Under the CPU interpreter each program is a Python loop: fewer, larger programs (tests only)
 INTERPRETER_SHAPE = (64, 128, 4)

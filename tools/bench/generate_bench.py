@@ -75,7 +75,14 @@ def run_ours(engine, im, batch, prompt, new, seed=0):
     prompts = [[rng.randrange(10, VOCAB) for _ in range(prompt)] for _ in range(batch)]
     req = GenerationRequest(max_new_tokens=new)
     kw = dict(ids=SpecialIds(PAD, THINK, END_THINK), vocab_size=VOCAB, max_context=im.max_context)
+    t0 = time.perf_counter()
     engine.reserve(batch, prompt + new, new, VOCAB)  # cache and graphs ready before the clock starts
+    _sync(im)
+    reserve_s = time.perf_counter() - t0
+    # warm-up: the same prompt shapes for a few tokens (prefill kernels compiled and cuBLAS / the
+    # few-row products' launch shapes chosen) on other prompts, so the timed call is a steady state
+    warm = [[rng.randrange(10, VOCAB) for _ in range(prompt)] for _ in range(batch)]
+    generate_ids(engine, warm, GenerationRequest(max_new_tokens=min(new, 2 * engine.check_every)), **kw)
     _sync(im)
     cuda = im.info.device.type == "cuda"
     if cuda:
@@ -88,7 +95,7 @@ def run_ours(engine, im, batch, prompt, new, seed=0):
     gpu = engine.gpu_decode_seconds() if cuda else float("nan")
     prefill = engine.gpu_prefill_seconds() if cuda else float("nan")
     tokens = sum(len(o.tokens) for o in outs)
-    return {"tok_s": tokens / wall, "wall_s": wall, "tokens": tokens, "prefill_s": prefill,
+    return {"tok_s": tokens / wall, "wall_s": wall, "tokens": tokens, "prefill_s": prefill, "reserve_s": reserve_s,
             "ms_per_step": 1e3 * gpu / max(1, engine.stats["decode_steps"] - steps0), "busy": gpu / wall}
 
 
@@ -133,9 +140,12 @@ def sampling_time(batch: int, device) -> dict:
     return {mode: round(_graph_ms(lambda m=mode: advance(st, logits, batch, m)), 3) for mode in ("greedy", "sample")}
 
 
-def matmul_floor(im, batch: int, iters: int = 50) -> float:
+def matmul_floor(im, batch: int, iters: int = 50, kernel: str = "cublas") -> float:
     """ms per step of the decode step's matmuls alone (every layer's four + the output layer, at
-    ``batch`` rows, one CUDA graph): what the weights cost without the rest of the step."""
+    ``batch`` rows, one CUDA graph): what the weights cost without the rest of the step. ``kernel``:
+    cuBLAS (``a @ w.T``) or ``kernels.gemv`` (plain products, launch shapes tuned on the first call)."""
+    from kernels.gemv import gemv
+
     from megatron_bluelm.inference.stage import StageWeights
 
     w = StageWeights(im.model)
@@ -145,7 +155,7 @@ def matmul_floor(im, batch: int, iters: int = 50) -> float:
 
     def step():
         for a, m in zip(ins, mats):
-            a @ m.t()
+            gemv(a, m) if kernel == "gemv" else a @ m.t()
 
     return _graph_ms(step, iters)
 
@@ -258,6 +268,11 @@ def main() -> None:
         print("check vs reference loop:", json.dumps(check_against_reference(engine, im)), flush=True)
     if device.type == "cuda":
         print("matmul-only ms/step:", json.dumps({b: round(matmul_floor(im, b), 3) for b in (1, 32, 256)}), flush=True)
+        wb = weight_bytes(im.model, 1)
+        for b in (1, 4, 8):
+            ms = {k: matmul_floor(im, b, kernel=k) for k in ("cublas", "gemv")}
+            print(f"matmul-only at {b} row(s): " + ", ".join(f"{k} {v:.3f} ms ({wb / v / 1e9:.0f} GB/s)"
+                                                            for k, v in ms.items()), flush=True)
         print("decode attention ms/step (all layers) and GB/s:",
               json.dumps({f"{b}x{L}": attention_time(im, b, L) for b, L in ((1, 384), (256, 256), (256, 1152))}),
               flush=True)
