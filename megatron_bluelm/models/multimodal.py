@@ -57,8 +57,10 @@ class BlueLMVLM(MegatronModule):
 
     def _decoder_input(self, input_ids, position_ids, pixel_values):
         embeds = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
-        slots = (input_ids == self.image_token_id).transpose(0, 1)  # [s, b], same layout as embeds
-        n_slots = int(slots.sum())
+        # Row-major [b, s] order of the slots = the order of the tiles; embeds is [s, b, h]. The one host
+        # sync of the splice (nonzero's size) comes here, before the ViT is queued, not after it.
+        order = (input_ids == self.image_token_id).reshape(-1).nonzero().squeeze(1)
+        n_slots = order.numel()
         n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
         if n_tiles == 0 and n_slots == 0:
             return embeds
@@ -66,8 +68,6 @@ class BlueLMVLM(MegatronModule):
         if images.shape[0] != n_slots:
             raise ValueError(f"multimodal batch: {n_tiles} tiles give {images.shape[0]} image embeddings but the "
                              f"tokens hold {n_slots} <image> slots (data/images.py makes them equal)")
-        # Row-major [b, s] order of the slots = the order of the tiles; embeds is [s, b, h].
-        order = slots.transpose(0, 1).reshape(-1).nonzero().squeeze(1)
         b, s = input_ids.shape
         flat = embeds.transpose(0, 1).reshape(b * s, -1)
         flat = flat.index_copy(0, order, images.to(flat.dtype))
