@@ -18,7 +18,8 @@ mm_vit            the ViT + adapter forward + backward alone on the same micro-b
 Per variant, per micro-batch, in ms: wall time (CUDA-synchronized), GPU kernel time by category
 (attention | matmul | norm+elementwise | optimizer | copy/memset | other), GPU idle (= wall - busy:
 launch gaps and host syncs), host time spent computing document layouts / block masks and the kernels
-that run inside them, the attention paths taken (kernels.attention.PATHS), and the top kernels. Then
+that run inside them, the attention paths taken (kernels.attention.PATHS), the top kernels, and the
+allocator's retries and peak allocated / reserved memory. Then
 ``mm_decoder_side`` = mm_packed - mm_vit (the decoder + splice + loss + optimizer share of the
 multimodal step), to compare with text_masked. Everything is printed and written to LOGDIR
 (profile.log, profile.json; chrome traces with --traces).
@@ -116,6 +117,10 @@ def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str
     if torch.cuda.is_available():
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     PATHS.clear()
+    cuda = torch.cuda.is_available()
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with MaskTimer() as masks, torch.profiler.profile(activities=acts) as prof:
         t0 = mmb._now()
         for _ in range(steps):
@@ -137,7 +142,11 @@ def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str
             "gpu_idle_ms": (wall * 1e3 - busy) / n, **{c: by_cat[c] / n for c in CATEGORIES},
             "mask_build_host_ms": masks.seconds * 1e3 / n, "mask_build_kernels_ms": mask_dev / n,
             "mask_builds": masks.calls, "attention_paths": dict(PATHS),
-            "top_kernels": [(k[:90], round(v / n, 3)) for k, v in kernels.most_common(8)]}
+            "top_kernels": [(k[:90], round(v / n, 3)) for k, v in kernels.most_common(8)],
+            # the caching allocator freeing and retrying (fragmentation near the memory limit) stalls the step
+            "alloc_retries": (torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries) if cuda else 0,
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0}
 
 
 # ------------------------------------------------------------------ text
