@@ -165,7 +165,8 @@ class RLConfig:
     budget_buffer: int = 0  # length_penalty: ramp to -1 over the last N thinking tokens of the budget
     overlong_buffer: int = 0  # overlong: ramp to -1 over the last N tokens before max_new_tokens
     eval_task: Optional[str] = None  # held-out task (JSONL or arithmetic:N), scored greedily every training.eval_interval
-    eval_prompts: int = 64  # held-out prompts per evaluation
+    eval_prompts: int = 64  # held-out prompts per evaluation (a JSONL: its first N records, each once)
+    eval_samples: int = 0  # also N samples per held-out prompt at rl.temperature: heldout/sampled_accuracy
     preference_data: Optional[str] = None  # reward-model stage: JSONL of {prompt|messages, chosen, rejected} | toy
     preference_holdout: float = 0.1  # reward-model stage: share of the pairs held out for its accuracy
     warmup_sft_steps: int = 0  # supervised steps on the task's warm-up pairs before RL

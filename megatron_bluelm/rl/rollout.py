@@ -73,6 +73,16 @@ def close_ids(tok, bridge_text, budgets) -> list[int] | None:
     return budget_close_ids(tok, DEFAULT_BRIDGE if bridge_text is None else bridge_text)
 
 
+def banned_ids(images) -> list[int]:
+    """Tokens the rollouts never sample (the trainer's log-probs exclude them too): ``<image>`` on
+    the multimodal model."""
+    if images is None:
+        return []
+    from megatron_bluelm.inference.images import IMAGE
+
+    return [images.ids[IMAGE]]
+
+
 def generate_rollouts(engine, tok, records: list, *, group_size: int, rl, seed: int, vocab_size: int,
                       max_context: int, images=None, need_logprobs: bool = True, tables=None) -> Rollouts:
     """``engine``: ``inference.make_engine`` over the policy's chunk (it reads the training weights);
@@ -80,12 +90,11 @@ def generate_rollouts(engine, tok, records: list, *, group_size: int, rl, seed: 
     tokenizer's ``TokenTables`` for the budget's forcing rules."""
     budgets = [r.get("thinking_budget", rl.thinking_budget) for r in records]
     prompts = [encode_prompt(tok, r, thinking=b != 0) for r, b in zip(records, budgets)]
-    pixel_rows, banned, image_id = None, (), None
+    pixel_rows, banned, image_id = None, banned_ids(images), None
     if images is not None:
         from megatron_bluelm.inference.images import IMAGE
 
         image_id = images.ids[IMAGE]
-        banned = [image_id]
         pixel_rows = []
         expanded = []
         for r, p in zip(records, prompts):
@@ -125,9 +134,11 @@ def generate_rollouts(engine, tok, records: list, *, group_size: int, rl, seed: 
 
 
 def training_rows(prompts: list, completions: list, seq_length: int, pad_id: int, *,
-                  forced: Optional[list] = None, logprobs: Optional[list] = None) -> dict:
+                  forced: Optional[list] = None, logprobs: Optional[list] = None,
+                  think_ids: Optional[tuple[int, int]] = None) -> dict:
     """Rows of prompt + completion -> tokens / labels / loss_mask / position_ids [n, seq_length]
-    (+ ``rollout_logp`` [n, seq_length] at the label positions when ``logprobs`` are given)."""
+    (+ ``rollout_logp`` [n, seq_length] at the label positions when ``logprobs`` are given, and
+    ``think_state`` [n, seq_length] when ``think_ids`` = (<think>, </think>) are: see ``think_states``)."""
     n = len(prompts)
     tokens = torch.full((n, seq_length + 1), pad_id, dtype=torch.long)
     loss_mask = torch.zeros(n, seq_length)
@@ -151,4 +162,17 @@ def training_rows(prompts: list, completions: list, seq_length: int, pad_id: int
             "position_ids": torch.arange(seq_length).expand(n, seq_length).contiguous(), "attention_mask": None}
     if rollout_logp is not None:
         rows["rollout_logp"] = rollout_logp
+    if think_ids is not None:
+        rows["think_state"] = think_states(rows["tokens"], *think_ids)
     return rows
+
+
+def think_states(tokens: torch.Tensor, think: int, end_think: int) -> torch.Tensor:
+    """The engine's thinking state (``decode_state``: 0 before ``<think>``, 1 thinking, 2 closed) when
+    the label at each position was drawn, i.e. after reading ``tokens[:, :j + 1]``: the engine bans a
+    second ``<think>`` from state 1 on and ``</think>`` in state 2, so the training log-probs must
+    too (rl/trainer.py). ``tokens`` [n, s]; the first ``<think>`` opens, the first ``</think>`` after it
+    closes."""
+    opened = (tokens == think).long().cumsum(1) > 0
+    closed = ((tokens == end_think) & opened).long().cumsum(1) > 0
+    return opened.long() + closed.long()

@@ -1,8 +1,10 @@
 """One GRPO step on the megatron model: log-probs (old and reference), then the policy updates, all
 through megatron-core's pipeline schedules, so every TP x PP x DP layout trains the same way.
 
-Log-probs are those of the distribution the rollout sampled from: the model's logits (embedding
-padding rows masked, as generation masks them) divided by the rollout temperature, restricted to the
+Log-probs are those of the distribution the rollout sampled from: the model's logits (with the
+engine's bans: embedding padding rows, ``banned_ids`` such as ``<image>``, a second ``<think>`` once
+thinking and ``</think>`` after the close, per position from the row's ``think_state``) divided by
+the rollout temperature, restricted to the
 top-k / top-p nucleus when those are on (renormalized over it; the nucleus is computed from the
 current logits and always holds the label, so the value stays finite). Old log-probs are recomputed
 with the policy right before the first update of a batch (same code path), so the first update's
@@ -35,6 +37,8 @@ class LogProbSpec:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    banned_ids: tuple = ()  # never sampled (the engine's banned_ids)
+    think_ids: Optional[tuple] = None  # (<think>, </think>): banned by thinking state (rows' think_state)
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -66,26 +70,44 @@ def _model_forward(device, data_iterator: Iterator, model):
     return logits, mb
 
 
-def _mask_padding(logits: torch.Tensor, vocab_size: int, gathered: bool) -> torch.Tensor:
-    """-inf for the embedding's padding rows (>= vocab_size): generation never samples them."""
+def _mask_banned(logits: torch.Tensor, labels: torch.Tensor, spec: LogProbSpec, think_state, gathered: bool
+                 ) -> torch.Tensor:
+    """-inf where the engine's sampler puts it: the embedding's padding rows (>= vocab_size), the
+    banned ids, and ``<think>`` / ``</think>`` by thinking state (decode_state.advance). A position's
+    own label is never masked (prompt and forced tokens may be banned ones; their log-probs stay
+    finite and are out of the loss), which changes nothing where the policy sampled the label."""
     width = logits.shape[-1]
     start = 0 if gathered else parallel_state.get_tensor_model_parallel_rank() * width
-    if start + width <= vocab_size:
+    if start + width > spec.vocab_size:
+        ids = torch.arange(start, start + width, device=logits.device)
+        logits = logits.masked_fill(ids >= spec.vocab_size, float("-inf"))
+    bans = [(t, None) for t in spec.banned_ids]
+    if spec.think_ids is not None and think_state is not None:
+        state = think_state.to(logits.device)
+        bans += [(spec.think_ids[0], state >= 1), (spec.think_ids[1], state == 2)]
+    local = [(t - start, when) for t, when in bans if start <= t < start + width]
+    if not local:
         return logits
-    ids = torch.arange(start, start + width, device=logits.device)
-    return logits.masked_fill(ids >= vocab_size, float("-inf"))
+    logits = logits.clone()
+    for col, when in local:
+        ban = labels != col + start
+        if when is not None:
+            ban = ban & when
+        logits[..., col] = logits[..., col].masked_fill(ban, float("-inf"))
+    return logits
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, spec: LogProbSpec
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, spec: LogProbSpec, think_state=None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(label) [b, s] under the sampling distribution, its entropy [b, s] (no gradient))."""
+    """(log p(label) [b, s] under the sampling distribution, its entropy [b, s] (no gradient)).
+    ``think_state`` [b, s]: the rows' thinking state (rl/rollout.think_states) for the think-tag bans."""
     logits = logits.float() / spec.temperature
     nucleus = spec.top_k > 0 or spec.top_p < 1.0
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if nucleus and tp > 1:
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
     gathered = nucleus or tp == 1
-    logits = _mask_padding(logits, spec.vocab_size, gathered)
+    logits = _mask_banned(logits, labels, spec, think_state, gathered)
     if nucleus:
         from megatron_bluelm.inference.sampling import filter_top_k, filter_top_p
 
@@ -125,7 +147,8 @@ def sequence_logprobs(model: List[torch.nn.Module], batches: list[dict], spec: L
     def forward_step(it, m):
         logits, mb = _model_forward(device, it, m)
         labels = mb["labels"].to(logits.device)
-        return logits, lambda out, non_loss_data=False: token_logprobs(out, labels, spec)[0].cpu()
+        state = mb.get("think_state")
+        return logits, lambda out, non_loss_data=False: token_logprobs(out, labels, spec, state)[0].cpu()
 
     # Same mode (train, no dropout in our configs) and path as the update: the first ratio is exactly 1.
     outs = get_forward_backward_func()(
@@ -137,7 +160,7 @@ def sequence_logprobs(model: List[torch.nn.Module], batches: list[dict], spec: L
 
 def _grpo_loss(settings: GRPOSettings, spec: LogProbSpec, mb: dict, logits: torch.Tensor):
     dev = logits.device
-    logp, entropy = token_logprobs(logits, mb["labels"].to(dev), spec)
+    logp, entropy = token_logprobs(logits, mb["labels"].to(dev), spec, mb.get("think_state"))
     adv = mb["advantages"].to(dev)[:, None]
     ref = mb["ref_logp"].to(dev) if mb.get("ref_logp") is not None else None
     old = mb["old_logp"].to(dev)

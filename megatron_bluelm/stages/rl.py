@@ -331,7 +331,7 @@ def _advantages(run, rewards_t: torch.Tensor, samples: list, sources: list[str])
 
 def rl_step(run, sampler: Sampler, ref_model, sources: list[str]) -> dict:
     from megatron_bluelm.rl.loss import GRPOSettings
-    from megatron_bluelm.rl.rollout import training_rows
+    from megatron_bluelm.rl.rollout import banned_ids, training_rows
     from megatron_bluelm.rl.trainer import LogProbSpec, micro_batches, policy_update, reduce_stats, sequence_logprobs
 
     cfg, rl, device = run.cfg, run.cfg.rl, run.info.device
@@ -345,8 +345,9 @@ def rl_step(run, sampler: Sampler, ref_model, sources: list[str]) -> dict:
     filtered = 1.0 - keep.float()
     if not rl.filter_zero_variance:  # equal-reward groups stay in the loss (A = 0: only the KL term acts)
         keep = torch.ones_like(keep)
+    think_ids = (sampler.tok.special_ids["<think>"], sampler.tok.special_ids["</think>"])
     rows = training_rows(got["prompts"], got["responses"], cfg.data.seq_length, sampler.tok.pad,
-                         forced=got["forced"], logprobs=got["logprobs"])
+                         forced=got["forced"], logprobs=got["logprobs"], think_ids=think_ids)
     if got["pixel_rows"] is not None:
         rows["pixel_rows"] = got["pixel_rows"]
     mbs = cfg.training.micro_batch_size
@@ -374,7 +375,8 @@ def rl_step(run, sampler: Sampler, ref_model, sources: list[str]) -> dict:
         stats.update(skipped_update=True, logprob_s=0.0, update_s=0.0)
         return stats
     # The rows the rollout could sample: the tokenizer's ids (generation masks the embedding's other rows).
-    spec = LogProbSpec(sampler.tok.vocab_size, rl.temperature, rl.top_k, rl.top_p)
+    spec = LogProbSpec(sampler.tok.vocab_size, rl.temperature, rl.top_k, rl.top_p,
+                       banned_ids=tuple(banned_ids(sampler.images)), think_ids=think_ids)
     old = sequence_logprobs(run.model, batches, spec, cfg.data.seq_length, mbs, device)
     ref = sequence_logprobs(ref_model, batches, spec, cfg.data.seq_length, mbs, device) if ref_model else None
     for i, mb in enumerate(batches):
@@ -410,24 +412,44 @@ def rl_step(run, sampler: Sampler, ref_model, sources: list[str]) -> dict:
 
 # ----------------------------------------------------------------------------- evaluation
 
+def eval_records(eval_task, n: int, seed: int) -> list[dict]:
+    """The held-out prompts, the same every evaluation: a JSONL task's first ``n`` records, each once
+    (fewer if it has fewer); the built-in arithmetic task's seeded draw of ``n``."""
+    items = getattr(eval_task, "items", None)
+    if items is not None:
+        return [dict(r) for r in items[:n]]
+    return eval_task.records(n, seed=seed)
+
+
 def evaluate(run, sampler: Sampler, eval_task) -> dict:
-    """Greedy answers to the held-out prompts (the same ones every time), scored by the rewards and
-    by held-out accuracy: the correctness verifier of each sample's source."""
+    """Greedy answers to the held-out prompts, scored by the rewards and by held-out accuracy: the
+    correctness verifier of each sample's source (eval/graders.py). With ``rl.eval_samples`` also
+    that many samples per prompt at the rollout temperature / top-k / top-p: ``sampled_accuracy``
+    (pass@1 of the sampling policy RL trains, which moves before the greedy answer does)."""
     rl = run.cfg.rl
     rank, dp = _dp()
-    n = max(rl.eval_prompts - rl.eval_prompts % dp, dp)
+    records = eval_records(eval_task, rl.eval_prompts, rl.seed + 99_991)
+    n = max(len(records) - len(records) % dp, dp)
     k = n // dp
-    records = eval_task.records(n, seed=rl.seed + 99_991)[rank * k:(rank + 1) * k]
+    records = (records * dp)[:n][rank * k:(rank + 1) * k]
     greedy = dataclasses.replace(rl, temperature=0.0, top_k=0, top_p=1.0, group_size=1, rollout_is="none")
     _, samples, scored = sampler._round(records, 0, greedy)
+    pairs = {"accuracy": _correct_pair(sampler, samples, scored),
+             "reward": (float(sum(s["reward"] for s in scored)), float(len(scored)))}
+    if rl.eval_samples:
+        sampled = dataclasses.replace(rl, group_size=rl.eval_samples, rollout_is="none")
+        _, samples, scored = sampler._round(records, rl.seed * 31 + 7 + rank, sampled)  # same draw each time
+        pairs["sampled_accuracy"] = _correct_pair(sampler, samples, scored)
+    return _mean_pairs(pairs, run.info.device)
+
+
+def _correct_pair(sampler: Sampler, samples: list, scored: list) -> tuple[float, float]:
+    """(correct, graded) over the samples: the first correctness reward each sample's source uses."""
     correct = []
     for s, sc in zip(samples, scored):
         names = [c for c in CORRECTNESS if c in sampler.rewards.weights_for(s)]
         correct.append(sc[names[0]] if names else float("nan"))
-    pairs = {"accuracy": (float(sum(c for c in correct if not math.isnan(c))),
-                          float(sum(not math.isnan(c) for c in correct))),
-             "reward": (float(sum(s["reward"] for s in scored)), float(len(scored)))}
-    return _mean_pairs(pairs, run.info.device)
+    return float(sum(c for c in correct if not math.isnan(c))), float(sum(not math.isnan(c) for c in correct))
 
 
 # ----------------------------------------------------------------------------- the stage
