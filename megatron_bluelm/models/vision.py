@@ -151,8 +151,22 @@ class VisionEncoder(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:  # never pipelined: the first stage holds all of it
         pass
 
+    def embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, S, S] -> [n, g*g, hidden], row-major patches: the stride-``patch`` convolution as one
+        matmul over the flattened patches (the same weights and result; a patchify convolution with 3
+        input channels is a poor case for convolution kernels, a [n*g*g, 3*p*p] x [3*p*p, hidden] GEMM
+        is not)."""
+        conv = self.patch_embedding
+        p = conv.kernel_size[0]
+        n, c, height, width = pixel_values.shape
+        if height != self.grid * p or width != self.grid * p:
+            raise ValueError(f"pixel_values {tuple(pixel_values.shape)}: tiles must be {self.grid * p} x "
+                             f"{self.grid * p} (vision.image_size)")
+        x = pixel_values.to(conv.weight.dtype).view(n, c, self.grid, p, self.grid, p)
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(n, self.grid**2, c * p * p)  # (channel, row, column) per patch
+        return F.linear(x, conv.weight.flatten(1), conv.bias)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [n, h, g, g]
-        x = x.flatten(2).transpose(1, 2) + self.position_embedding.weight  # [n, g*g, h], row-major patches
+        x = self.embed_patches(pixel_values) + self.position_embedding.weight  # [n, g*g, h]
         x = self.decoder(x.transpose(0, 1).contiguous(), attention_mask=None)  # [g*g, n, h]
         return self.post_layernorm(x).transpose(0, 1)
