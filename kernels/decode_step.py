@@ -1,4 +1,4 @@
-"""The generation engine's per-token decisions in two launches instead of ~70 small ones.
+"""The generation engine's per-token decisions in three launches instead of ~70 small ones.
 
 A decode step ends with the choice of each row's next token and the update of the row's state
 (forced budget close, thinking-budget state machine, UTF-8 guard, stop ids, limits, the output
@@ -6,8 +6,8 @@ record). Written as torch ops that is ~70 kernels of a few microseconds each on 
 tensors: at batch 1 more time than the attention of all layers. Here:
 
 * ``greedy_pick``: per row, the masked argmax of the logits and the log-softmax at it, in one pass
-  over the vocabulary (online max / sum-exp), reading the logits in their own dtype (the matmul's
-  bf16 output: no fp32 copy). Masks: the call's ban vector, ``<think>`` once thinking has started,
+  over the vocabulary (online max / sum-exp, the vocabulary split over programs and combined by a
+  second small kernel), reading the logits in their own dtype (the matmul's bf16 output: no fp32 copy). Masks: the call's ban vector, ``<think>`` once thinking has started,
   ``</think>`` after the close.
 * ``update_rows``: the state machine, one program per block of rows.
 
@@ -43,10 +43,11 @@ def greedy_pick_ref(logits, ban, think_ids, bstate):
 
 
 @triton.jit
-def _greedy_kernel(Logits, Ban, Think, Bstate, Tok, Lp, V, stride, BLOCK: tl.constexpr):
-    # Per-lane running max / index / sum-exp over the vocabulary, reduced across lanes once at the end
-    # (no block-wide reduction per chunk: the loop is a plain stream of loads).
+def _greedy_part_kernel(Logits, Ban, Think, Bstate, PM, PI, PS, V, stride, chunk, nsplit, BLOCK: tl.constexpr):
+    # Program (row, split) covers logits [split * chunk, +chunk) of its row with per-lane running
+    # max / index / sum-exp (a plain stream of loads), reduced across lanes once at the end.
     r = tl.program_id(0)
+    sp = tl.program_id(1)
     state = tl.load(Bstate + r)
     think = tl.load(Think)
     end_think = tl.load(Think + 1)
@@ -54,9 +55,11 @@ def _greedy_kernel(Logits, Ban, Think, Bstate, Tok, Lp, V, stride, BLOCK: tl.con
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
     idx = tl.zeros([BLOCK], tl.int32)
-    for v0 in range(0, V, BLOCK):
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, V)
+    for v0 in range(lo, hi, BLOCK):
         v = v0 + offs
-        ok = v < V
+        ok = v < hi
         z = tl.load(Logits + r * stride + v, mask=ok, other=float("-inf")).to(tl.float32)
         z = z + tl.load(Ban + v, mask=ok, other=0.0)
         z = tl.where((v == think) & (state >= 1), float("-inf"), z)
@@ -70,20 +73,46 @@ def _greedy_kernel(Logits, Ban, Think, Bstate, Tok, Lp, V, stride, BLOCK: tl.con
     top = tl.max(m, 0)
     best = tl.min(tl.where(m == top, idx, V), 0)  # the first index of the maximum, as torch.argmax
     total = tl.sum(tl.where(m > float("-inf"), s * tl.exp(m - top), 0.0), 0)
+    tl.store(PM + r * nsplit + sp, top)
+    tl.store(PI + r * nsplit + sp, best)
+    tl.store(PS + r * nsplit + sp, total)
+
+
+@triton.jit
+def _greedy_combine_kernel(PM, PI, PS, Tok, Lp, V, nsplit, BLOCK_S: tl.constexpr):
+    r = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_S)
+    ok = offs < nsplit
+    m = tl.load(PM + r * nsplit + offs, mask=ok, other=float("-inf"))
+    i = tl.load(PI + r * nsplit + offs, mask=ok, other=0)
+    s = tl.load(PS + r * nsplit + offs, mask=ok, other=0.0)
+    top = tl.max(m, 0)
+    best = tl.min(tl.where(m == top, i, V), 0)  # splits are in vocabulary order: the first maximum
+    total = tl.sum(tl.where(m > float("-inf"), s * tl.exp(m - top), 0.0), 0)
     tl.store(Tok + r, best.to(tl.int64))
     tl.store(Lp + r, -tl.log(total))
 
 
-def greedy_pick(logits: torch.Tensor, ban: torch.Tensor, think_ids: torch.Tensor, bstate: torch.Tensor):
-    """logits [rows, V] (any float dtype) -> (token [rows] int64, log-softmax at it [rows] fp32)."""
+def greedy_pick(logits: torch.Tensor, ban: torch.Tensor, think_ids: torch.Tensor, bstate: torch.Tensor,
+                chunk: int = 8192):
+    """logits [rows, V] (any float dtype) -> (token [rows] int64, log-softmax at it [rows] fp32). The
+    vocabulary is split in ``chunk``-wide pieces over programs (a single row still fills the GPU),
+    then one small kernel per row combines the pieces."""
     if not use_triton(logits):
         return greedy_pick_ref(logits, ban, think_ids, bstate)
     rows, vocab = logits.shape
     assert logits.stride(1) == 1
-    tok = torch.empty(rows, dtype=torch.long, device=logits.device)
-    lp = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    _greedy_kernel[(rows,)](logits, ban, think_ids, bstate, tok, lp, vocab, logits.stride(0),
-                            BLOCK=2048, num_warps=8)
+    nsplit = triton.cdiv(vocab, chunk)
+    dev = logits.device
+    pm = torch.empty(rows, nsplit, dtype=torch.float32, device=dev)
+    pi = torch.empty(rows, nsplit, dtype=torch.int32, device=dev)
+    ps = torch.empty(rows, nsplit, dtype=torch.float32, device=dev)
+    tok = torch.empty(rows, dtype=torch.long, device=dev)
+    lp = torch.empty(rows, dtype=torch.float32, device=dev)
+    _greedy_part_kernel[(rows, nsplit)](logits, ban, think_ids, bstate, pm, pi, ps, vocab, logits.stride(0),
+                                        chunk, nsplit, BLOCK=1024, num_warps=4)
+    _greedy_combine_kernel[(rows,)](pm, pi, ps, tok, lp, vocab, nsplit,
+                                    BLOCK_S=max(2, triton.next_power_of_2(nsplit)), num_warps=1)
     return tok, lp
 
 

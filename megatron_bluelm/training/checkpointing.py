@@ -22,7 +22,7 @@ checkpoint marked complete or an orphaned writer behind.
 """
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import errno
 import json
 import multiprocessing as mp
@@ -31,7 +31,6 @@ import random
 import re
 import shutil
 import signal
-import sys
 import time
 from functools import partial
 from multiprocessing.managers import SyncManager
@@ -47,6 +46,8 @@ from torch.distributed.checkpoint.api import CheckpointException as _DCPError  #
 from megatron_bluelm.config.errors import ConfigError
 from megatron_bluelm.config.loader import to_dict
 from megatron_bluelm.training.model_setup import use_fused_adam
+from megatron_bluelm.training.optimizer_state import save_with_device_gather
+from megatron_bluelm.training.writer_guard import die_with_parent, manager_init
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -224,31 +225,10 @@ def check_writable(root: str) -> None:
 
 _FORK_PARENT: dict = {}
 _WRITER_MANAGER: Optional[SyncManager] = None
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux; elsewhere a no-op)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
-        except (OSError, AttributeError):
-            return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _guard_forked_child() -> None:
-    _die_with_parent(_FORK_PARENT["pid"])
-
-
-def _writer_manager_init(parent_pid: int) -> None:
-    """In megatron-core's results-queue Manager process: survive the preemption signal (torchrun sends
-    SIGTERM to the whole process group; the save it triggers needs this process) and die with the
-    training process."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    _die_with_parent(parent_pid)
+    die_with_parent(_FORK_PARENT["pid"])
 
 
 def guard_writer_processes() -> None:
@@ -269,7 +249,7 @@ def guard_writer_processes() -> None:
         _FORK_PARENT["pid"] = os.getpid()
     if filesystem_async._results_queue is None:
         _WRITER_MANAGER = SyncManager(ctx=mp.get_context("spawn"))
-        _WRITER_MANAGER.start(initializer=_writer_manager_init, initargs=(os.getpid(),))
+        _WRITER_MANAGER.start(initializer=manager_init, initargs=(os.getpid(),))
         filesystem_async._results_queue = _WRITER_MANAGER.Queue()
 
 
@@ -351,6 +331,10 @@ def _describe_write_failure(path: str, root: str, exc: BaseException) -> str:
 def _layout(run) -> dict:
     return {"tp": run.info.tp, "pp": run.info.pp, "dp": run.info.dp, "vpp": run.cfg.parallel.vpp,
             "world_size": run.info.world_size, "distributed_optimizer": run.cfg.parallel.distributed_optimizer}
+
+
+def _ranks(layout: dict) -> dict:
+    return {k: v for k, v in layout.items() if k != "distributed_optimizer"}
 
 
 def _rng_state() -> dict:
@@ -455,7 +439,10 @@ def build_sharded_state_dict(run, *, is_loading: bool, optimizer: bool = True, r
     if optimizer:
         if is_loading:
             _init_adam_state(run.optimizer)
-        sd["optimizer"] = run.optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=SHARDED_METADATA)
+        # A save builds the distributed optimizer's state on the device (megatron-core's own round trip
+        # through host buffers was most of a save's blocking time: training/optimizer_state.py).
+        with contextlib.nullcontext() if is_loading else save_with_device_gather(run.optimizer):
+            sd["optimizer"] = run.optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=SHARDED_METADATA)
     if rng:
         sd["rng_state"] = _rng_object(_rng_state())
     names = sorted(run.frozen_models) if frozen is None else frozen
@@ -486,18 +473,165 @@ def check_shapes(sharded: dict, ckpt_path: str) -> None:
                                       f"the configured model has {tuple(ten.global_shape)}")
 
 
-def check_optimizer_layout(meta: dict, run, path: str) -> None:
-    """The plain and the distributed optimizer store their state in different sharded layouts
-    (megatron-core fails with a KeyError such as 'pre_wd_mult' when they are mixed): name the setting."""
+def optimizer_switched(meta: dict, run) -> bool:
+    """Whether the checkpoint holds the other optimizer's state (distributed vs plain)."""
     saved = meta["layout"].get("distributed_optimizer")
-    have = run.cfg.parallel.distributed_optimizer
-    if saved is not None and bool(saved) != bool(have):
-        raise CheckpointError(
-            f"checkpoint '{path}' holds the {'distributed' if saved else 'plain'} optimizer's state "
-            f"(saved with parallel.distributed_optimizer={str(saved).lower()}), this run has "
-            f"parallel.distributed_optimizer={str(have).lower()}: their optimizer states are stored "
-            f"differently. Resume with --parallel.distributed_optimizer {str(saved).lower()} (any TP/PP/DP "
-            f"layout loads), or start a new run from its weights alone")
+    return saved is not None and bool(saved) != bool(run.cfg.parallel.distributed_optimizer)
+
+
+# ----------------------------------------------------------------------------- optimizer switch
+#
+# The plain and the distributed optimizer keep the same Adam state in different shapes (whole
+# parameters vs. flat per-DP-rank shards of the main parameters) and megatron-core stores their
+# non-tensor parts differently (``common.pt``: the step as ``common_step`` vs. in each param group;
+# param groups with vs. without ``params``), so loading one into the other fails inside megatron-core
+# (KeyError 'pre_wd_mult'). Both do store every moment in *model space*: one tensor per model
+# parameter, under ``optimizer.state.exp_avg.<param key>`` / ``exp_avg_sq`` with the parameter's
+# global shape (the distributed optimizer in its ``fully_reshardable`` format, which we always save).
+# A switch therefore loads those tensors for this rank's parameters (its TP/PP slice of each, whole),
+# then places them into the optimizer this run has: whole for the plain one, the rank's flat range for
+# the distributed one (as megatron-core's own ``fully_reshardable`` loader does). fp32 main parameters
+# come from ``optimizer.state.param.<key>`` (distributed), ``optimizer.state.fp32_param.<key>`` (plain
+# bf16), or the weights themselves (plain fp32, whose main parameters are the weights). The Adam step
+# count comes from ``common.pt``.
+
+_MAIN_PREFIXES = ("optimizer.state.param", "optimizer.state.fp32_param")  # distributed, plain mixed precision
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+SWITCH_KEY = "optimizer_model_space"  # where the switch's tensors sit in the sharded state dict
+
+
+def _optimizer_slots(optimizer) -> list[tuple]:
+    """``(model parameter, main parameter, flat range or None, inner torch optimizer)`` for every
+    parameter this rank's (chained) optimizer updates. The range is the part of the flattened
+    parameter this rank's distributed optimizer owns; None: the plain optimizer holds all of it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    slots = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if isinstance(opt, DistributedOptimizer):
+            for gbuf_range_maps in opt.gbuf_ranges:
+                for buckets in gbuf_range_maps.values():
+                    for bucket in buckets:
+                        for model_param, ranges in bucket["param_map"].items():
+                            group, order = opt.model_param_group_index_map[model_param]
+                            slots.append((model_param, inner.param_groups[group]["params"][order],
+                                          ranges["param"], inner))
+        elif hasattr(opt, "float16_groups"):  # plain bf16: fp32 copies of the bf16 parameters
+            for models, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups):
+                slots += [(p, main, None, inner) for p, main in zip(models, mains)]
+            slots += [(p, p, None, inner) for group in opt.fp32_from_fp32_groups for p in group]
+        else:  # plain fp32: the optimizer updates the parameters themselves
+            slots += [(p, p, None, inner) for group in inner.param_groups for p in group["params"]]
+    return slots
+
+
+def _optimized_params(optimizer) -> list[tuple]:
+    """``(model parameter, whether the optimizer keeps a separate main copy)`` for every parameter
+    the optimizer covers on *any* data-parallel rank: a distributed optimizer's rank owns ranges of
+    some parameters only, but a load must ask for every tensor once from its main replica."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    params = {}
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer):
+            for buffer in opt.buffers:
+                params.update((id(p), (p, True)) for p in buffer.param_index_map)
+    for model_param, main, _, _ in _optimizer_slots(optimizer):
+        params.setdefault(id(model_param), (model_param, main is not model_param))
+    return list(params.values())
+
+
+def switched_optimizer_request(run, model_sd: dict, path: str, meta: dict) -> dict:
+    """The sharded state dict entries that load the other optimizer's Adam state in model space:
+    ``{i: {"exp_avg": ShardedTensor, "exp_avg_sq": ..., ["main": ...]}}``, ``i`` indexing
+    ``_optimized_params``. Fails naming the tensor and the setting when the checkpoint lacks one."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+
+    saved = dist_checkpointing.load_tensors_metadata(path)
+    tensors, _ = extract_sharded_tensors_and_factories(model_sd)
+    by_param = {id(sh.data): sh for sh in nested_values(tensors)}
+    was = str(bool(meta["layout"].get("distributed_optimizer"))).lower()
+    request = {}
+    for i, (model_param, has_main) in enumerate(_optimized_params(run.optimizer)):
+        sh = by_param.get(id(model_param))
+        if sh is None:
+            raise CheckpointError(f"a parameter of shape {tuple(model_param.shape)} that the optimizer updates "
+                                  f"is not in the model's sharded state dict: cannot place its Adam state")
+        wanted = {name: f"optimizer.state.{name}" for name in _MOMENTS}
+        if has_main:  # else the weights, loaded already, are the main parameters
+            prefix = next((pre for pre in _MAIN_PREFIXES if f"{pre}.{sh.key}" in saved), None)
+            if prefix is not None:  # else (a plain fp32 checkpoint) the weights are
+                wanted["main"] = prefix
+        entry = {}
+        for name, prefix in wanted.items():
+            key = f"{prefix}.{sh.key}"
+            if key not in saved:
+                raise CheckpointError(
+                    f"checkpoint '{path}' was saved with parallel.distributed_optimizer={was} and has no "
+                    f"optimizer tensor '{key}' (its optimizer state is not in the per-parameter layout a "
+                    f"switch of parallel.distributed_optimizer needs): resume with "
+                    f"--parallel.distributed_optimizer {was}, or start a new run from its weights alone")
+            buf = torch.empty(model_param.shape, dtype=saved[key].dtype, device=model_param.device)
+            entry[name] = make_sharded_optimizer_tensor(sh, buf, prefix)
+        request[i] = entry
+    return request
+
+
+def _saved_adam_step(common) -> float:
+    """The Adam step count in a loaded ``common.pt`` optimizer entry, plain (``common_step``) or
+    distributed (each param group's ``step``), chained or not."""
+    steps = set()
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if k == "common_step":
+                    steps.add(float(v))
+                elif k == "param_groups" and isinstance(v, list):
+                    steps.update(float(g["step"]) for g in v if isinstance(g, dict) and g.get("step") is not None)
+                else:
+                    walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(common)
+    if len(steps) != 1:
+        raise CheckpointError(f"the checkpoint's {COMMON} holds {'no' if not steps else 'several'} optimizer "
+                              f"step counts ({sorted(steps)}): cannot restore the Adam state")
+    return steps.pop()
+
+
+def _rank_part(whole: torch.Tensor, main: torch.Tensor, rng) -> torch.Tensor:
+    """This rank's part of a whole (TP/PP-local) parameter-shaped tensor, shaped like ``main``."""
+    return whole.reshape(-1)[rng.start:rng.end] if rng is not None else whole.reshape(main.shape)
+
+
+@torch.no_grad()
+def load_switched_optimizer(optimizer, loaded: dict, common) -> None:
+    """Place the model-space Adam state ``loaded`` (``switched_optimizer_request``'s entries, loaded)
+    into this run's optimizer; call after the weights are loaded (a plain fp32 checkpoint's main
+    parameters are its weights)."""
+    step = _saved_adam_step(common)
+    _init_adam_state(optimizer)
+    index = {id(p): i for i, (p, _) in enumerate(_optimized_params(optimizer))}
+    for model_param, main, rng, inner in _optimizer_slots(optimizer):
+        got = loaded[index[id(model_param)]]
+        if main is not model_param:
+            main.copy_(_rank_part(got.get("main", model_param), main, rng))
+        state = inner.state[main]
+        for name in _MOMENTS:
+            state[name].copy_(_rank_part(got[name], main, rng))
+        if "step" in state:  # torch Adam: a step per parameter (distinct tensors: see _load_optimizer)
+            state["step"] = torch.tensor(step, dtype=torch.float32)
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt.optimizer, torch.optim.Adam):  # Apex / TE FusedAdam: the step per group
+            for group in opt.optimizer.param_groups:
+                group["step"] = int(step)
+    use_fused_adam(optimizer)
 
 
 def adopt_sample_count(cfg, meta: dict, log) -> None:
@@ -579,14 +713,17 @@ class Checkpointer:
     def _load(self, path: str, meta: dict) -> None:
         run = self.run
         full = "optimizer" in meta["contents"]
-        same_layout = meta["layout"] == _layout(run)
-        if full:
-            check_optimizer_layout(meta, run, path)
+        switched = full and optimizer_switched(meta, run)
+        # The RNG states are per (pp, tp, dp) rank; which optimizer a run uses does not touch them.
+        same_layout = _ranks(meta["layout"]) == _ranks(_layout(run))
         verify_files(path)
         frozen = [n for n in meta.get("frozen", []) if n in run.frozen_models]
-        sharded = build_sharded_state_dict(run, is_loading=True, optimizer=full, rng=full and same_layout,
-                                           frozen=frozen)
+        sharded = build_sharded_state_dict(run, is_loading=True, optimizer=full and not switched,
+                                           rng=full and same_layout, frozen=frozen)
         check_shapes(sharded, path)
+        if switched:
+            model_sd = {k: v for k, v in sharded.items() if k.startswith("model")}
+            sharded[SWITCH_KEY] = switched_optimizer_request(run, model_sd, path, meta)
         try:
             state = dist_checkpointing.load(sharded, path)
         except CheckpointError:
@@ -599,8 +736,11 @@ class Checkpointer:
             for i, chunk in enumerate(run.frozen_models[name]):
                 loaded = {k[len(name) + 1:]: v for k, v in state[f"{name}{i}"].items()}  # drop "name."
                 getattr(chunk, "module", chunk).load_state_dict(loaded, strict=True)
-        if full:
+        if switched:
+            load_switched_optimizer(run.optimizer, state[SWITCH_KEY], state.get("optimizer"))
+        elif full:
             _load_optimizer(run.optimizer, state["optimizer"])
+        if full:
             run.scheduler.override_opt_param_scheduler = True  # the schedule follows this run's config
             run.scheduler.load_state_dict(meta["scheduler"])
             run.step, run.consumed_samples = meta["iteration"], meta["consumed_samples"]
@@ -611,6 +751,11 @@ class Checkpointer:
             run.optimizer.reload_model_params()  # main (fp32) copies follow the loaded weights
         run.logger.print(f"resumed from '{path}': step {run.step}, {run.consumed_samples} samples consumed"
                          + ("" if same_layout else f" (resharded from {meta['layout']}; RNG states not restored)"))
+        if switched:
+            saved = "distributed" if meta["layout"]["distributed_optimizer"] else "plain"
+            run.logger.print(f"the checkpoint holds the {saved} optimizer's state: Adam moments, main parameters "
+                             f"and step loaded into this run's parallel.distributed_optimizer="
+                             f"{str(run.cfg.parallel.distributed_optimizer).lower()} optimizer")
 
     # -- save
 

@@ -47,6 +47,17 @@ def pretrain(overrides: list[str], preempt_at: int | None = None) -> dict:
             "params": result["collected"]}
 
 
+def pretrain_phases(phases: list[tuple[list[str], int]]) -> list[dict]:
+    """``pretrain`` once per ``(overrides, port)`` in this same set of ranks, one after the other (each
+    run sets up and tears down its own process group, on its own port): several resumes for the
+    price of one process start."""
+    results = []
+    for overrides, port in phases:
+        os.environ["MASTER_PORT"] = str(port)
+        results.append(pretrain(overrides))
+    return results
+
+
 def fixed_batch_loss(run, micro_batches: int = 2, mbs: int = 2, seq: int = 64) -> float | None:
     """Mean token loss of one fixed synthetic global batch through the pipeline (None off the last stage)."""
     import torch

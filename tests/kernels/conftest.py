@@ -19,7 +19,7 @@ _previous = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 _MODULES = ["kernels._triton", "kernels.dispatch", "kernels.rmsnorm", "kernels.swiglu",
             "kernels.rope", "kernels.cross_entropy", "kernels.attention", "kernels.decode_attention",
-            "kernels.decode_step", "kernels.gemv", "kernels"]
+            "kernels.decode_step", "kernels"]
 for _name in _MODULES:
     if _name in sys.modules:
         importlib.reload(sys.modules[_name])

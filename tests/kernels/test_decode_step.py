@@ -17,8 +17,9 @@ from kernels.decode_step import (
 )
 
 
+@pytest.mark.parametrize("chunk", [8192, 2048, 3000])  # vocabulary pieces per program: ties across them
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_pick(dtype):
+def test_greedy_pick(dtype, chunk):
     rows, vocab = 5, 9000  # three 4096-wide chunks, the last one partial
     logits = torch.randn(rows, vocab).to(dtype)
     logits[0, 5000] = logits[0, 7048] = logits[0, 8048] = logits[0, 8500] = 50.0  # ties: the first index wins
@@ -31,7 +32,7 @@ def test_greedy_pick(dtype):
     ban[4], ban[5] = 0.0, 0.0
     think_ids = torch.tensor([4, 5])
     bstate = torch.tensor([0, 1, 2, 1, 0])
-    tok, lp = greedy_pick(logits, ban, think_ids, bstate)
+    tok, lp = greedy_pick(logits, ban, think_ids, bstate, chunk=chunk)
     tok_ref, lp_ref = greedy_pick_ref(logits, ban, think_ids, bstate)
     assert torch.equal(tok, tok_ref), (tok, tok_ref)
     assert torch.allclose(lp, lp_ref, atol=1e-5), (lp, lp_ref)

@@ -140,12 +140,9 @@ def sampling_time(batch: int, device) -> dict:
     return {mode: round(_graph_ms(lambda m=mode: advance(st, logits, batch, m)), 3) for mode in ("greedy", "sample")}
 
 
-def matmul_floor(im, batch: int, iters: int = 50, kernel: str = "cublas") -> float:
+def matmul_floor(im, batch: int, iters: int = 50) -> float:
     """ms per step of the decode step's matmuls alone (every layer's four + the output layer, at
-    ``batch`` rows, one CUDA graph): what the weights cost without the rest of the step. ``kernel``:
-    cuBLAS (``a @ w.T``) or ``kernels.gemv`` (plain products, launch shapes tuned on the first call)."""
-    from kernels.gemv import gemv
-
+    ``batch`` rows, one CUDA graph): what the weights cost without the rest of the step."""
     from megatron_bluelm.inference.stage import StageWeights
 
     w = StageWeights(im.model)
@@ -155,7 +152,7 @@ def matmul_floor(im, batch: int, iters: int = 50, kernel: str = "cublas") -> flo
 
     def step():
         for a, m in zip(ins, mats):
-            gemv(a, m) if kernel == "gemv" else a @ m.t()
+            a @ m.t()
 
     return _graph_ms(step, iters)
 
@@ -268,11 +265,6 @@ def main() -> None:
         print("check vs reference loop:", json.dumps(check_against_reference(engine, im)), flush=True)
     if device.type == "cuda":
         print("matmul-only ms/step:", json.dumps({b: round(matmul_floor(im, b), 3) for b in (1, 32, 256)}), flush=True)
-        wb = weight_bytes(im.model, 1)
-        for b in (1, 4, 8):
-            ms = {k: matmul_floor(im, b, kernel=k) for k in ("cublas", "gemv")}
-            print(f"matmul-only at {b} row(s): " + ", ".join(f"{k} {v:.3f} ms ({wb / v / 1e9:.0f} GB/s)"
-                                                            for k, v in ms.items()), flush=True)
         print("decode attention ms/step (all layers) and GB/s:",
               json.dumps({f"{b}x{L}": attention_time(im, b, L) for b, L in ((1, 384), (256, 256), (256, 1152))}),
               flush=True)
