@@ -27,8 +27,6 @@ import torch.nn.functional as F
 
 from kernels.attention import attention as document_attention
 from kernels.dispatch import use_triton
-from kernels.gemv import MAX_ROWS as gemv_rows
-from kernels.gemv import gemv
 from megatron_bluelm.inference.attention import (
     continued_prefill_attention,
     decode_attention,
@@ -133,10 +131,7 @@ class StageWeights:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden [n, hidden] -> logits over the (padded) vocabulary [n, V] in the activation dtype
         (``decode_state.advance`` reads them as fp32: no fp32 copy of [n, V] in memory)."""
-        if use_triton(x) and x.shape[0] <= gemv_rows:
-            local = gemv(x, self.output, norm=(self.final_norm, self.eps))
-        else:
-            local = self._norm(x, self.final_norm) @ self.output.t()
+        local = self._norm(x, self.final_norm) @ self.output.t()
         if self.tp > 1:
             parts = [torch.empty_like(local) for _ in range(self.tp)]
             dist.all_gather(parts, local.contiguous(), group=self.tp_group)
@@ -186,13 +181,11 @@ class StageWeights:
 
     def _decode_fused(self, x, pos, cache, cos, sin, rows):
         """The same step in ~10 launches per layer: Triton RMSNorm with the residual add fused in,
-        RoPE + cache write in one kernel, the decode kernel, SwiGLU; cuBLAS for the matmuls. At a few
-        rows, ``_decode_gemv``."""
+        RoPE + cache write in one kernel, the decode kernel, SwiGLU; cuBLAS for the matmuls (a fused
+        few-row GEMV measured slower than cuBLAS on the H200: docs/KERNELS.md)."""
         from kernels.rmsnorm import rmsnorm
         from kernels.swiglu import swiglu
 
-        if rows <= gemv_rows:
-            return self._decode_gemv(x, pos, cache, cos, sin, rows)
         lengths = pos + 1
         h = rmsnorm(x, self.layers[0].norm1, self.eps) if self.layers else x
         for i, lw in enumerate(self.layers):
@@ -206,24 +199,6 @@ class StageWeights:
             else:
                 x = x + o
         return x
-
-    def _decode_gemv(self, x, pos, cache, cos, sin, rows):
-        """At <= 8 rows the step is a read of the weights: ``kernels.gemv`` streams each weight once
-        with the norm in front of QKV / fc1 (and the residual add) and the SwiGLU after fc1 fused in,
-        7 launches per layer."""
-        lengths, o = pos + 1, None
-        for i, lw in enumerate(self.layers):
-            kc, vc = cache.k[i], cache.v[i]
-            if o is None:
-                qkv = gemv(x, lw.qkv, norm=(lw.norm1, self.eps))
-            else:
-                qkv, x = gemv(o, lw.qkv, norm=(lw.norm1, self.eps), residual=x)
-            q = rope_and_cache(qkv, pos, cos, sin, kc, vc, self.heads, self.groups)
-            a = decode_attention(q, kc[:rows], vc[:rows], lengths, cache.splits)
-            o = self._all_reduce(gemv(a.reshape(rows, -1), lw.proj))
-            act, x = gemv(o, lw.fc1, norm=(lw.norm2, self.eps), residual=x, swiglu=True)
-            o = self._all_reduce(gemv(act, lw.fc2))
-        return x if o is None else x + o
 
     def prefill(self, x: torch.Tensor, start: int, slots: list[list[int]], cache,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
