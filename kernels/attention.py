@@ -24,9 +24,12 @@ storage), so all of them find the one entry; a block mask is built into the entr
 import collections
 import dataclasses
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 PATHS: "collections.Counter" = collections.Counter()  # calls per path (module docstring) and builds:
 # "layout" (a micro-batch's DocumentLayout computed) and "block_mask" (a BlockMask built).
@@ -239,6 +242,47 @@ def varlen_usable(q, k) -> bool:
     return d % 8 == 0 and d <= 256 and torch.cuda.get_device_capability(q.device)[0] >= 8
 
 
+_VARLEN_CHECKED: dict = {}  # (device, dtype, head dim, q heads per kv head) -> the check passed
+
+
+def _varlen_checked(q, k) -> bool:
+    """The first varlen call for a (device, dtype, head dim, GQA ratio) runs the kernel on three small
+    documents, forward and backward, against the reference; an error or a mismatch is logged and that
+    case falls back to FlexAttention (correct, slower) instead of training on a wrong kernel. The
+    inputs come from a private generator: the process's RNG streams are untouched."""
+    key = (q.device, q.dtype, q.shape[-1], q.shape[1] // k.shape[1])
+    if key not in _VARLEN_CHECKED:
+        _VARLEN_CHECKED[key] = _check_varlen(*key)
+    return _VARLEN_CHECKED[key]
+
+
+def _check_varlen(device, dtype, d, ratio) -> bool:
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.tensor([[0] * 37 + [1] * 64 + [2] * 27], device=device)
+    shapes = [(1, 2 * ratio, ids.shape[1], d), (1, 2, ids.shape[1], d), (1, 2, ids.shape[1], d)]
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            leaves = [torch.randn(sh, generator=gen, device=device, dtype=dtype).requires_grad_(True) for sh in shapes]
+            grad = torch.randn(shapes[0], generator=gen, device=device, dtype=dtype)
+            entry = _Entry(ids, document_layout(ids))
+            out = varlen_attention(*leaves, entry, True, None)
+            got = [out, *torch.autograd.grad(out, leaves, grad)]
+            ref_leaves = [t.detach().float().requires_grad_(True) for t in leaves]
+            ref = attention_ref(*ref_leaves, causal=True, document_ids=ids)
+            want = [ref, *torch.autograd.grad(ref, ref_leaves, grad.float())]
+        errors = [float((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)) for a, b in zip(got, want)]
+    except Exception as exc:  # noqa: BLE001  (any failure of the kernel means: do not use it)
+        log.warning("kernels.attention: variable-length flash attention failed its check on %s %s (head dim %d, "
+                    "GQA %d): %s; packed documents use FlexAttention", device, dtype, d, ratio, exc)
+        return False
+    if max(errors) > 0.05:
+        log.warning("kernels.attention: variable-length flash attention differs from the reference on %s %s "
+                    "(head dim %d, GQA %d; relative errors out/dq/dk/dv %s); packed documents use FlexAttention",
+                    device, dtype, d, ratio, [f"{e:.3g}" for e in errors])
+        return False
+    return True
+
+
 class _VarlenAttention(torch.autograd.Function):
     """q [T, nq, d], k/v [T, nkv, d] (unit last stride), documents at ``cu_seqlens``; positional
     arguments only, the aten schema every torch since 2.3 shares."""
@@ -290,7 +334,7 @@ def attention(q, k, v, *, causal=True, document_ids=None, scale=None, block_mask
     if entry.layout.single:
         PATHS["sdpa"] += 1
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
-    if entry.layout.sorted and varlen_usable(q, k):
+    if entry.layout.sorted and varlen_usable(q, k) and _varlen_checked(q, k):
         PATHS["varlen"] += 1
         return varlen_attention(q, k, v, entry, causal, scale)
     if q.is_cuda:

@@ -49,6 +49,7 @@ def fake_flash_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropo
 @pytest.fixture
 def fake_varlen(monkeypatch):
     attn_mod = sys.modules["kernels.attention"]  # the module (the package re-exports the function by its name)
+    monkeypatch.setattr(attn_mod, "_VARLEN_CHECKED", {})
     monkeypatch.setattr(attn_mod, "varlen_usable", lambda q, k: True)
     monkeypatch.setattr(attn_mod, "_flash_forward", fake_flash_forward)
     monkeypatch.setattr(attn_mod, "_flash_backward", fake_flash_backward)
@@ -118,3 +119,21 @@ def test_flex_does_not_recompile_across_document_counts():
         out = flex(q, k, v, block_mask=document_block_mask(ids), enable_gqa=True)
         torch.testing.assert_close(out, attention_ref(q, k, v, causal=True, document_ids=ids), rtol=1e-5, atol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_kernel_that_fails_its_check_is_not_used(fake_varlen, monkeypatch, caplog):
+    attn_mod = sys.modules["kernels.attention"]
+
+    def wrong_gqa(q, k, v, *args, **kwargs):  # K/V heads shared the other way round than the reference's
+        ratio = q.shape[1] // k.shape[1]
+        return fake_flash_forward(q, k.repeat(1, ratio, 1)[:, :q.shape[1]], v.repeat(1, ratio, 1)[:, :q.shape[1]],
+                                  *args, **kwargs)
+
+    monkeypatch.setattr(attn_mod, "_flash_forward", wrong_gqa)
+    q, k, v = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    ids = torch.tensor([[0] * 9 + [1] * 7])
+    before = PATHS["varlen"]
+    with caplog.at_level("WARNING", logger="kernels.attention"):
+        out = attention(q, k, v, causal=True, document_ids=ids)
+    assert PATHS["varlen"] == before and "differs from the reference" in caplog.text
+    torch.testing.assert_close(out, attention_ref(q, k, v, causal=True, document_ids=ids))
