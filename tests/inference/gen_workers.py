@@ -70,10 +70,17 @@ def _reference_greedy(model, prompt, n):
 
 def greedy_tokens(overrides, prompts=PROMPTS, n=10, reference=True):
     """Engine (and megatron-core reference) greedy tokens for batched prompts of different lengths."""
+    from megatron_bluelm.inference.generate import make_engine
+    from packed_workers import CHUNKED, MIXED
+
     im, engine = _setup(overrides)
     res = {"engine": [o.tokens for o in _gen(im, engine, prompts, max_new_tokens=n)]}
+    # packed prefill in rows of 16 tokens: prompts of 1-64 tokens cut across rows and continued
+    chunked = make_engine(im.model, im.info.device, **CHUNKED)
+    res["mixed_chunked"] = [o.tokens for o in _gen(im, chunked, MIXED, max_new_tokens=n)]
     if reference:
         res["reference"] = _reference(im, prompts, n)
+        res["mixed_reference"] = _reference(im, MIXED, n)
     return res
 
 
