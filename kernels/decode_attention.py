@@ -53,6 +53,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     return _decode_attention_triton(q, k, v, lengths, splits)
 
 
+def rope_cache_attention(qkv: torch.Tensor, lengths: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         kc: torch.Tensor, vc: torch.Tensor, heads: int, groups: int, splits: int = 1) -> torch.Tensor:
+    """``rope_and_cache`` at positions lengths - 1, then ``decode_attention`` over cache slots
+    0..rows-1 at ``lengths``, in one launch on CUDA (plus the split combine): -> [rows, heads, d]."""
+    rows = qkv.shape[0]
+    if not use_triton(qkv):
+        q = rope_and_cache_ref(qkv, lengths - 1, cos, sin, kc, vc, heads, groups)
+        return decode_attention_ref(q, kc[:rows], vc[:rows], lengths)
+    assert qkv.stride(1) == 1 and kc.stride(3) == 1 and vc.stride(3) == 1 and cos.stride(1) == 1
+    assert kc.shape[1] == groups
+    return _decode_attention_triton(None, kc[:rows], vc[:rows], lengths, splits, rope=(qkv, cos, sin, heads))
+
+
 def rope_and_cache_ref(qkv, pos, cos, sin, kc, vc, heads: int, groups: int) -> torch.Tensor:
     rows, d = qkv.shape[0], kc.shape[-1]
     npg = heads // groups
@@ -90,9 +103,9 @@ def rope_and_cache(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin:
 def _decode_kernel(Q, K, V, Lens, Out, M, L,
                    sq_b, sq_h, sk_b, sk_g, sk_n, sv_b, sv_g, sv_n,
                    so_b, so_h, so_s, sm_b, sm_h,
-                   scale_log2, chunk,
+                   scale_log2, chunk, QKV, COS, SIN, s_qkv, s_cos,
                    SINGLE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                   D: tl.constexpr):
+                   D: tl.constexpr, ROPE: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -104,7 +117,29 @@ def _decode_kernel(Q, K, V, Lens, Out, M, L,
     offs_n = tl.arange(0, BLOCK_N)
     hmask = offs_h < GROUP
     heads = g * GROUP + offs_h
-    q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=hmask[:, None], other=0.0)
+    if ROPE:
+        # RoPE + cache write fused in (rope_and_cache's math, the same bits): the new token sits at
+        # position length - 1; q comes rotated from the fused QKV row; the program whose chunk holds
+        # that position writes the rotated key and the value into the cache before its loop reads it.
+        pos = length - 1
+        half = D // 2
+        swap = (offs_d + half) % D
+        c = tl.load(COS + pos * s_cos + offs_d).to(tl.float32)  # the tables repeat each half
+        sn = tl.load(SIN + pos * s_cos + offs_d).to(tl.float32)
+        sn = tl.where(offs_d < half, -sn, sn)
+        base = QKV + b * s_qkv + g * (GROUP + 2) * D
+        qp = base + offs_h[:, None] * D
+        q1 = tl.load(qp + offs_d[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(qp + swap[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+        q = (q1 * c[None, :] + q2 * sn[None, :]).to(K.dtype.element_ty)
+        if pos // chunk == s:
+            kp = base + GROUP * D
+            knew = tl.load(kp + offs_d).to(tl.float32) * c + tl.load(kp + swap).to(tl.float32) * sn
+            tl.store(K + b * sk_b + g * sk_g + pos * sk_n + offs_d, knew.to(K.dtype.element_ty))
+            tl.store(V + b * sv_b + g * sv_g + pos * sv_n + offs_d, tl.load(base + (GROUP + 1) * D + offs_d))
+            tl.debug_barrier()  # the stores above are read back by other threads of this program
+    else:
+        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=hmask[:, None], other=0.0)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
@@ -183,8 +218,16 @@ def _rope_cache_kernel(QKV, POS, COS, SIN, QO, KC, VC, s_qkv, s_qo_b, s_qo_h, s_
 
 
 
-def _decode_attention_triton(q, k, v, lengths, splits):
-    b, heads, d = q.shape
+def _decode_attention_triton(q, k, v, lengths, splits, rope=None):
+    """``rope``: (qkv, cos, sin, heads) — q is then taken rotated from the fused QKV rows and the new
+    key / value written into k / v at position lengths - 1 (``q`` gives only the shape: None)."""
+    if rope is not None:
+        qkv, cos, sin, heads = rope
+        b, d = qkv.shape[0], k.shape[3]
+        q, q_strides = qkv, (0, 0)  # not read: the queries come from qkv
+    else:
+        b, heads, d = q.shape
+        q_strides = (q.stride(0), q.stride(1))
     groups, capacity = k.shape[1], k.shape[2]
     group = heads // groups
     block_n = 64
@@ -199,14 +242,15 @@ def _decode_attention_triton(q, k, v, lengths, splits):
         m = torch.empty(b, heads, splits, device=q.device, dtype=torch.float32)
         lsum = torch.empty_like(m)
         sm = (m.stride(0), m.stride(1))
-    assert k.stride(3) == 1 and v.stride(3) == 1 and q.stride(2) == 1
+    assert k.stride(3) == 1 and v.stride(3) == 1 and q.stride(-1) == 1
     _decode_kernel[(b, groups, splits)](
         q, k, v, lengths, out, m, lsum,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        *q_strides, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2), sm[0], sm[1],
         (1.0 / math.sqrt(d)) * 1.4426950408889634, chunk,
+        *((qkv, cos, sin, qkv.stride(0), cos.stride(0)) if rope is not None else (q, q, q, 0, 0)),
         SINGLE=single, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, D=d,
-        num_warps=4, num_stages=2)
+        ROPE=rope is not None, num_warps=4, num_stages=2)
     if single:
         return out[:, :, 0]
     res = torch.empty(b, heads, d, device=q.device, dtype=q.dtype)

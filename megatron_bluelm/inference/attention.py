@@ -8,10 +8,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.decode_attention import decode_attention, decode_attention_ref, num_splits, rope_and_cache
+from kernels.decode_attention import (
+    decode_attention,
+    decode_attention_ref,
+    num_splits,
+    rope_and_cache,
+    rope_cache_attention,
+)
 
 __all__ = ["continued_prefill_attention", "decode_attention", "decode_attention_ref", "num_splits",
-           "prefill_attention", "rope_and_cache"]
+           "prefill_attention", "rope_and_cache", "rope_cache_attention"]
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

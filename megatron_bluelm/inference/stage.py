@@ -30,6 +30,7 @@ from kernels.dispatch import use_triton
 from megatron_bluelm.inference.attention import (
     continued_prefill_attention,
     decode_attention,
+    rope_cache_attention,
     prefill_attention,
     rope_and_cache,
 )
@@ -180,9 +181,9 @@ class StageWeights:
         return x
 
     def _decode_fused(self, x, pos, cache, cos, sin, rows):
-        """The same step in ~10 launches per layer: Triton RMSNorm with the residual add fused in,
-        RoPE + cache write in one kernel, the decode kernel, SwiGLU; cuBLAS for the matmuls (a fused
-        few-row GEMV measured slower than cuBLAS on the H200: docs/KERNELS.md)."""
+        """The same step in ~8 launches per layer: Triton RMSNorm with the residual add fused in,
+        RoPE + cache write + decode attention in one kernel (+ the split combine), SwiGLU; cuBLAS for
+        the matmuls (a fused few-row GEMV measured slower than cuBLAS on the H200: docs/KERNELS.md)."""
         from kernels.rmsnorm import rmsnorm
         from kernels.swiglu import swiglu
 
@@ -190,8 +191,8 @@ class StageWeights:
         h = rmsnorm(x, self.layers[0].norm1, self.eps) if self.layers else x
         for i, lw in enumerate(self.layers):
             kc, vc = cache.k[i], cache.v[i]
-            q = rope_and_cache(h @ lw.qkv.t(), pos, cos, sin, kc, vc, self.heads, self.groups)
-            o = decode_attention(q, kc[:rows], vc[:rows], lengths, cache.splits)
+            o = rope_cache_attention(h @ lw.qkv.t(), lengths, cos, sin, kc, vc, self.heads, self.groups,
+                                     cache.splits)
             h, x = rmsnorm(self._all_reduce(o.reshape(rows, -1) @ lw.proj.t()), lw.norm2, self.eps, residual=x)
             o = self._all_reduce(swiglu(h @ lw.fc1.t()) @ lw.fc2.t())
             if i + 1 < len(self.layers):

@@ -74,3 +74,27 @@ def test_engine_fused_decode_equals_reference():
 
     ours, ref = run_distributed(_fused_engine_vs_reference, 1)[0]
     assert ours == ref
+
+
+@pytest.mark.parametrize("heads,groups", [(4, 2), (10, 2)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_rope_cache_attention_equals_the_two_kernels(heads, groups, splits):
+    """The fused launch (queries rotated from the QKV rows, the new key / value written by the program
+    whose key chunk holds the position, then attention) = rope_and_cache + decode_attention: the same
+    output and the same cache, keys at the new position included (positions 0, inside a chunk, at a
+    chunk's last key, at the capacity's end)."""
+    from kernels.decode_attention import rope_cache_attention
+
+    rows, d, cap, slots = 4, 16, 192, 6
+    qkv = torch.randn(rows, groups * (heads // groups + 2) * d)
+    pos = torch.tensor([0, 37, 63, cap - 1])
+    freqs = torch.outer(torch.arange(cap).float(), 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos(), emb.sin()
+    kc, vc = torch.randn(slots, groups, cap, d), torch.randn(slots, groups, cap, d)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    out = rope_cache_attention(qkv, pos + 1, cos, sin, kc, vc, heads, groups, splits)
+    q = rope_and_cache(qkv, pos, cos, sin, kc_ref, vc_ref, heads, groups)
+    ref = decode_attention(q, kc_ref[:rows], vc_ref[:rows], pos + 1, splits)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    assert rel_err(out, ref) < 1e-5
