@@ -1,0 +1,36 @@
+"""tools/bench/decoder_profile.py sorts GPU kernels into the categories it reports."""
+import importlib.util
+import os
+import sys
+
+import pytest
+
+_DIR = os.path.join(os.path.dirname(__file__), "..", "tools", "bench")
+
+
+@pytest.fixture(scope="module")
+def profile():
+    sys.path.insert(0, _DIR)  # it imports multimodal_bench beside it
+    try:
+        spec = importlib.util.spec_from_file_location("decoder_profile", os.path.join(_DIR, "decoder_profile.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.path.remove(_DIR)
+
+
+@pytest.mark.parametrize("name,category", [
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+    ("triton_tem_fused_flex_attention_0", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+    ("nvjet_tst_192x192_64x3_2x1_v_bz_coopB_TNT", "matmul"),
+    ("_rmsnorm_fwd_kernel", "norm+elementwise"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "norm+elementwise"),
+    ("void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>>", "optimizer"),
+    ("Memcpy HtoD (Pageable -> Device)", "copy/memset"),
+])
+def test_kernel_categories(profile, name, category):
+    assert profile.category(name) == category
