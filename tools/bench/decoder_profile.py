@@ -23,8 +23,9 @@ launch gaps and host syncs), host time spent computing document layouts / block 
 that run inside them, the attention paths taken (kernels.attention.PATHS), the top kernels, and the
 allocator's retries and peak allocated / reserved memory. Then
 ``mm_decoder_side`` = mm_packed - mm_vit (the decoder + splice + loss + optimizer share of the
-multimodal step), to compare with text_masked. Everything is printed and written to LOGDIR
-(profile.log, profile.json; chrome traces with --traces).
+multimodal step), to compare with text_masked; ``vit_forward_ms`` (CUDA events around the ViT's
+forward) inside the step vs alone shows whether the ViT itself runs slower within the step.
+Everything is printed and written to LOGDIR (profile.log, profile.json; chrome traces with --traces).
 """
 from __future__ import annotations
 
@@ -234,19 +235,60 @@ def mm_variants(args, logdir: str) -> list[dict]:
             for _ in range(args.warmup):
                 step()
             it.seen = []
+            vlm = run.model[0]
+            while hasattr(vlm, "module"):  # DDP (and any other wrapper) around the BlueLMVLM
+                vlm = vlm.module
+            clock = ForwardClock(vlm.vision_model)
             step_row = profile_steps(step, args.steps, mbs, "mm_packed", logdir, args.traces)
             seen = list(it.seen)
             step_row["tiles_per_micro_batch"] = sum(int(b["pixel_values"].shape[0]) for b in seen) / len(seen)
+            step_row["vit_forward_ms"] = clock.take_ms() / len(seen)
 
             def vit():
                 mmb._vit_adapter_seconds(run.model, seen)
 
             vit()  # the same shapes once more outside the profile (allocator, lazy init)
+            clock.take_ms()
+            # profile_steps counts len(seen) micro-batches for one call: the same unit as step_row
             vit_row = profile_steps(vit, 1, len(seen), "mm_vit", logdir, args.traces)
-            # profile_steps counted len(seen) micro-batches for one call: the same unit as step_row
+            vit_row["vit_forward_ms"] = clock.take_ms() / len(seen)
+            clock.remove()
             return [step_row, vit_row]
         finally:
             teardown()
+
+
+class ForwardClock:
+    """CUDA-event time of a module's forward passes (pre / post hooks), to compare the ViT's forward
+    inside the step with the same forward run alone."""
+
+    def __init__(self, module):
+        self.pairs, self.handles = [], []
+        if torch.cuda.is_available():
+            self.handles = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
+
+    def _start(self, module, args):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self.pairs.append([ev, None])
+
+    def _stop(self, module, args, out):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self.pairs[-1][1] = ev
+
+    def take_ms(self) -> float:
+        """Sum of the forwards since the last call (synchronizes)."""
+        if not self.pairs:
+            return 0.0
+        torch.cuda.synchronize()
+        total = sum(a.elapsed_time(b) for a, b in self.pairs if b is not None)
+        self.pairs = []
+        return total
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 def release_memory() -> None:
@@ -257,12 +299,14 @@ def release_memory() -> None:
 
 
 def difference(a: dict, b: dict, name: str) -> dict:
-    keys = ("wall_ms", "gpu_busy_ms", "gpu_idle_ms", *CATEGORIES, "mask_build_host_ms", "mask_build_kernels_ms")
+    keys = ("wall_ms", "gpu_busy_ms", "gpu_idle_ms", *CATEGORIES, "mask_build_host_ms", "mask_build_kernels_ms",
+            "vit_forward_ms")
     return {"variant": name, **{k: a[k] - b[k] for k in keys}}
 
 
 def table(rows: list[dict]) -> str:
-    keys = ("wall_ms", "gpu_busy_ms", "gpu_idle_ms", *CATEGORIES, "mask_build_host_ms", "mask_build_kernels_ms")
+    keys = ("wall_ms", "gpu_busy_ms", "gpu_idle_ms", *CATEGORIES, "mask_build_host_ms", "mask_build_kernels_ms",
+            "vit_forward_ms")
     head = f"{'ms per micro-batch':22s}" + "".join(f"{r['variant'][:17]:>18s}" for r in rows)
     lines = [head]
     for k in keys:
