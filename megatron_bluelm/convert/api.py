@@ -64,12 +64,13 @@ def megatron_to_hf(load: str, out: str, *, tokenizer_model: str | None = None, d
     """Export the newest complete checkpoint under ``load`` (or the iteration dir ``load``) to ``out``.
     ``hf_architecture`` (default: from the checkpoint) is checked against what the checkpoint holds."""
     from megatron_bluelm.data.tokenizer import load_tokenizer
-    from megatron_bluelm.training.checkpointing import read_meta, resolve_checkpoint
+    from megatron_bluelm.training.checkpointing import read_meta, resolve_checkpoint, verify_files
 
     path, _ = resolve_checkpoint(load)
     if path is None:
         raise ConversionError(f"'{load}' holds no complete checkpoint")
     meta = read_meta(path)
+    verify_files(path)  # a damaged file is named before the model is built (megatron-core's errors name none)
     arch = architecture(_checkpoint_architecture(meta, path, hf_architecture))
     cfg = megatron_io.run_config_from_meta(meta)
     if tokenizer_model:

@@ -63,9 +63,11 @@ def load_weights(chunks, root: str) -> str:
     from megatron_bluelm.training.checkpointing import (
         check_shapes,
         model_sharded_state_dict,
+        verify_files,
     )
 
     path = checkpoint_dir(root)
+    verify_files(path)  # a damaged file is named (megatron-core's and torch's errors name none)
     sharded = model_sharded_state_dict(chunks)
     try:
         check_shapes(sharded, path)

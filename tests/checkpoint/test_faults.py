@@ -187,6 +187,40 @@ def test_damaged_files_are_named(reference_run, tmp_path, damage, file, message)
         verify_files(path)
 
 
+DAMAGED_LOADS = [("truncate", "__0_1.distcp", r"__0_1.distcp is truncated: \d+ bytes, .metadata needs \d+"),
+                 ("garble", "common.pt", r"iter_0000003/common.pt is damaged")]
+
+
+def _damaged_copy(ref_save: str, tmp_path, damage: str, file: str) -> str:
+    path = str(tmp_path / "ckpt" / "iter_0000003")
+    shutil.copytree(iter_dir(ref_save, 3), path)
+    damage_file(os.path.join(path, file), damage)
+    open(tmp_path / "ckpt" / "latest", "w").write("3")
+    return path
+
+
+@pytest.mark.parametrize("damage, file, message", DAMAGED_LOADS)
+def test_damaged_checkpoint_is_named_by_hf_export(reference_run, tmp_path, damage, file, message):
+    """The HF export checks the files before it builds the model (megatron-core would fail naming none)."""
+    from megatron_bluelm.convert.api import megatron_to_hf
+
+    path = _damaged_copy(reference_run[1], tmp_path, damage, file)
+    with pytest.raises(CheckpointError, match=message):
+        megatron_to_hf(path, str(tmp_path / "hf"))
+    assert not os.path.exists(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("damage, file, message", DAMAGED_LOADS)
+def test_damaged_checkpoint_is_named_by_the_inference_loader(reference_run, tmp_path, damage, file, message):
+    """The weights loader of generation, evaluation and --pretrained checks the files first (it fails
+    before it touches the model chunks, so none are needed here)."""
+    from megatron_bluelm.inference.loading import load_weights
+
+    path = _damaged_copy(reference_run[1], tmp_path, damage, file)
+    with pytest.raises(CheckpointError, match=message):
+        load_weights([], os.path.dirname(path))
+
+
 def test_damaged_shard_fails_the_resume_by_name(reference_run, demo_prefix, tmp_path):
     _, ref_save = reference_run
     root = str(tmp_path / "ckpt")
