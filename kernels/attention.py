@@ -259,17 +259,21 @@ def _varlen_checked(q, k) -> bool:
 def _check_varlen(device, dtype, d, ratio) -> bool:
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.tensor([[0] * 37 + [1] * 64 + [2] * 27], device=device)
-    shapes = [(1, 2 * ratio, ids.shape[1], d), (1, 2, ids.shape[1], d), (1, 2, ids.shape[1], d)]
+    nq, s = 2 * ratio, ids.shape[1]
+
+    def split(fused):  # q, k, v as strided views of one [1, s, heads, d] buffer, like a fused QKV output
+        q, k, v = fused.split([nq, 2, 2], dim=2)
+        return [t.transpose(1, 2) for t in (q, k, v)]  # [1, heads, s, d]
+
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            leaves = [torch.randn(sh, generator=gen, device=device, dtype=dtype).requires_grad_(True) for sh in shapes]
-            grad = torch.randn(shapes[0], generator=gen, device=device, dtype=dtype)
-            entry = _Entry(ids, document_layout(ids))
-            out = varlen_attention(*leaves, entry, True, None)
-            got = [out, *torch.autograd.grad(out, leaves, grad)]
-            ref_leaves = [t.detach().float().requires_grad_(True) for t in leaves]
-            ref = attention_ref(*ref_leaves, causal=True, document_ids=ids)
-            want = [ref, *torch.autograd.grad(ref, ref_leaves, grad.float())]
+            fused = torch.randn(1, s, nq + 4, d, generator=gen, device=device, dtype=dtype).requires_grad_(True)
+            grad = torch.randn(1, nq, s, d, generator=gen, device=device, dtype=dtype)
+            out = varlen_attention(*split(fused), _Entry(ids, document_layout(ids)), True, None)
+            got = [out, torch.autograd.grad(out, fused, grad)[0]]
+            ref_fused = fused.detach().float().requires_grad_(True)
+            ref = attention_ref(*split(ref_fused), causal=True, document_ids=ids)
+            want = [ref, torch.autograd.grad(ref, ref_fused, grad.float())[0]]
         errors = [float((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)) for a, b in zip(got, want)]
     except Exception as exc:  # noqa: BLE001  (any failure of the kernel means: do not use it)
         log.warning("kernels.attention: variable-length flash attention failed its check on %s %s (head dim %d, "
@@ -277,7 +281,8 @@ def _check_varlen(device, dtype, d, ratio) -> bool:
         return False
     if max(errors) > 0.05:
         log.warning("kernels.attention: variable-length flash attention differs from the reference on %s %s "
-                    "(head dim %d, GQA %d; relative errors out/dq/dk/dv %s); packed documents use FlexAttention",
+                    "(head dim %d, GQA %d; relative errors of the output / the q, k, v gradients %s); packed documents "
+                    "use FlexAttention",
                     device, dtype, d, ratio, [f"{e:.3g}" for e in errors])
         return False
     return True
