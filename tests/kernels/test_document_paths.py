@@ -137,3 +137,12 @@ def test_a_kernel_that_fails_its_check_is_not_used(fake_varlen, monkeypatch, cap
         out = attention(q, k, v, causal=True, document_ids=ids)
     assert PATHS["varlen"] == before and "differs from the reference" in caplog.text
     torch.testing.assert_close(out, attention_ref(q, k, v, causal=True, document_ids=ids))
+
+
+def test_block_mask_built_once_per_micro_batch():
+    from kernels.attention import cached_document_block_mask
+
+    ids = torch.tensor([[0] * 100 + [1] * 156])
+    before = PATHS["block_mask"]
+    masks = {id(cached_document_block_mask(ids.detach())) for _ in range(4)}  # four layers, or recomputation
+    assert len(masks) == 1 and PATHS["block_mask"] == before + 1
