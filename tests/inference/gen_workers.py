@@ -70,8 +70,9 @@ def _reference_greedy(model, prompt, n):
 
 def greedy_tokens(overrides, prompts=PROMPTS, n=10, reference=True):
     """Engine (and megatron-core reference) greedy tokens for batched prompts of different lengths."""
-    from megatron_bluelm.inference.generate import make_engine
     from packed_workers import CHUNKED, MIXED
+
+    from megatron_bluelm.inference.generate import make_engine
 
     im, engine = _setup(overrides)
     res = {"engine": [o.tokens for o in _gen(im, engine, prompts, max_new_tokens=n)]}

@@ -3,7 +3,6 @@
 Engines over the same random tiny model (fp32): packed rows (the default), right-padded rows
 (``pack_prefill=False``) and packed rows of 16 tokens (``CHUNKED``: every prompt longer than a row's
 tail is cut and continues at the next row's head, against its slot's cache)."""
-import torch
 
 # very different lengths, 1 token included (nothing to prefill); 101 prompt tokens are prefilled
 MIXED = [[100 + 3 * j + n for j in range(n)] for n in (1, 7, 33, 64)]
@@ -36,6 +35,7 @@ def _last_hidden_logits(im, engine, prompts):
 
 def packed_prefill_checks(overrides):
     from gen_workers import _expected_logprobs, _gen, _reference, _setup
+
     from megatron_bluelm.inference.sampling import SamplingParams
 
     im, _ = _setup(overrides)

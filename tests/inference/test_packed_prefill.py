@@ -31,7 +31,7 @@ def test_greedy_equals_padded_rows_and_megatron_forward(res):
 
 @pytest.mark.parametrize("name", ENGINES)
 def test_logprobs_equal_full_forward(res, name):
-    for tokens, got, expected in res["logprobs"][name]:
+    for _, got, expected in res["logprobs"][name]:
         assert len(got) == len(expected) == 8 and all(math.isfinite(g) for g in got)
         assert max(abs(g - e) for g, e in zip(got, expected)) < 1e-4, (name, got, expected)
     # sampled tokens (per-sample RNG) are the same whichever way the prompts were prefilled

@@ -9,7 +9,9 @@ tokens in the fixed-length cases (every sample generates exactly ``new`` tokens)
 Cases are BATCHxPROMPTxNEW. The mixed workload (``--mixed N``) has N thinking-mode samples with
 per-sample budgets drawn log-uniformly from 64..4096 (forced close at the budget) and answers of
 16..256 tokens (per-sample max_new_tokens), with the real stop tokens set; it runs through the same
-slots as the fixed-length batch-256 case and is compared with it.
+slots as the fixed-length batch-256 case and is compared with it. ``--prompt-mix LO..HI`` prefills
+prompts of mixed lengths in packed rows and in right-padded rows (same engine, same prompts) and
+compares the prefill's GPU time, tokens computed per useful token and the outputs.
 
 Per case: tokens/s (generated tokens over wall time, prefill included), ms per decode step, the
 roofline: bytes a decode step must read (all weights but the embedding table's unused rows, plus
@@ -183,6 +185,50 @@ def run_mixed(engine, im, n, seed=0):
             "prefill_s": engine.gpu_prefill_seconds(), "mean_len": tokens / n, "budget_violations": over}
 
 
+def run_prompt_mix(engine, im, n, lo, hi, new, seed=0) -> dict:
+    """``n`` prompts of lengths drawn log-uniformly from lo..hi, ``new`` greedy tokens each, prefilled
+    in packed rows and in right-padded rows (``pack_prefill``; same engine, cache and prompts), each
+    after an untimed pass over other prompts of the same lengths (FlexAttention compiled for the row
+    shapes). Per mode: GPU seconds of the prefill, prompt tokens per prefill second, the tokens the
+    prefill computed over the useful ones, wall tok/s; and the largest log-prob difference between
+    the two modes with the share of equal tokens (bf16: other kernels round differently)."""
+    rng = random.Random(seed)
+    lengths = [int(math.exp(rng.uniform(math.log(lo), math.log(hi)))) for _ in range(n)]
+    prompts, warm = ([[rng.randrange(10, VOCAB) for _ in range(L)] for L in lengths] for _ in range(2))
+    req = GenerationRequest(max_new_tokens=new)
+    kw = dict(ids=SpecialIds(PAD, THINK, END_THINK), vocab_size=VOCAB, max_context=im.max_context)
+    engine.reserve(n, max(lengths) + new, new, VOCAB)
+    cuda = im.info.device.type == "cuda"
+    res, outs = {}, {}
+    for mode in ("packed", "padded"):
+        engine.pack_prefill = mode == "packed"
+        generate_ids(engine, warm, req, **kw)
+        _sync(im)
+        if cuda:
+            engine.gpu_decode_seconds(), engine.gpu_prefill_seconds()
+        s0 = dict(engine.stats)
+        t = time.perf_counter()
+        outs[mode] = generate_ids(engine, prompts, req, **kw)
+        _sync(im)
+        wall = time.perf_counter() - t
+        prefill = engine.gpu_prefill_seconds() if cuda else float("nan")
+        useful = engine.stats["prefill_tokens"] - s0["prefill_tokens"]
+        computed = engine.stats["prefill_computed"] - s0["prefill_computed"]
+        tokens = sum(len(o.tokens) for o in outs[mode])
+        res[mode] = {"tok_s": tokens / wall, "wall_s": wall, "tokens": tokens, "prefill_s": prefill,
+                     "prefill_tok_s": useful / prefill if cuda else float("nan"), "prompt_tokens": useful,
+                     "computed_over_useful": computed / useful, "prefill_calls": engine.stats["prefill_calls"]
+                     - s0["prefill_calls"]}
+    engine.pack_prefill = True
+    pairs = [(a, b) for x, y in zip(outs["packed"], outs["padded"]) for a, b in zip(x.logprobs, y.logprobs)]
+    same = [a == b for x, y in zip(outs["packed"], outs["padded"]) for a, b in zip(x.tokens, y.tokens)]
+    res["packed_vs_padded"] = {"max_abs_logprob_diff": max(abs(a - b) for a, b in pairs),
+                               "equal_tokens": sum(same) / len(same)}
+    if cuda:
+        res["prefill_speedup"] = res["padded"]["prefill_s"] / res["packed"]["prefill_s"]
+    return res
+
+
 def check_against_reference(engine, im, prompts=4, new=32) -> dict:
     """The engine's greedy tokens and log-probs (graphs, decode kernel) against the model's own
     forward (megatron-core, no cache) over prompt + those tokens: the largest log-prob difference,
@@ -248,11 +294,24 @@ def main() -> None:
     ap.add_argument("--hf", default="dynamic,static", help="comma list of dynamic,static or none")
     ap.add_argument("--hf-cases", default="1x128x256,256x128x256")
     ap.add_argument("--mixed", type=int, default=512, help="samples of the mixed workload (0: skip)")
+    ap.add_argument("--prompt-mix", default=None, metavar="LO..HI",
+                    help="packed vs right-padded prefill on prompts of lengths log-uniform in LO..HI")
+    ap.add_argument("--mix-samples", type=int, default=256, help="prompts of the --prompt-mix case")
+    ap.add_argument("--mix-new", type=int, default=32, help="new tokens per prompt in the --prompt-mix case")
     ap.add_argument("--slots", type=int, default=256)
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--check", action="store_true", help="first compare greedy tokens with the reference loop")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
+    mix = None
+    if a.prompt_mix:
+        try:
+            mix = tuple(int(v) for v in a.prompt_mix.split(".."))
+            assert len(mix) == 2 and 1 <= mix[0] <= mix[1]
+        except (ValueError, AssertionError):
+            ap.error(f"--prompt-mix: expected LO..HI with 1 <= LO <= HI, got {a.prompt_mix!r}")
+        if mix[1] + a.mix_new > a.context:
+            ap.error(f"--prompt-mix: prompts up to {mix[1]} + {a.mix_new} new tokens exceed --context {a.context}")
 
     cfg = load_config(None, ["--model.preset", a.preset, "--data.seq_length", str(a.context),
                              "--model.backend", "torch", "--training.precision",
@@ -297,6 +356,11 @@ def main() -> None:
         r.update(case=f"mixed{a.mixed}", system="ours")
         rows.append(r)
         print(json.dumps(r), flush=True)
+    if mix:
+        r = run_prompt_mix(engine, im, a.mix_samples, *mix, a.mix_new)
+        print(f"prompt mix {a.prompt_mix}:", json.dumps(r), flush=True)
+        for mode in ("packed", "padded"):
+            rows.append({**r[mode], "case": f"mix{a.prompt_mix}", "system": f"ours-{mode}"})
     print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; KV {kv_tok} B/token; slots {a.slots}")
     print(f"{'case':>14} {'system':>11} {'tok/s':>10} {'ms/step':>8} {'%roof':>6} {'busy':>5} {'prefill s':>9}")
     for r in rows:
