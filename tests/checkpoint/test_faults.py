@@ -266,6 +266,23 @@ def test_optimizer_switches_on_resume(reference_run, demo_prefix, tmp_path):
     assert_continues(one, ref, 3)
 
 
+def test_optimizer_switch_reads_the_step_of_every_common_layout():
+    """The Adam step a switch restores, from each optimizer's common.pt entry (as megatron-core 0.16.1
+    writes them): plain fp32, plain bf16, distributed, chained; none or disagreeing ones are refused."""
+    from megatron_bluelm.training.checkpointing import _saved_adam_step
+
+    groups = [{"wd_mult": 1.0, "lr": 1e-4}, {"wd_mult": 0.0, "lr": 1e-4}]
+    plain = {"state": {"common_step": torch.tensor(7.0)}, "param_groups": groups}
+    distributed = {"optimizer": {"param_groups": [{**g, "step": 7.0} for g in groups]},
+                   "param_state_sharding_type": "fully_reshardable"}
+    for common in (plain, {"optimizer": plain}, distributed, {0: distributed, 1: distributed}):
+        assert _saved_adam_step(common) == 7.0
+    bad = {0: plain, 1: {"state": {"common_step": torch.tensor(6.0)}, "param_groups": groups}}
+    for common in ({"param_groups": groups}, bad):
+        with pytest.raises(CheckpointError, match="common.pt holds (no|several) optimizer step counts"):
+            _saved_adam_step(common)
+
+
 def test_zero_layer_pipeline_stage_is_rejected():
     from megatron_bluelm.config.validate import validate
 
