@@ -212,20 +212,22 @@ def math_equal(pred: str, ref: str) -> bool:
 
 # A parsed answer is one of:
 #   ("scalar", sympy_expr_or_None, text, percent)   one value (text: normalized spelling, fallback)
-#   ("set", [answers])                              unordered: {a, b}, "a, b", "a or b", a \pm b
-#   ("seq", open, close, [answers])                 ordered: tuples and intervals (brackets kept)
-#   ("union", [answers])                            unordered union of intervals / sets
+#   ("set", (answers))                              unordered: {a, b}, "a, b", "a or b", a \pm b
+#   ("seq", open, close, (answers))                 ordered: tuples and intervals (brackets kept)
+#   ("union", (answers))                            unordered union of intervals / sets
+# all immutable, so parses are cached (a reference is graded against every sample of its item)
 
 _MAX_LEN = 300
 
 
+@lru_cache(maxsize=8192)
 def _parse(s: str):
     s = _clean(s)
     if not s or len(s) > _MAX_LEN:
         return None
     parts = _split_top(s, r"\\cup|∪")
     if len(parts) > 1:
-        return ("union", [_parse_group(p) for p in parts])
+        return ("union", tuple(_parse_group(p) for p in parts))
     return _parse_group(s)
 
 
@@ -235,7 +237,7 @@ def _parse_group(s: str):
         items = _split_top(s[1:-1], ",")
         return _set([_parse_item(x) for x in items]) if len(items) > 1 else _parse_group(s[1:-1])
     if _wrapped(s) and s[0] in "([" and len(_split_top(s[1:-1], ",")) > 1:
-        return ("seq", s[0], s[-1], [_parse_item(x) for x in _split_top(s[1:-1], ",")])
+        return ("seq", s[0], s[-1], tuple(_parse_item(x) for x in _split_top(s[1:-1], ",")))
     items = _split_top(s, r",|;|\s+or\s+|\s+and\s+")
     if len(items) > 1:
         return _set([_parse_item(x) for x in items])
@@ -246,7 +248,7 @@ def _set(items: list):
     flat = []
     for it in items:
         flat.extend(it[1] if it[0] == "set" else [it])
-    return flat[0] if len(flat) == 1 else ("set", flat)
+    return flat[0] if len(flat) == 1 else ("set", tuple(flat))
 
 
 def _parse_item(s: str):
@@ -325,8 +327,14 @@ def _wrapped(s: str) -> bool:
 
 def _split_top(s: str, sep: str) -> list[str]:
     """Split at ``sep`` (a regex) outside brackets; a thousands separator (1,000) is not a comma."""
-    out, depth, last = [], 0, 0
     pat = re.compile(sep)
+    if pat.search(s) is None:  # no separator anywhere: the scan would split nowhere (most model output)
+        return [s.strip()] if s.strip() else []
+    return _split_scan(s, pat)
+
+
+def _split_scan(s: str, pat: re.Pattern) -> list[str]:
+    out, depth, last = [], 0, 0
     i = 0
     while i < len(s):
         ch = s[i]
@@ -345,16 +353,14 @@ def _split_top(s: str, sep: str) -> list[str]:
     return [p.strip() for p in out if p.strip()]
 
 
+_THOUSANDS = re.compile(r"(?:^|[^\d.,])(\d{1,3}(?:,\d{3})+(?:\.\d+)?)(?![\d,])")
+
+
 def _thousands_comma(s: str, i: int) -> bool:
     if s[i] != ",":
         return False
-    m = re.search(r"(?:^|[^\d.,])(\d{1,3}(?:,\d{3})+(?:\.\d+)?)(?![\d,])", s[max(0, i - 40):])
-    while m:
-        lo, hi = m.start(1) + max(0, i - 40), m.end(1) + max(0, i - 40)
-        if lo < i < hi:
-            return True
-        m = re.search(r"(?:^|[^\d.,])(\d{1,3}(?:,\d{3})+(?:\.\d+)?)(?![\d,])", s[max(0, i - 40):], m.end(1))
-    return False
+    start = max(0, i - 40)
+    return any(m.start(1) + start < i < m.end(1) + start for m in _THOUSANDS.finditer(s[start:]))
 
 
 # ------------------------------------------------------------------ scalars: units, %, sympy
@@ -390,6 +396,12 @@ _ALLOWED = re.compile(r"[0-9A-Za-z+\-*/^().,\s<>=!]*")  # ',': root(x, n) only; 
 
 def _latex_to_text(s: str) -> Optional[str]:
     """LaTeX commands -> sympy syntax; None for anything we do not understand (then: text compare)."""
+    if "\\" not in s and "{" not in s and "}" not in s:  # plain text: the scan would copy every character
+        return s
+    return _latex_scan(s)
+
+
+def _latex_scan(s: str) -> Optional[str]:
     out, i = [], 0
     while i < len(s):
         if s.startswith("\\frac", i):

@@ -44,6 +44,24 @@ def test_huge_powers_do_not_hang():
     assert time.perf_counter() - t0 < 2.0
 
 
+def test_later_thousands_groups_are_found_without_hanging():
+    """The scan for a thousands separator looks past the first number of the text (it used to pass
+    the resume offset as regex flags: an error for some offsets, an endless loop for others)."""
+    import signal
+
+    def stop(*_):
+        raise TimeoutError("the grader hung")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(10)
+    try:
+        assert math_equal("1,000 or 2,000", "2000, 1000")
+        assert grade("math", "xxx1,000 , 5", "5")  # looped forever
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 @pytest.mark.parametrize("response,ref,ok", [
     ("<think>maybe \\boxed{5}</think> so \\boxed{6}", "6", True),
     ("<think>\\boxed{6}</think> the answer is 7", "6", False),
@@ -102,3 +120,23 @@ def test_helpers_and_unknown_kind():
     assert answer_part("<think>a</think>\n b ") == "b"
     with pytest.raises(ValueError, match="grader kind"):
         grade("maths", "1", "1")
+
+
+def test_fast_paths_equal_the_full_scans():
+    """The shortcuts (no separator / no LaTeX in the text; cached parses) give what the scans give,
+    on the tricky table and on random strings of the characters the scans treat specially."""
+    import random
+    import re
+
+    from megatron_bluelm.eval import graders as g
+
+    rng = random.Random(0)
+    pieces = ["1", "2,000", "x", " or ", " and ", ",", ";", "(", ")", "[", "]", "{", "}", "\\frac", "\\sqrt",
+              "\\cup", "∪", "\\pi", " ", "=", "^", "a", "7.5", "\\", "%", "cm"]
+    texts = [p for pair in EQUAL + NOT_EQUAL for p in pair]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randrange(1, 12))) for _ in range(3000)]
+    for s in texts:
+        for sep in (r"\\cup|∪", ",", r",|;|\s+or\s+|\s+and\s+"):
+            assert g._split_top(s, sep) == g._split_scan(s, re.compile(sep)), (s, sep)
+        assert g._latex_to_text(s) == g._latex_scan(s), s
+        assert g._parse(s) == g._parse.__wrapped__(s), s
