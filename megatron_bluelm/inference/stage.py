@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from kernels.attention import attention as document_attention
+from kernels.attention import register_document_layout
 from kernels.dispatch import use_triton
 from megatron_bluelm.inference.attention import (
     continued_prefill_attention,
@@ -236,9 +237,10 @@ class StageWeights:
         """Prompt pieces packed back to back in one row (``PackedRow``): x [T, hidden] -> the hidden
         states [T, hidden] (``row.last`` indexes each piece's last position). Positions restart per
         prompt; each piece's k, v go into every slot of its group at its own positions; a piece that
-        starts its prompt attends causally within itself (kernels.attention's document path:
-        FlexAttention with one block mask per row, shared by the layers, on CUDA; the exact SDPA
-        mask on CPU), the continued piece at the row's head attends to what its slot holds."""
+        starts its prompt attends causally within itself (kernels.attention's document path, its
+        layout registered once per row and shared by the layers: variable-length flash attention on
+        CUDA, FlexAttention where that is not usable, the exact SDPA mask on CPU), the continued
+        piece at the row's head attends to what its slot holds."""
         c, s = cos[row.pos][:, None, :], sin[row.pos][:, None, :]
         for i, lw in enumerate(self.layers):
             q, k, v = self._split_qkv(self._norm(x, lw.norm1), lw.qkv)  # [T, heads|groups, d]
@@ -261,7 +263,7 @@ class StageWeights:
             out.append(o[0].transpose(0, 1))
         if row.doc is not None:
             fresh = row.tokens - h
-            pad = row.doc.shape[1] - fresh  # the attention's length is bucketed (FlexAttention's shapes)
+            pad = row.doc.shape[1] - fresh  # the attention's length is bucketed (see attention_length)
             qt, kt, vt = (F.pad(t[h:], (0, 0, 0, 0, 0, pad)).transpose(0, 1)[None] for t in (q, k, v))
             o = document_attention(qt, kt, vt, causal=True, document_ids=row.doc)
             out.append(o[0].transpose(0, 1)[:fresh])
@@ -274,10 +276,13 @@ def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return t * cos + torch.cat((-t2, t1), dim=-1) * sin
 
 
-# FlexAttention compiles once per shape, so the part of a packed row that starts prompts is padded
-# (for the attention only; the matmuls see the real tokens) to a few lengths: powers of two from
-# this one, multiples of its 128-token blocks, at most the row capacity rounded up to a block.
+# FlexAttention (the document path's CUDA fallback) compiles once per shape, so the part of a packed
+# row that starts prompts is padded (for the attention only; the matmuls see the real tokens) to a
+# few lengths: powers of two from this one, multiples of its 128-token blocks, at most the row
+# capacity rounded up to a block. The padding is cut into documents of one block each, so its
+# attention costs ~pad x 128 on every path, not pad^2.
 _MIN_ATTENTION_LENGTH = 512
+_PAD_DOCUMENT = 128
 
 
 def attention_length(tokens: int, capacity: int) -> int:
@@ -293,7 +298,7 @@ class PackedRow:
     The first piece may continue a prompt its slots already hold (``head`` tokens from position
     ``head_start``, reading the cache of ``head_slot``); every other piece starts a prompt at
     position 0 and has its own document id in ``doc`` ([1, S] int32, non-decreasing, S >= the
-    fresh tokens; the padding is one more document)."""
+    fresh tokens; the padding in documents of ``_PAD_DOCUMENT`` tokens)."""
     tokens: int
     pos: torch.Tensor  # [T] each token's position in its prompt
     head: int
@@ -329,8 +334,10 @@ class PackedRow:
             head = 0
         doc = None
         if fresh:
-            ids = torch.repeat_interleave(torch.arange(len(fresh) + 1, dtype=torch.int32),
-                                          torch.tensor(fresh + [attention_length(sum(fresh), capacity) - sum(fresh)]))
-            doc = ids[None].to(device)
+            pad = attention_length(sum(fresh), capacity) - sum(fresh)
+            ids = torch.cat([torch.repeat_interleave(torch.arange(len(fresh), dtype=torch.int32), torch.tensor(fresh)),
+                             len(fresh) + torch.arange(pad, dtype=torch.int32) // _PAD_DOCUMENT])[None]
+            doc = ids.to(device)
+            register_document_layout(doc, ids)  # from the host copy: the device never syncs for it
         pos, wslot, wpos, wsrc = (torch.cat(t).to(device) for t in (pos, wslot, wpos, wsrc))
         return cls(off, pos, head, head_start, slots0[0], doc, wslot, wpos, wsrc, torch.tensor(last, device=device))

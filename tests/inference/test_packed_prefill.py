@@ -81,7 +81,9 @@ def test_packed_row_layout():
     assert row.pos.tolist() == [10, 11, 12, 0, 1, 0, 1, 2, 3]
     assert row.last.tolist() == [2, 4, 8]
     assert row.doc.shape == (1, 128) and row.doc[0, :6].tolist() == [0, 0, 1, 1, 1, 1]
-    assert (row.doc[0, 6:] == 2).all()  # the attention's padding: one more document
+    assert (row.doc[0, 6:] == 2).all()  # the attention's padding (122 tokens): one more document
+    pad = PackedRow.build([(0, 200, [0])], torch.device("cpu"), 16384).doc[0]
+    assert pad.shape == (512,) and pad.bincount().tolist() == [200, 128, 128, 56]  # padding in 128-token documents
     writes = sorted(zip(row.write_slot.tolist(), row.write_pos.tolist(), row.write_src.tolist()))
     assert writes == [(0, 0, 5), (0, 1, 6), (0, 2, 7), (0, 3, 8), (1, 0, 3), (1, 1, 4), (2, 0, 3), (2, 1, 4),
                       (4, 10, 0), (4, 11, 1), (4, 12, 2)]
