@@ -121,7 +121,9 @@ SAVE_PHASES = (
     ("state dict: optimizer (distributed)", "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer",
      "sharded_state_dict"),
     ("  of which: DP gather to host", "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer",
-     "get_parameter_state_dp_zero"),
+     "get_parameter_state_dp_zero"),  # megatron-core's host round trip: a save no longer calls it
+    ("  of which: state on device (ours)", "megatron_bluelm.training.optimizer_state",
+     "fully_reshardable_save_state"),
     ("preprocess (factories)", "megatron.core.dist_checkpointing.serialization", "save_preprocess"),
     ("validate: metadata exchange", "megatron.core.dist_checkpointing.state_dict_utils",
      "determine_global_metadata"),
