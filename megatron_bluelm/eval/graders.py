@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from fractions import Fraction
 from functools import lru_cache
 from typing import Optional, Union
 
@@ -483,8 +484,19 @@ def _to_sympy(s: str):
     return _sympify(text)
 
 
+_PLAIN_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?")
+
+
 @lru_cache(maxsize=4096)
 def _sympify(text: str):
+    import sympy
+
+    if _PLAIN_NUMBER.fullmatch(text):  # what parse_expr makes of it (rationalized), without its compile()
+        return sympy.Rational(text)
+    return _sympify_parsed(text)
+
+
+def _sympify_parsed(text: str):
     import sympy
     from sympy.parsing.sympy_parser import (
         convert_xor,
@@ -554,6 +566,25 @@ def _scalar_equal(a, b) -> bool:
 
 
 def _value_equal(x, y) -> bool:
+    import sympy
+
+    if x == y:
+        return True
+    if isinstance(x, sympy.Rational) and isinstance(y, sympy.Rational) and _clearly_apart(x, y):
+        return False  # what the numeric comparison concludes, in exact integer arithmetic (sympy's evalf is slow)
+    return _value_equal_full(x, y)
+
+
+def _clearly_apart(x, y) -> bool:
+    """Two rationals more than twice ``_value_equal_full``'s tolerance apart (so float rounding there
+    cannot matter), both small enough for its float conversions (no overflow)."""
+    if max(x.p.bit_length(), x.q.bit_length(), y.p.bit_length(), y.q.bit_length()) > 900:
+        return False
+    d = abs(Fraction(int(x.p), int(x.q)) - Fraction(int(y.p), int(y.q)))
+    return d > Fraction(2, 10**12) * max(1, abs(Fraction(int(y.p), int(y.q))))
+
+
+def _value_equal_full(x, y) -> bool:
     import sympy
 
     if x == y:

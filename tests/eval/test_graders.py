@@ -140,3 +140,20 @@ def test_fast_paths_equal_the_full_scans():
             assert g._split_top(s, sep) == g._split_scan(s, re.compile(sep)), (s, sep)
         assert g._latex_to_text(s) == g._latex_scan(s), s
         assert g._parse(s) == g._parse.__wrapped__(s), s
+    import sympy
+
+    numbers = ["0", "-0", "0.0", "-0.0", "10", "-10", "0.5", "1.50", "100.000", "012", "3.", ".5", "1e5"]
+    for _ in range(300):
+        n = str(rng.randrange(10 ** rng.randrange(1, 30)))
+        numbers += [n, "-" + n, f"{n}.{rng.randrange(10 ** rng.randrange(1, 12))}", f"-0.{n}"]
+    for t in numbers:  # plain numbers skip parse_expr: the same sympy object
+        assert sympy.srepr(g._sympify.__wrapped__(t)) == sympy.srepr(g._sympify_parsed(t)), t
+    decided = 0
+    for _ in range(500):  # rationals far apart, about the tolerance apart, huge: the exact test agrees with evalf
+        k = rng.randrange(1, 320)
+        a = sympy.Rational(rng.randrange(-10 ** k, 10 ** k), rng.randrange(1, 10 ** rng.randrange(1, 20)))
+        near = a + sympy.Rational(rng.choice([1, -1]), 10 ** rng.randrange(10, 14)) * max(1, abs(a))
+        for x, y in ((a, near), (near, a), (a, a / 100), (a, sympy.Integer(rng.randrange(-99, 99)))):
+            assert g._value_equal(x, y) == g._value_equal_full(x, y), (x, y)
+            decided += g._clearly_apart(x, y)
+    assert decided > 500  # the shortcut decided many of them
