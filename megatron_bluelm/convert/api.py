@@ -84,6 +84,8 @@ def megatron_to_hf(load: str, out: str, *, tokenizer_model: str | None = None, d
                to_hf(arch.TABLE, state, _dims(model, tok.vocab_size, cfg.vision)).items()}
     config = arch.export_config(cfg, tok.vocab_size, dtype, tok.special_ids)
     _write_hf_dir(out, tensors, config, cfg.data.tokenizer_model, max_shard_bytes)
+    if hasattr(arch, "write_processor"):  # the VLM's image processor + processor (remote code)
+        arch.write_processor(out, config)
     return out
 
 

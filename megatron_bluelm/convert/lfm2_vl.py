@@ -18,22 +18,25 @@ from any text config. We configure it as:
 * ``image_token_id`` = our ``<image>``; ``tie_word_embeddings=False`` (untied, as the decoder).
 
 Inputs: each of our tiles (the thumbnail too) is one Siglip2 "image" of ``spatial_shapes = (g, g)`` with
-an all-ones ``pixel_attention_mask``; :func:`hf_pixel_inputs` makes them from
+an all-ones ``pixel_attention_mask``; ``processing_bluelm.hf_pixel_inputs`` makes them from
 ``data/images.py:ImageProcessor.tiles``. The ``<image>`` tokens of a tile are contiguous and the tiles
 come in order, so Lfm2Vl's ``masked_scatter`` places them where our splicing does. ``<img_start>`` /
 ``<img_end>`` are plain text tokens. No ``transformers`` image processor reproduces our tiling
-(relaxed aspect-ratio grid, PIL bicubic, S x S thumbnail), so none is exported: the tiling settings are
-kept in config.json under ``bluelm_image_tiling`` (docs/MULTIMODAL.md).
+(relaxed aspect-ratio grid, PIL bicubic, S x S thumbnail), so the export carries its own
+(``processing_bluelm.py`` + a copy of ``data/images.py``, ``trust_remote_code``; :func:`write_processor`);
+the tiling settings are also kept in config.json under ``bluelm_image_tiling`` (docs/MULTIMODAL.md).
 """
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from dataclasses import replace
 
-import torch
-
 from megatron_bluelm.convert import llama
+from megatron_bluelm.convert.hf_io import write_json
 from megatron_bluelm.convert.mapping import ParamMap
+from megatron_bluelm.data import images
 
 HF_ARCHITECTURE = "Lfm2VlForConditionalGeneration"
 TILING_KEY = "bluelm_image_tiling"
@@ -162,14 +165,22 @@ def import_config(config: dict):
     return cfg
 
 
-def hf_pixel_inputs(tiles: torch.Tensor, patch_size: int) -> dict[str, torch.Tensor]:
-    """Our tiles ``[n, 3, S, S]`` (``ImageProcessor.tiles``, every image's tiles in order, concatenated)
-    -> Lfm2Vl's image inputs: ``pixel_values [n, g*g, p*p*3]`` (patches row-major, each flattened in
-    (row, column, channel) order), ``spatial_shapes [n, 2]`` = (g, g), ``pixel_attention_mask [n, g*g]``
-    all ones (no padding: every tile is a full g x g grid)."""
-    n, c, s, _ = tiles.shape
-    g = s // patch_size
-    patches = tiles.reshape(n, c, g, patch_size, g, patch_size).permute(0, 2, 4, 3, 5, 1)
-    return {"pixel_values": patches.reshape(n, g * g, patch_size * patch_size * c).contiguous(),
-            "spatial_shapes": torch.tensor([[g, g]] * n, dtype=torch.long),
-            "pixel_attention_mask": torch.ones(n, g * g, dtype=torch.int32)}
+PROCESSOR_MODULE = "processing_bluelm"  # convert/processing_bluelm.py; transformers loads it from the export
+
+
+def write_processor(out: str, config: dict) -> None:
+    """The export's processor: ``processing_bluelm.py``, ``bluelm_images.py`` (``data/images.py`` as is),
+    and the configs that make ``AutoProcessor`` / ``AutoImageProcessor`` (trust_remote_code) load them."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    module = PROCESSOR_MODULE
+    shutil.copyfile(os.path.join(here, module + ".py"), os.path.join(out, module + ".py"))
+    shutil.copyfile(images.__file__, os.path.join(out, "bluelm_images.py"))  # its relative import
+    tiling = config[TILING_KEY]
+    write_json(os.path.join(out, "preprocessor_config.json"), {
+        "image_processor_type": "BlueLMImageProcessor", "processor_class": "BlueLMProcessor",
+        "auto_map": {"AutoImageProcessor": f"{module}.BlueLMImageProcessor",
+                     "AutoProcessor": f"{module}.BlueLMProcessor"},
+        "tile_size": tiling["tile_size"], "max_tiles": tiling["max_tiles"], "thumbnail": tiling["thumbnail"],
+        "patch_size": config["vision_config"]["patch_size"]})
+    write_json(os.path.join(out, "processor_config.json"), {
+        "processor_class": "BlueLMProcessor", "auto_map": {"AutoProcessor": f"{module}.BlueLMProcessor"}})

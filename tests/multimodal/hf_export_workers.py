@@ -58,3 +58,22 @@ def our_logits(load: str):
     with torch.no_grad():
         logits = model(ids, torch.arange(ids.shape[1])[None], None, pixel_values=tiles)
     return logits[0].float(), ids, tiles, per_image
+
+
+def our_greedy(load: str, max_new_tokens: int, stop_ids: list[int]):
+    """Our generation engine, greedy, on PROMPT with IMAGES from the checkpoint ``load``: the
+    generated ids (the stop id included when one ended the answer)."""
+    from megatron_bluelm.data.tokenizer import load_tokenizer
+    from megatron_bluelm.inference.engine import TextGenerator
+    from megatron_bluelm.inference.generate import GenerationRequest
+    from megatron_bluelm.inference.loading import checkpoint_run_config, load_weights
+    from megatron_bluelm.inference.model import build_inference_model, set_layout
+
+    cfg = set_layout(checkpoint_run_config(load), 1, 1)  # one rank, whatever layout trained it
+    tok = load_tokenizer(cfg.data.tokenizer_model)
+    im = build_inference_model(cfg, tok.vocab_size, image_token_id=tok.special_ids["<image>"])
+    load_weights([im.model], load)
+    gen = TextGenerator(im, tok)
+    (out,) = gen.generate([PROMPT], GenerationRequest(max_new_tokens=max_new_tokens, stop_token_ids=stop_ids),
+                          images=[IMAGES])
+    return out.tokens

@@ -1,7 +1,9 @@
 """Hugging Face export of the multimodal model as ``Lfm2VlForConditionalGeneration``: transformers loads
 it offline and computes our logits on real images (several tiles + thumbnail, two images in one
 sequence) from a checkpoint trained under TP2; HF -> megatron -> HF is bit-identical; HF weights of
-any value import exactly; configs that are not our structure fail with a clear error."""
+any value import exactly; configs that are not our structure fail with a clear error. The exported
+processor (remote code) loads with AutoProcessor on the oldest and newest declared transformers and
+makes training's inputs; pipeline("image-text-to-text") answers as our engine does."""
 import json
 import os
 import shutil
@@ -10,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from distributed import run_distributed
-from hf_export_workers import convert, our_logits, train_and_save
+from hf_export_workers import IMAGES, PROMPT, convert, our_greedy, our_logits, sample, train_and_save
 from mm_workers import overrides
 
 from megatron_bluelm.convert import lfm2_vl
@@ -19,6 +21,7 @@ from megatron_bluelm.convert.mapping import ConversionError, Dims, find, unfuse
 from megatron_bluelm.models.adapter import pixel_unshuffle
 
 transformers = pytest.importorskip("transformers")
+hf_pixel_inputs = pytest.importorskip("megatron_bluelm.convert.processing_bluelm").hf_pixel_inputs
 os.environ["HF_HUB_OFFLINE"] = "1"
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -39,7 +42,7 @@ def _hf_logits(hf_dir, ids, tiles, patch_size):
     model = transformers.AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32).eval()
     assert type(model).__name__ == "Lfm2VlForConditionalGeneration"
     with torch.no_grad():
-        return model(input_ids=ids, **lfm2_vl.hf_pixel_inputs(tiles, patch_size)).logits[0]
+        return model(input_ids=ids, **hf_pixel_inputs(tiles, patch_size)).logits[0]
 
 
 @pytest.mark.parametrize("grid", [4, 8, 26])  # 26: vit-so400m's 364-pixel tiles
@@ -64,7 +67,7 @@ def test_lfm2_vl_pieces_are_ours_exactly(grid):
     tiles = torch.randn(2, 3, 14 * grid, 14 * grid, dtype=torch.float64)
     (w,) = unfuse(find(lfm2_vl.TABLE, "vision_model.patch_embedding.weight"), conv.weight.detach(),
                   {"vision": Dims(num_heads=1, num_groups=1, head_dim=1, patch_size=14)})
-    patches = lfm2_vl.hf_pixel_inputs(tiles, 14)["pixel_values"]
+    patches = hf_pixel_inputs(tiles, 14)["pixel_values"]
     torch.testing.assert_close(patches @ w.T + conv.bias, conv(tiles).flatten(2).transpose(1, 2).detach())
 
 
@@ -79,6 +82,66 @@ def test_hf_logits_equal_ours(exported):
     torch.testing.assert_close(theirs, ours[:, : theirs.shape[1]], **TOL)
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OLDEST = os.environ.get("BLUELM_TRANSFORMERS_OLDEST", os.path.join(REPO, ".deps", "transformers-oldest"))
+PROCESS = (  # run by the oldest transformers: the exported processor on IMAGES + PROMPT
+    "import sys, torch, transformers\n"
+    "hf_dir, images, (prompt, out) = sys.argv[1], sys.argv[2:-2], sys.argv[-2:]\n"
+    "proc = transformers.AutoProcessor.from_pretrained(hf_dir, trust_remote_code=True)\n"
+    "assert type(proc).__name__ == 'BlueLMProcessor', type(proc)\n"
+    "torch.save({'version': transformers.__version__, **proc(images=images, text=prompt, return_tensors='pt')}, out)\n")
+
+
+@pytest.mark.parametrize("version", ["newest", "oldest"])
+def test_exported_processor_makes_training_inputs(exported, tmp_path, version):
+    """AutoProcessor (trust_remote_code) on the export: the ids with every <image> expanded and the
+    pixels of every tile are exactly what training builds (data/images.py) for the same images. The
+    oldest version runs in a process without the project on its path: the export stands alone."""
+    import subprocess
+    import sys
+
+    from megatron_bluelm.convert.megatron_io import run_config_from_meta
+    from megatron_bluelm.data.tokenizer import load_tokenizer
+    from megatron_bluelm.training.checkpointing import read_meta, resolve_checkpoint
+
+    ckpt, hf_dir = exported
+    if version == "newest":
+        proc = transformers.AutoProcessor.from_pretrained(hf_dir, trust_remote_code=True)
+        assert type(proc).__name__ == "BlueLMProcessor"
+        got = proc(images=IMAGES, text=PROMPT, return_tensors="pt")
+    else:
+        if not os.path.isdir(OLDEST):
+            pytest.skip(f"no oldest transformers at {OLDEST} (make install puts it there)")
+        env = dict(os.environ, PYTHONPATH=OLDEST, HF_MODULES_CACHE=str(tmp_path / "modules"))
+        out = tmp_path / "inputs.pt"
+        r = subprocess.run([sys.executable, "-c", PROCESS, hf_dir, *IMAGES, PROMPT, str(out)], capture_output=True,
+                           text=True, env=env, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got = torch.load(out)
+        assert f'"transformers>={got.pop("version")}' in open(os.path.join(REPO, "setup.py")).read()
+    cfg = run_config_from_meta(read_meta(resolve_checkpoint(ckpt)[0]))
+    ids, tiles, _ = sample(cfg.vision, load_tokenizer(cfg.data.tokenizer_model))  # training's processing
+    assert torch.equal(got["input_ids"], ids) and got["attention_mask"].all()
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    pixels = hf_pixel_inputs(tiles, config["vision_config"]["patch_size"])
+    assert sorted(got.keys()) == sorted(["input_ids", "attention_mask", *pixels])
+    for key, value in pixels.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_pipeline_answers_as_our_engine(exported):
+    """transformers.pipeline("image-text-to-text") on the export (processor and model from the
+    directory) generates greedily the same tokens as our engine on the checkpoint."""
+    ckpt, hf_dir = exported
+    pipe = transformers.pipeline("image-text-to-text", model=hf_dir, trust_remote_code=True, dtype=torch.float32)
+    assert type(pipe.processor).__name__ == "BlueLMProcessor"
+    stops = json.load(open(os.path.join(hf_dir, "generation_config.json")))["eos_token_id"]
+    (result,) = pipe(images=IMAGES, text=PROMPT, max_new_tokens=8, return_tensors=True)
+    prompt_len = len(pipe.processor(images=IMAGES, text=PROMPT)["input_ids"][0])
+    ours = run_distributed(our_greedy, 1, ckpt, 8, stops)[0]
+    assert len(ours) > 0 and result["generated_token_ids"][prompt_len:].tolist() == ours
+
+
 def test_hf_to_megatron_to_hf_is_bit_identical(exported, tmp_path):
     from safetensors.torch import load_file
 
@@ -90,7 +153,8 @@ def test_hf_to_megatron_to_hf_is_bit_identical(exported, tmp_path):
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
     for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-              "tokenizer.model"):
+              "tokenizer.model", "preprocessor_config.json", "processor_config.json", "processing_bluelm.py",
+              "bluelm_images.py"):
         assert open(os.path.join(hf_dir, f), "rb").read() == open(tmp_path / "hf2" / f, "rb").read(), f
 
 
