@@ -7,8 +7,9 @@ tensors: at batch 1 more time than the attention of all layers. Here:
 
 * ``greedy_pick``: per row, the masked argmax of the logits and the log-softmax at it, in one pass
   over the vocabulary (online max / sum-exp, the vocabulary split over programs and combined by a
-  second small kernel), reading the logits in their own dtype (the matmul's bf16 output: no fp32 copy). Masks: the call's ban vector, ``<think>`` once thinking has started,
-  ``</think>`` after the close.
+  second small kernel), reading the logits in their own dtype (the matmul's bf16 output: no fp32
+  copy). Masks: the call's ban vector, ``<think>`` once thinking has started, ``</think>`` after the
+  close.
 * ``update_rows``: the state machine, one program per block of rows.
 
 The torch references (``*_ref``) are the definition; ``megatron_bluelm.inference.decode_state``

@@ -31,9 +31,9 @@ from kernels.dispatch import use_triton
 from megatron_bluelm.inference.attention import (
     continued_prefill_attention,
     decode_attention,
-    rope_cache_attention,
     prefill_attention,
     rope_and_cache,
+    rope_cache_attention,
 )
 from megatron_bluelm.inference.errors import GenerationError
 

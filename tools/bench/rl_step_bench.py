@@ -31,7 +31,8 @@ def write_prompts(path: str, n: int) -> None:
     with open(path, "w") as f:
         for i in range(n):
             q = f"Compute {17 + i} times {23 + 2 * i}, then add {i}. Think step by step."
-            f.write(json.dumps({"messages": [{"role": "user", "content": q}], "answer": str((17 + i) * (23 + 2 * i) + i),
+            answer = str((17 + i) * (23 + 2 * i) + i)
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}], "answer": answer,
                                 "source": "math"}) + "\n")
 
 
