@@ -11,7 +11,9 @@ barrier), and ``latest`` only after ``meta.json``. A process killed at any momen
 either the previous ``latest`` (the new directory has no ``meta.json`` and is ignored on resume) or the
 new one, complete. Tensors are stored by *global* name and shape (megatron-core ShardedTensors), so a
 checkpoint loads into any TP x PP x DP layout; the optimizer state too (``fully_reshardable``
-for the distributed optimizer). RNG states are per rank and restored only into the same layout.
+for the distributed optimizer), also into the other optimizer (a resume may switch
+``parallel.distributed_optimizer``: see "optimizer switch" below). RNG states are per rank and restored
+only into the same TP x PP x DP layout.
 
 With ``checkpoint.async_save`` the shards are written by a forked writer process while training
 goes on; ``meta.json`` and ``latest`` are written only when every rank's writer has finished (its
