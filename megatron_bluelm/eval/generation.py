@@ -8,6 +8,7 @@ prompts report 0). The harness checks budgets against this count, independent of
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 from megatron_bluelm.eval.harness import Sample
@@ -17,12 +18,12 @@ def sampled_thinking_tokens(tokens: list, forced: list, end_think: int, thinking
     """Sampled tokens before the first ``</think>`` (all of them when the block never closed)."""
     if not thinking:
         return 0
-    n = 0
-    for tok, was_forced in zip(tokens, forced):
-        if tok == end_think:
-            break
-        n += not was_forced
-    return n
+    m = min(len(tokens), len(forced))
+    try:
+        end = tokens.index(end_think, 0, m)
+    except ValueError:
+        end = m
+    return end - sum(map(bool, forced[:end]))
 
 
 class EngineGenerate:
@@ -40,17 +41,24 @@ class EngineGenerate:
         self._sampling = lambda seed: SamplingParams(settings.temperature, settings.top_k, settings.top_p, seed)
 
     def __call__(self, conversations, images, budget: Optional[int], max_new_tokens: int, seed: int,
-                 samples: int) -> list:
+                 samples: int, on_sample=None) -> Optional[list]:
+        """``on_sample(i, make)``: called from the engine's loop as sample i finishes; ``make()``
+        decodes it (the harness calls it on its row thread). Then nothing is returned."""
         convs = [c for c in conversations for _ in range(samples)]
         imgs = [i for i in images for _ in range(samples)] if any(images) else None
         req = self.gen.request(bridge_text=self.bridge, max_new_tokens=max_new_tokens, thinking_budget=budget,
                                sampling=self._sampling(seed))
-        outs = self.gen.chat(convs, req, imgs)
+        if on_sample is not None:
+            self.gen.chat(convs, req, imgs, on_finish=lambda i, o: on_sample(i, partial(self.sample, o, budget)))
+            return None
+        return [self.sample(o, budget) for o in self.gen.chat(convs, req, imgs)]
+
+    def sample(self, o, budget: Optional[int]) -> Sample:
+        """An engine output as the harness's Sample (the text without the stop token)."""
         end_think = self.gen.ids.end_think
-        return [Sample(self.gen.decode(o),
-                       sampled_thinking_tokens(o.tokens, o.forced or [False] * len(o.tokens), end_think, budget != 0),
-                       len(o.tokens), o.finish_reason, o.forced_close, list(getattr(o, "warnings", [])))
-                for o in outs]
+        return Sample(self.gen.decode(o),
+                      sampled_thinking_tokens(o.tokens, o.forced or [False] * len(o.tokens), end_think, budget != 0),
+                      len(o.tokens), o.finish_reason, o.forced_close, list(getattr(o, "warnings", [])))
 
 
 class HFGenerate:

@@ -17,9 +17,13 @@ summary is computed from the results file alone.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import queue
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
@@ -89,7 +93,10 @@ class Sample:
 
 
 # generate(conversations, images per conversation, budget, max_new_tokens, seed, samples)
-#   -> samples responses per conversation, conversation-major
+#   -> samples responses per conversation, conversation-major.
+# A GenerateFn may also take ``on_sample``: then it calls on_sample(index, make) once for every
+# sample (conversation-major index) as soon as that sample is finished, ``make()`` returning its
+# Sample, and its return value is not used (the harness grades samples while the rest generate).
 GenerateFn = Callable[[list, list, Optional[int], int, int, int], list]
 
 
@@ -199,10 +206,12 @@ def _batch_seed(seed: int, bench: str, budget: Optional[int], first_index: int) 
 
 def evaluate(generate: GenerateFn, benchmarks: Sequence[Benchmark], settings: EvalSettings,
              results_path: Optional[str] = None, meta: Optional[dict] = None, progress: bool = True,
-             writer: bool = True, stop_after_batches: Optional[int] = None) -> dict:
+             writer: bool = True, stop_after_batches: Optional[int] = None, overlap: bool = True) -> dict:
     """Run the sweep (resuming from ``results_path``) and return the summary. Every rank of a model
     calls it with the same arguments; only ``writer`` writes. ``stop_after_batches``: end early (tests
-    of resume use it to stand for an interruption)."""
+    of resume use it to stand for an interruption). ``overlap``: grade and write on a second thread
+    while generation goes on (``_RowMaker``); False does it all in this thread, between the calls
+    (the same rows and summary, slower)."""
     settings.check()
     meta = dict(meta or {})
     results = ResultsFile(results_path, settings, meta, writer)
@@ -217,32 +226,152 @@ def evaluate(generate: GenerateFn, benchmarks: Sequence[Benchmark], settings: Ev
                 if batch:
                     todo.append((bench, budget, start, [it for _, it in batch]))
     bar = _progress(sum(len(t[3]) for t in todo), progress and writer)
-    t0, n_items, n_tokens = time.perf_counter(), 0, 0
-    for calls, (bench, budget, start, items) in enumerate(todo):
-        if stop_after_batches is not None and calls >= stop_after_batches:
-            break
-        seed = _batch_seed(settings.seed, bench.name, budget, start)
-        outs = generate([it.messages for it in items], [it.images for it in items], budget,
-                        settings.max_tokens(budget, getattr(generate, "forced_length", 1)), seed, settings.samples)
-        k = settings.samples
-        rows = [_row(bench, it, budget, outs[j * k:(j + 1) * k]) for j, it in enumerate(items)]
-        results.append(rows)
-        n_items += len(items)
-        n_tokens += sum(s.tokens for s in outs)
-        if bar is not None:
-            dt = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(f"{bench.name} budget {budget_label(budget)} | {n_items / dt:.2f} items/s "
-                                f"{n_tokens / dt:,.0f} tok/s")
-            bar.update(len(items))
+    streams = "on_sample" in inspect.signature(generate).parameters
+    rows = _RowMaker(results, settings, bar, overlap)
+    t0, in_generate = time.perf_counter(), 0.0
+    try:
+        for calls, (bench, budget, start, items) in enumerate(todo):
+            if stop_after_batches is not None and calls >= stop_after_batches:
+                break
+            rows.check()
+            batch = rows.begin(bench, budget, items)
+            seed = _batch_seed(settings.seed, bench.name, budget, start)
+            args = ([it.messages for it in items], [it.images for it in items], budget,
+                    settings.max_tokens(budget, getattr(generate, "forced_length", 1)), seed, settings.samples)
+            t = time.perf_counter()
+            outs = generate(*args, on_sample=batch.sample) if streams else generate(*args)
+            in_generate += time.perf_counter() - t
+            rows.end(batch, None if streams else outs)
+    except BaseException:
+        rows.close(raise_error=False)  # the caller sees this error, not a later one of the row thread
+        raise
+    rows.close()
     if bar is not None:
         bar.close()
     dt = time.perf_counter() - t0
     summary = summarize(results.rows, benchmarks, settings)
+    n_items, n_tokens = rows.items, rows.tokens
     summary["throughput"] = {"items": n_items, "generated_tokens": n_tokens, "seconds": dt,
                              "items_per_s": n_items / dt if dt > 0 else 0.0,
-                             "tokens_per_s": n_tokens / dt if dt > 0 else 0.0}
+                             "tokens_per_s": n_tokens / dt if dt > 0 else 0.0,
+                             # the time this process was not generating: host work left on the
+                             # critical path (rendering, grading and writing that did not overlap)
+                             "generate_seconds": in_generate, "host_seconds": dt - in_generate}
     summary.update(meta)
     return summary
+
+
+class _Batch:
+    """One generation call's samples as they arrive (any order), graded item by item when complete."""
+
+    def __init__(self, maker: "_RowMaker", bench: Benchmark, budget: Optional[int], items: list):
+        self.maker, self.bench, self.budget, self.items = maker, bench, budget, items
+        k = maker.settings.samples
+        self.samples: list = [None] * (len(items) * k)
+        self.left = [k] * len(items)
+        self.rows: list = [None] * len(items)
+
+    def sample(self, index: int, make: Callable[[], Sample]) -> None:
+        """``GenerateFn`` streaming callback: sample ``index`` (conversation-major) is finished;
+        ``make()`` returns it (decoding happens there, on the row thread)."""
+        self.maker.submit(self._take, index, make)
+
+    def _take(self, index: int, make) -> None:
+        if self.samples[index] is not None:
+            raise RuntimeError(f"generate reported sample {index} of a batch twice")
+        self.samples[index] = make()
+        j = index // self.maker.settings.samples
+        self.left[j] -= 1
+        if self.left[j] == 0:
+            self._grade(j)
+
+    def _grade(self, j: int) -> None:
+        k = self.maker.settings.samples
+        self.rows[j] = _row(self.bench, self.items[j], self.budget, self.samples[j * k:(j + 1) * k])
+
+    def _finish(self, outs: Optional[list]) -> None:
+        if outs is not None:
+            if len(outs) != len(self.samples):
+                raise RuntimeError(f"generate returned {len(outs)} samples for {len(self.samples)} prompts")
+            for j in range(len(self.items)):
+                if self.rows[j] is None:
+                    k = self.maker.settings.samples
+                    self.samples[j * k:(j + 1) * k] = outs[j * k:(j + 1) * k]
+                    self._grade(j)
+        missing = [i for i, s in enumerate(self.samples) if s is None]
+        if missing:
+            raise RuntimeError(f"generate returned without reporting samples {missing[:8]} of the batch")
+        self.maker.written(self, self.rows)
+
+
+class _RowMaker:
+    """Builds the results rows (decode, grade) and appends them batch by batch, in batch order, so the
+    results file and summary are the same as the plain path's. With ``overlap`` this runs on a thread
+    of its own: the graders and the file write (flush + fsync, which releases the GIL) of finished
+    samples run while the engine generates the rest of the batch and the next one, whose host loop
+    mostly waits on the GPU with the GIL released. Without it (or for a batch's leftovers) the same
+    code runs in the caller."""
+
+    def __init__(self, results: ResultsFile, settings: EvalSettings, bar, overlap: bool):
+        self.results, self.settings, self.bar = results, settings, bar
+        self.items = self.tokens = 0
+        self.error: Optional[BaseException] = None
+        self.thread = None
+        self.t0 = time.perf_counter()
+        if overlap:
+            self.queue: queue.SimpleQueue = queue.SimpleQueue()
+            # the engine's host loop must get the GIL back from this thread soon after the GPU is
+            # done; CPython hands it over only after the switch interval (5 ms by default)
+            self.old_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self.old_interval, 0.001))
+            self.thread = threading.Thread(target=self._run, name="eval-rows", daemon=True)
+            self.thread.start()
+
+    def begin(self, bench: Benchmark, budget: Optional[int], items: list) -> _Batch:
+        return _Batch(self, bench, budget, items)
+
+    def submit(self, fn, *args) -> None:
+        if self.thread is None:
+            fn(*args)
+        else:
+            self.queue.put((fn, args))
+
+    def end(self, batch: _Batch, outs: Optional[list]) -> None:
+        self.submit(batch._finish, outs)
+
+    def written(self, batch: _Batch, rows: list) -> None:
+        self.results.append(rows)
+        self.items += len(rows)
+        self.tokens += sum(s["tokens"] for r in rows for s in r["samples"])
+        if self.bar is not None:
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"{batch.bench.name} budget {budget_label(batch.budget)} | "
+                                     f"{self.items / dt:.2f} items/s {self.tokens / dt:,.0f} tok/s")
+            self.bar.update(len(rows))
+
+    def _run(self) -> None:
+        while True:
+            task = self.queue.get()
+            if task is None:
+                return
+            if self.error is None:  # after an error: drain, the caller raises it
+                try:
+                    task[0](*task[1])
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                    self.error = e
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self, raise_error: bool = True) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            sys.setswitchinterval(self.old_interval)
+            self.thread = None
+        if raise_error:
+            self.check()
 
 
 def _share_rows(results: ResultsFile) -> None:

@@ -5,13 +5,19 @@
 
 The full decoder with random weights (bf16 on a GPU), the bundled tokenizer for prompts and grading
 (logits restricted to its ids; the output layer keeps the preset's 100k rows, so the cost per token is
-the real model's). A random model never closes its think block: every thinking sample runs to its
-budget, is force-closed and answers for ``--answer-tokens`` — the worst case per budget. Per budget:
+the real model's). A random model seldom closes its think block itself: most thinking samples run to
+their budget, are force-closed and answer for ``--answer-tokens``. Per budget, after an untimed engine
+pass over the same prompts (every shape seen once, its outputs recorded):
 
 * harness: ``eval.harness.evaluate`` over ``--items`` items of ``--bench`` (rendering, generation
-  through ``TextGenerator``, grading, the results file), items/s and generated tokens/s;
+  through ``TextGenerator``, grading, the results file), items/s and generated tokens/s; grading and
+  writing run on the harness's row thread while the engine generates (``plain``: ``overlap=False``,
+  all of it between the generation calls);
 * engine: ``generate_ids`` on the same prompt ids with the same request, tokens/s;
-* ratio harness / engine tokens/s (1.0 = the harness adds nothing to the engine's time).
+* ratio harness / engine tokens/s (1.0 = the harness adds nothing to the engine's time);
+* host ms: the harness's whole host work per item, timed by replaying the recorded outputs through it
+  at once (no GPU in the loop); exposed: (harness time - engine time) per item, the host work the
+  overlap left on the critical path.
 """
 from __future__ import annotations
 
@@ -34,6 +40,28 @@ MODEL_VOCAB = 100_000
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+class ReplayEngine:
+    """Stands in for the engine: returns the outputs of recorded ``generate_ids`` calls, in call order,
+    at once (so the harness's own host work is all that is timed)."""
+
+    def __init__(self, calls: list):
+        self.calls, self.next = calls, 0
+
+    def generate(self, prompts, samples_cfg, *, on_finish=None, **_) -> list:
+        outs = self.calls[self.next % len(self.calls)]
+        self.next += 1
+        if len(outs) != len(prompts) or any(o.prompt != list(p) for o, p in zip(outs, prompts)):
+            raise RuntimeError("replay: the harness asked for other prompts than the engine run recorded")
+        results = []
+        for i, o in enumerate(outs):
+            r = {"tokens": o.tokens, "logprobs": o.logprobs, "forced": o.forced, "finish": o.finish_reason,
+                 "thinking": o.thinking_tokens}
+            results.append(r)
+            if on_finish is not None:
+                on_finish(i, r)
+        return results
 
 
 def main() -> None:
@@ -78,40 +106,70 @@ def main() -> None:
         evaluate(fn, [Benchmark(bench.name, bench.path, items[:min(8, len(items))])], settings, progress=False)
         prompts = [tok.encode(_render_prompt(it, budget)) for it in items]
         max_new = settings.max_tokens(budget, fn.forced_length)
-        # the cache and graphs for a full batch before either clock starts (else the first timed run
+        # the cache and graphs for a full batch before any clock starts (else the first timed run
         # pays the allocation and the graph captures, the second reuses them)
         gen.engine.reserve(min(a.batch_size, len(items)), max(map(len, prompts)) + max_new, max_new, im.vocab_size)
-        with tempfile.TemporaryDirectory() as tmp:
+
+        def engine_pass(record=None) -> tuple[float, int]:
+            generated = 0
             _sync(device)
             t = time.perf_counter()
-            summary = evaluate(fn, [bench], settings, results_path=os.path.join(tmp, "r.jsonl"), progress=False)
+            for start in range(0, len(prompts), a.batch_size):
+                req = gen.request(bridge_text=settings.bridge(), max_new_tokens=max_new, thinking_budget=budget,
+                                  sampling=SamplingParams())
+                outs = generate_ids(gen.engine, prompts[start:start + a.batch_size], req, ids=gen.ids,
+                                    vocab_size=im.vocab_size, max_context=im.max_context, tables=gen.tables)
+                generated += sum(len(o.tokens) for o in outs)
+                if record is not None:
+                    record.append(outs)
             _sync(device)
-            dt_h = time.perf_counter() - t
+            return time.perf_counter() - t, generated
+
+        recorded: list = []
+        engine_pass(recorded)  # untimed: every prefill / decode shape of the timed runs seen once
+
+        def harness_pass(overlap: bool) -> tuple[float, dict]:
+            with tempfile.TemporaryDirectory() as tmp:
+                _sync(device)
+                t = time.perf_counter()
+                summary = evaluate(fn, [bench], settings, results_path=os.path.join(tmp, "r.jsonl"),
+                                   progress=False, overlap=overlap)
+                _sync(device)
+                return time.perf_counter() - t, summary
+
+        dt_h, summary = harness_pass(overlap=True)
+        dt_p, _ = harness_pass(overlap=False)
+        dt_e, generated = engine_pass()
+        # the host's share alone: the same sweep over the engine's recorded outputs, returned at once
+        real_engine, gen.engine = gen.engine, ReplayEngine(recorded)
+        try:
+            dt_r, _ = harness_pass(overlap=False)
+        finally:
+            gen.engine = real_engine
         tp = summary["throughput"]
-        generated = 0
-        _sync(device)
-        t = time.perf_counter()
-        for start in range(0, len(prompts), a.batch_size):
-            req = gen.request(bridge_text=settings.bridge(), max_new_tokens=max_new, thinking_budget=budget,
-                              sampling=SamplingParams())
-            outs = generate_ids(gen.engine, prompts[start:start + a.batch_size], req, ids=gen.ids,
-                                vocab_size=im.vocab_size, max_context=im.max_context, tables=gen.tables)
-            generated += sum(len(o.tokens) for o in outs)
-        _sync(device)
-        dt_e = time.perf_counter() - t
-        row = {"budget": budget, "items": len(items), "harness_items_s": len(items) / dt_h,
+        n = len(items)
+        row = {"budget": budget, "items": n, "harness_items_s": n / dt_h,
                "harness_tok_s": tp["generated_tokens"] / dt_h, "engine_tok_s": generated / dt_e,
                "ratio": (tp["generated_tokens"] / dt_h) / (generated / dt_e),
+               "plain_items_s": n / dt_p,  # the same harness, grading and writing between the calls
+               "host_ms_per_item": 1e3 * dt_r / n,  # all host work of the harness (replayed outputs)
+               "exposed_ms_per_item": 1e3 * (dt_h - dt_e) / n,  # harness time over the bare engine's
+               "harness_host_ms_per_item": 1e3 * tp["host_seconds"] / n,  # its own count: not in generate
                "mean_thinking": summary["benchmarks"][bench.name]["budgets"][
                    "nothink" if budget == 0 else str(budget)]["mean_thinking_tokens"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{a.preset} on {name}, {a.items} items of {a.bench} per budget, batch {a.batch_size}, slots {a.slots}")
-    print(f"{'budget':>7} {'think':>6} {'items/s':>9} {'harness tok/s':>14} {'engine tok/s':>13} {'ratio':>6}")
+    print(f"{'budget':>7} {'think':>6} {'items/s':>9} {'plain':>8} {'harness tok/s':>14} {'engine tok/s':>13} "
+          f"{'ratio':>6} {'host ms':>8} {'exposed':>8}")
     for r in rows:
-        print(f"{r['budget']:>7} {r['mean_thinking']:>6.0f} {r['harness_items_s']:>9.2f} {r['harness_tok_s']:>14.0f} "
-              f"{r['engine_tok_s']:>13.0f} {r['ratio']:>6.2f}")
+        print(f"{r['budget']:>7} {r['mean_thinking']:>6.0f} {r['harness_items_s']:>9.2f} {r['plain_items_s']:>8.2f} "
+              f"{r['harness_tok_s']:>14.0f} {r['engine_tok_s']:>13.0f} {r['ratio']:>6.2f} "
+              f"{r['host_ms_per_item']:>8.3f} {r['exposed_ms_per_item']:>8.3f}")
+    print("items/s: harness (grading + writing on the row thread); plain: overlap=False; host ms: per item, all "
+          "host work of the harness (the sweep replayed over recorded outputs); exposed: per item, harness time "
+          "minus the bare engine's")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)
