@@ -91,21 +91,24 @@ def _checkpoint_bytes(root: str) -> dict:
 
 
 def compare_save_states(phases: list[tuple[int, int]], out: str) -> list[dict]:
-    """Per ``(tp, port)``: two training steps, then our save state vs megatron-core's (structure,
+    """Per ``(tp, port)``: one training step, then our save state vs megatron-core's (structure,
     metadata, main-replica data) and the shard files each one writes (byte for byte)."""
     from megatron.core import dist_checkpointing
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     from megatron_bluelm.parallel.setup import teardown
-    from megatron_bluelm.training.checkpointing import (SHARDED_METADATA, build_sharded_state_dict,
-                                                        model_sharded_state_dict)
+    from megatron_bluelm.training.checkpointing import (
+        SHARDED_METADATA,
+        build_sharded_state_dict,
+        model_sharded_state_dict,
+    )
 
     results = []
     for tp, port in phases:
         os.environ["MASTER_PORT"] = str(port)
         run = _build(tp, out)
         try:
-            _train(run, 2)
+            _train(run, 1)
             original = DistributedOptimizer.get_parameter_state_dp_zero
 
             def host_round_trip(*a, **kw):
