@@ -194,11 +194,23 @@ def tp_token_logprobs(temperature, top_p):
         vocab, padded = 50, 64  # 14 embedding padding rows, never sampled
         full = torch.randn(2, 3, padded, generator=gen) * 3
         labels = torch.randint(0, vocab, (2, 3), generator=gen)
+        # the engine's bans: <think> (id 4, shard 0) from state 1, </think> (40, shard 1) in state 2,
+        # an always-banned id (45); a position's own label is never masked
+        think, end, banned = 4, 40, 45
+        state = torch.tensor([[0, 1, 2], [2, 1, 0]])
+        labels[1, 0] = end  # a banned label (as a prompt token can be): stays finite
         rank = parallel_state.get_tensor_model_parallel_rank()
         shard = full.chunk(tp, dim=-1)[rank].clone().requires_grad_(True)
-        logp, entropy = token_logprobs(shard, labels, LogProbSpec(vocab, temperature, 0, top_p))
+        spec = LogProbSpec(vocab, temperature, 0, top_p, banned_ids=(banned,), think_ids=(think, end))
+        logp, entropy = token_logprobs(shard, labels, spec, state)
         logp.sum().backward()
         ref = full[..., :vocab] / temperature
+        bans = torch.zeros_like(ref, dtype=torch.bool)
+        bans[..., banned] = True
+        bans[..., think] = state >= 1
+        bans[..., end] = state == 2
+        bans.scatter_(-1, labels[..., None], False)
+        ref = ref.masked_fill(bans, float("-inf"))
         keep = torch.isfinite(filter_top_p(ref, top_p))
         keep.scatter_(-1, labels[..., None], True)
         ref = ref.masked_fill(~keep, float("-inf")).log_softmax(-1)

@@ -28,7 +28,8 @@ def test_first_update_ratio_one_kl_zero(world, extra):
 def test_token_logprobs_under_tp2(temperature, top_p):
     """The sampling distribution's log-probs and entropy from vocabulary-parallel logits (TP2: the
     vocab-parallel cross-entropy without a nucleus, gathered logits with one) equal the formula on the
-    full logits; padding rows excluded; finite gradients."""
+    full logits; padding rows, banned ids and the think tags by state excluded on each rank's shard;
+    finite gradients."""
     import torch
     from rl_workers import tp_token_logprobs
 
