@@ -599,4 +599,17 @@ def _value_equal_full(x, y) -> bool:
         except (TypeError, ValueError):
             return False
         return abs(d) <= 1e-12 * scale
+    if _nonzero_somewhere(diff):
+        return False  # not identically zero: what expand / simplify conclude, slowly (10-100 ms)
     return sympy.expand(diff) == 0 or sympy.simplify(diff) == 0
+
+
+def _nonzero_somewhere(diff) -> bool:
+    """A rational function of its symbols with a nonzero value at one fixed rational point (exact)."""
+    import sympy
+
+    names = sorted(diff.free_symbols, key=str)
+    if not diff.is_rational_function(*names):
+        return False
+    value = diff.subs({n: sympy.Rational(sympy.prime(i + 2), 7 + i) for i, n in enumerate(names)})
+    return bool(value.is_Rational) and value != 0

@@ -226,7 +226,7 @@ def evaluate(generate: GenerateFn, benchmarks: Sequence[Benchmark], settings: Ev
                 if batch:
                     todo.append((bench, budget, start, [it for _, it in batch]))
     bar = _progress(sum(len(t[3]) for t in todo), progress and writer)
-    streams = "on_sample" in inspect.signature(generate).parameters
+    streams = _takes_on_sample(generate)
     rows = _RowMaker(results, settings, bar, overlap)
     t0, in_generate = time.perf_counter(), 0.0
     try:
@@ -259,6 +259,13 @@ def evaluate(generate: GenerateFn, benchmarks: Sequence[Benchmark], settings: Ev
                              "generate_seconds": in_generate, "host_seconds": dt - in_generate}
     summary.update(meta)
     return summary
+
+
+def _takes_on_sample(generate) -> bool:
+    try:
+        return "on_sample" in inspect.signature(generate).parameters
+    except (TypeError, ValueError):  # a callable without a signature: the plain protocol
+        return False
 
 
 class _Batch:

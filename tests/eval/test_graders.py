@@ -157,3 +157,10 @@ def test_fast_paths_equal_the_full_scans():
             assert g._value_equal(x, y) == g._value_equal_full(x, y), (x, y)
             decided += g._clearly_apart(x, y)
     assert decided > 500  # the shortcut decided many of them
+    x, y = sympy.symbols("x y")
+    symbolic = [((x + 1) ** 2, x ** 2 + 2 * x + 1), (x / x, sympy.Integer(1)), ((x ** 2 - 1) / (x - 1), x + 1),
+                (x * y, sympy.Integer(10)), (x + y / 3, x), (x ** 3 - y, y), (1 / (x - 2), sympy.Integer(0)),
+                (sympy.sqrt(2) * x, x), (sympy.sin(x) ** 2 + sympy.cos(x) ** 2, sympy.Integer(1)), (x - 23 / 8, 0 * x)]
+    for a, b in symbolic:  # symbols: a nonzero value at a point settles "not equal" before simplify
+        full = sympy.expand(a - b) == 0 or sympy.simplify(a - b) == 0
+        assert g._value_equal(a, b) == (a == b or full), (a, b)

@@ -64,6 +64,38 @@ class ReplayEngine:
         return results
 
 
+def _engine_pass(gen, prompts, settings, budget, max_new, batch_size, record=None) -> tuple[float, int]:
+    """The bare engine over the prompt ids, batch by batch: (seconds, generated tokens)."""
+    from megatron_bluelm.inference.generate import generate_ids
+    from megatron_bluelm.inference.sampling import SamplingParams
+
+    device, generated = gen.im.info.device, 0
+    _sync(device)
+    t = time.perf_counter()
+    for start in range(0, len(prompts), batch_size):
+        req = gen.request(bridge_text=settings.bridge(), max_new_tokens=max_new, thinking_budget=budget,
+                          sampling=SamplingParams())
+        outs = generate_ids(gen.engine, prompts[start:start + batch_size], req, ids=gen.ids,
+                            vocab_size=gen.im.vocab_size, max_context=gen.im.max_context, tables=gen.tables)
+        generated += sum(len(o.tokens) for o in outs)
+        if record is not None:
+            record.append(outs)
+    _sync(device)
+    return time.perf_counter() - t, generated
+
+
+def _harness_pass(fn, bench, settings, device, overlap: bool) -> tuple[float, dict]:
+    from megatron_bluelm.eval.harness import evaluate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _sync(device)
+        t = time.perf_counter()
+        summary = evaluate(fn, [bench], settings, results_path=os.path.join(tmp, "r.jsonl"), progress=False,
+                           overlap=overlap)
+        _sync(device)
+        return time.perf_counter() - t, summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="bluelm-2.5-3b")
@@ -82,9 +114,7 @@ def main() -> None:
     from megatron_bluelm.eval.generation import EngineGenerate
     from megatron_bluelm.eval.harness import EvalSettings, _render_prompt, evaluate
     from megatron_bluelm.inference.engine import TextGenerator
-    from megatron_bluelm.inference.generate import generate_ids
     from megatron_bluelm.inference.model import build_inference_model
-    from megatron_bluelm.inference.sampling import SamplingParams
 
     cfg = load_config(None, ["--model.preset", a.preset, "--data.seq_length", str(a.context),
                              "--model.backend", "torch", "--training.precision",
@@ -110,40 +140,17 @@ def main() -> None:
         # pays the allocation and the graph captures, the second reuses them)
         gen.engine.reserve(min(a.batch_size, len(items)), max(map(len, prompts)) + max_new, max_new, im.vocab_size)
 
-        def engine_pass(record=None) -> tuple[float, int]:
-            generated = 0
-            _sync(device)
-            t = time.perf_counter()
-            for start in range(0, len(prompts), a.batch_size):
-                req = gen.request(bridge_text=settings.bridge(), max_new_tokens=max_new, thinking_budget=budget,
-                                  sampling=SamplingParams())
-                outs = generate_ids(gen.engine, prompts[start:start + a.batch_size], req, ids=gen.ids,
-                                    vocab_size=im.vocab_size, max_context=im.max_context, tables=gen.tables)
-                generated += sum(len(o.tokens) for o in outs)
-                if record is not None:
-                    record.append(outs)
-            _sync(device)
-            return time.perf_counter() - t, generated
-
+        run = dict(gen=gen, prompts=prompts, settings=settings, budget=budget, max_new=max_new,
+                   batch_size=a.batch_size)
         recorded: list = []
-        engine_pass(recorded)  # untimed: every prefill / decode shape of the timed runs seen once
-
-        def harness_pass(overlap: bool) -> tuple[float, dict]:
-            with tempfile.TemporaryDirectory() as tmp:
-                _sync(device)
-                t = time.perf_counter()
-                summary = evaluate(fn, [bench], settings, results_path=os.path.join(tmp, "r.jsonl"),
-                                   progress=False, overlap=overlap)
-                _sync(device)
-                return time.perf_counter() - t, summary
-
-        dt_h, summary = harness_pass(overlap=True)
-        dt_p, _ = harness_pass(overlap=False)
-        dt_e, generated = engine_pass()
+        _engine_pass(**run, record=recorded)  # untimed: every prefill / decode shape of the timed runs seen once
+        dt_h, summary = _harness_pass(fn, bench, settings, device, overlap=True)
+        dt_p, _ = _harness_pass(fn, bench, settings, device, overlap=False)
+        dt_e, generated = _engine_pass(**run)
         # the host's share alone: the same sweep over the engine's recorded outputs, returned at once
         real_engine, gen.engine = gen.engine, ReplayEngine(recorded)
         try:
-            dt_r, _ = harness_pass(overlap=False)
+            dt_r, _ = _harness_pass(fn, bench, settings, device, overlap=False)
         finally:
             gen.engine = real_engine
         tp = summary["throughput"]
