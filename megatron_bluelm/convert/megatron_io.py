@@ -63,12 +63,38 @@ def _tensors(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
+def _load_groups(sharded: dict) -> list[dict]:
+    """The model's sharded state dict cut into one group per checkpoint tensor (``ShardedTensor.key``:
+    megatron-core stores a tensor of every layer as one stacked tensor, read whole), in order: each
+    group is one ``dist_checkpointing.load``, so a progress bar can advance per group."""
+    groups: dict[str, dict] = {}
+    for name, value in sharded.items():
+        groups.setdefault(getattr(value, "key", name), {})[name] = value
+    return list(groups.values())
+
+
+def _nbytes(group: dict) -> int:
+    """Tensor bytes of a group (ShardedTensors and factories such as the fused SwiGLU fc1's)."""
+    datas = (getattr(v, "data", None) for v in group.values())
+    return sum(d.numel() * d.element_size() for d in datas if isinstance(d, torch.Tensor))
+
+
 def load_full(model, path: str) -> dict[str, torch.Tensor]:
-    """Fill ``model`` (TP1) from the checkpoint directory ``path``; returns its tensors."""
-    sharded = {"model0": model.sharded_state_dict(metadata=ckpt.SHARDED_METADATA)}
-    ckpt.check_shapes(sharded, path)
-    state = dist_checkpointing.load(sharded, path)
-    model.load_state_dict(state["model0"], strict=True)
+    """Fill ``model`` (TP1) from the checkpoint directory ``path``; returns its tensors. Loaded one
+    checkpoint tensor at a time (megatron-core's load is one silent call) under a byte bar (tqdm,
+    stderr): what advances it is the bytes of the tensors each load has read and resharded."""
+    from tqdm import tqdm
+
+    sharded = model.sharded_state_dict(metadata=ckpt.SHARDED_METADATA)
+    ckpt.check_shapes({"model0": sharded}, path)
+    groups = _load_groups(sharded)
+    state: dict = {}
+    with tqdm(total=sum(map(_nbytes, groups)), desc=f"reading {path}", unit="B", unit_scale=True,
+              unit_divisor=1024, leave=False) as bar:
+        for group in groups:
+            state.update(dist_checkpointing.load({"model0": group}, path)["model0"])
+            bar.update(_nbytes(group))
+    model.load_state_dict(state, strict=True)
     return _tensors(model)
 
 
