@@ -38,8 +38,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from megatron_bluelm.config.loader import load_config  # noqa: E402
 
 
+_MAIN_PID = os.getpid()
+
+
 def _sync():
-    if torch.cuda.is_available():
+    # Never in a forked checkpoint writer: a wrapped phase may run there, and CUDA cannot be used
+    # (nor re-initialized) in a forked child; the writer's failure would fail the save.
+    if torch.cuda.is_available() and os.getpid() == _MAIN_PID:
         torch.cuda.synchronize()
 
 
