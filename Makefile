@@ -37,7 +37,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests/kernels
 
 lint:
-	$(PY) -m ruff check megatron_bluelm kernels tools tests
+	$(PY) -m ruff check megatron_bluelm bluelm_kernels tools tests
 
 bench-preprocess: $(STAMP)
 	$(PY) tools/bench/preprocess_bench.py

@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Training codebase for BlueLM-2.5-3B-style models on megatron-core",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_bluelm*", "kernels*", "tools*"]),
+    packages=find_packages(include=["megatron_bluelm*", "bluelm_kernels*", "tools*"]),
     package_data={"megatron_bluelm": ["assets/*", "assets/**/*"]},
     include_package_data=True,
     install_requires=[

@@ -1,7 +1,7 @@
 """Optional Triton import.
 
 Triton is an optional dependency (DESIGN.md): every kernel module imports `triton` and `tl`
-from here so that importing `kernels` works without it. Without Triton the `@triton.jit`
+from here so that importing `bluelm_kernels` works without it. Without Triton the `@triton.jit`
 decorator is a no-op and only the torch references run.
 """
 

@@ -276,11 +276,11 @@ def _check_varlen(device, dtype, d, ratio) -> bool:
             want = [ref, torch.autograd.grad(ref, ref_fused, grad.float())[0]]
         errors = [float((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)) for a, b in zip(got, want)]
     except Exception as exc:  # noqa: BLE001  (any failure of the kernel means: do not use it)
-        log.warning("kernels.attention: variable-length flash attention failed its check on %s %s (head dim %d, "
+        log.warning("bluelm_kernels.attention: variable-length flash attention failed its check on %s %s (head dim %d, "
                     "GQA %d): %s; packed documents use FlexAttention", device, dtype, d, ratio, exc)
         return False
     if max(errors) > 0.05:
-        log.warning("kernels.attention: variable-length flash attention differs from the reference on %s %s "
+        log.warning("bluelm_kernels.attention: variable-length flash attention differs from the reference on %s %s "
                     "(head dim %d, GQA %d; relative errors of the output / the q, k, v gradients %s); packed documents "
                     "use FlexAttention",
                     device, dtype, d, ratio, [f"{e:.3g}" for e in errors])

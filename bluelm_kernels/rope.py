@@ -88,7 +88,7 @@ def _rope_kernel(
                     BLOCK_TAIL)
 
 
-# Launch shape, chosen by kernels/bench (see docs/KERNELS.md): tokens per program, heads per
+# Launch shape, chosen by bluelm_kernels/bench (see docs/KERNELS.md): tokens per program, heads per
 # inner step (capped by the largest power of two dividing the head counts) and warps.
 TUNE = {"tokens": 4, "heads": 4, "warps": 4, "bwd_tokens": 4, "bwd_heads": 4, "bwd_warps": 4}
 

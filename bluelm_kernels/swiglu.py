@@ -51,7 +51,7 @@ def _swiglu_bwd_kernel(X, DY, DX, M, F_, NCB, BLOCK_M: tl.constexpr, BLOCK: tl.c
     tl.store(DX + rows * 2 * F_ + F_ + cols, (dy * silu).to(DX.dtype.element_ty), mask=mask)
 
 
-# Launch shape, chosen by kernels/bench (see docs/KERNELS.md): columns and rows per program and
+# Launch shape, chosen by bluelm_kernels/bench (see docs/KERNELS.md): columns and rows per program and
 # warps (block * rows / (32 * warps) elements per thread; 8 bf16 = one 16-byte access).
 TUNE = {"block": 2048, "rows": 1, "warps": 8, "bwd_block": 1024, "bwd_rows": 2, "bwd_warps": 8}
 

@@ -59,7 +59,7 @@ LAYOUTS = {
     "tp2_sp_dp2_distopt": (4, ["--parallel.tp", "2", "--parallel.sequence_parallel", "true",
                                "--parallel.distributed_optimizer", "true"]),
     "pp2_vpp2_tp2": (4, ["--parallel.tp", "2", "--parallel.pp", "2", "--parallel.vpp", "2"]),
-    # The fused backend (kernels/; torch references on CPU) incl. the fused linear cross-entropy is
+    # The fused backend (bluelm_kernels/; torch references on CPU) incl. the fused linear cross-entropy is
     # the same model as the torch backend of the baseline, also vocab-parallel under TP + SP.
     "fused_backend": (1, ["--model.backend", "fused"]),
     "fused_tp2_sp_pp2": (4, ["--model.backend", "fused", "--parallel.tp", "2", "--parallel.pp", "2",

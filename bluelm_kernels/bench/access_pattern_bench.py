@@ -4,9 +4,9 @@ The plain RMSNorm backward reads two [M, H] bf16 tensors (s, dy) and writes one 
 times passes with exactly that traffic and no reductions, so the gap between them and our kernel
 is what the per-row reduction and the dW accumulation cost:
 
-    python -m kernels.bench.access_pattern_bench [--rows 8192 --hidden 2560]    # CUDA only
+    python -m bluelm_kernels.bench.access_pattern_bench [--rows 8192 --hidden 2560]    # CUDA only
 
-Printed: GPU time per call (kernels/bench/bench_kernels.gpu_ms: queued calls, host excluded,
+Printed: GPU time per call (bluelm_kernels/bench/bench_kernels.gpu_ms: queued calls, host excluded,
 inputs rotating over > 3x L2) and GB/s of the bytes moved.
 """
 
@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-from kernels._triton import tl, triton
-from kernels.bench.bench_kernels import gpu_ms
+from bluelm_kernels._triton import tl, triton
+from bluelm_kernels.bench.bench_kernels import gpu_ms
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("access_pattern_bench needs a CUDA device")
-    rm = sys.modules["kernels.rmsnorm"]  # the module (kernels.rmsnorm is the function)
+    rm = sys.modules["bluelm_kernels.rmsnorm"]  # the module (bluelm_kernels.rmsnorm is the function)
     m, h, n = args.rows, args.hidden, 4
     block = triton.next_power_of_2(h)
     sets = [[torch.randn(m, h, device="cuda", dtype=torch.bfloat16) for _ in range(3)] for _ in range(n)]

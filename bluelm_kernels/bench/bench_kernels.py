@@ -1,7 +1,7 @@
 """Check (bf16) and time the kernels against torch eager, torch.compile and Liger-Kernel.
 
-    python -m kernels.bench.bench_kernels            # on a CUDA machine; JSON under $OUT or ./
-    TRITON_INTERPRET=1 python -m kernels.bench.bench_kernels --smoke   # CPU: tiny shapes, no timing claims
+    python -m bluelm_kernels.bench.bench_kernels            # on a CUDA machine; JSON under $OUT or ./
+    TRITON_INTERPRET=1 python -m bluelm_kernels.bench.bench_kernels --smoke   # CPU: tiny shapes, no timing claims
 
 Shapes are the bluelm-2.5-3b decoder's (hidden 2560, 20 heads, 4 KV groups, head dim 128,
 FFN 6912, vocab 100352), 8192 tokens (4096 for the loss). Per op and implementation it reports
@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import (
+from bluelm_kernels import (
     apply_rope,
     apply_rope_qk,
     apply_rope_qk_,
@@ -41,7 +41,7 @@ from kernels import (
     swiglu,
     swiglu_ref,
 )
-from kernels.attention import document_mask
+from bluelm_kernels.attention import document_mask
 
 RESULTS = {"env": {}, "ops": [], "checks": [], "memory": []}
 
@@ -485,7 +485,7 @@ def choose(name, variants, tune):
 
 
 def _ce_chunk_times(dev, w, c):
-    from kernels.cross_entropy import _Chunks
+    from bluelm_kernels.cross_entropy import _Chunks
 
     v, h = w.shape
     hid = (torch.randn(c, h, device=dev) * 0.5).to(torch.bfloat16)

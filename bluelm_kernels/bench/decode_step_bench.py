@@ -1,8 +1,8 @@
-"""The generation engine's per-token decisions: kernels.decode_step against the torch ops they replace
+"""The generation engine's per-token decisions: bluelm_kernels.decode_step against the torch ops they replace
 (their references), checked and timed on the device.
 
-    python -m kernels.bench.decode_step_bench                 # CUDA; --out writes JSON
-    TRITON_INTERPRET=1 python -m kernels.bench.decode_step_bench --smoke    # CPU: small shapes, checks only
+    python -m bluelm_kernels.bench.decode_step_bench                 # CUDA; --out writes JSON
+    TRITON_INTERPRET=1 python -m bluelm_kernels.bench.decode_step_bench --smoke    # CPU: small shapes, checks only
 
 Per row count: GPU time (one CUDA graph, replayed) of the masked greedy pick over a [rows, 100352]
 bf16 logits matrix and of the row-state update, for the kernels and for the torch references, and
@@ -18,7 +18,7 @@ import types
 
 import torch
 
-from kernels.decode_step import greedy_pick, greedy_pick_ref, update_rows, update_rows_ref
+from bluelm_kernels.decode_step import greedy_pick, greedy_pick_ref, update_rows, update_rows_ref
 
 VOCAB = 100352
 

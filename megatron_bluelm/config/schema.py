@@ -160,11 +160,13 @@ class RLConfig:
     dynamic_sampling_rounds: int = 0  # DAPO: extra rollout rounds refilling zero-variance groups (a cap)
     # per data source: {reward: weight}
     rewards: dict = field(default_factory=lambda: {"default": {"exact_match": 1.0}})
-    source_ratios: dict = field(default_factory=dict)  # JSONL task: {source: share of the prompts}; empty: as in the file
+    # JSONL task: {source: share of the prompts}; empty: as in the file
+    source_ratios: dict = field(default_factory=dict)
     reward_model: Optional[str] = None  # checkpoint of stages/reward_model.py, scoring the 'model' reward
     budget_buffer: int = 0  # length_penalty: ramp to -1 over the last N thinking tokens of the budget
     overlong_buffer: int = 0  # overlong: ramp to -1 over the last N tokens before max_new_tokens
-    eval_task: Optional[str] = None  # held-out task (JSONL or arithmetic:N), scored greedily every training.eval_interval
+    # held-out task (JSONL or arithmetic:N), scored greedily every training.eval_interval
+    eval_task: Optional[str] = None
     eval_prompts: int = 64  # held-out prompts per evaluation (a JSONL: its first N records, each once)
     eval_samples: int = 0  # also N samples per held-out prompt at rl.temperature: heldout/sampled_accuracy
     preference_data: Optional[str] = None  # reward-model stage: JSONL of {prompt|messages, chosen, rejected} | toy

@@ -1,4 +1,4 @@
-"""Attention for generation: prefill through SDPA; decode through ``kernels.decode_attention``.
+"""Attention for generation: prefill through SDPA; decode through ``bluelm_kernels.decode_attention``.
 
 Prefill: ``scaled_dot_product_attention`` (flash / cuDNN on GPU), causal within the chunk, or with an
 explicit mask when the chunk continues a prompt whose first positions are already cached.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.decode_attention import (
+from bluelm_kernels.decode_attention import (
     decode_attention,
     decode_attention_ref,
     num_splits,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.decode_step import BEFORE, CLOSED, THINKING, greedy_pick, masked_logits_ref, update_rows  # noqa: F401
+from bluelm_kernels.decode_step import BEFORE, CLOSED, THINKING, greedy_pick, masked_logits_ref, update_rows  # noqa: F401
 
 FINISH_RUNNING, FINISH_STOP, FINISH_LENGTH, FINISH_CONTEXT = 0, 1, 2, 3
 MAX_STOP_IDS = 16
@@ -141,7 +141,7 @@ def _filtered_sample(z: torch.Tensor, u: torch.Tensor, top_k: torch.Tensor, top_
 
 def advance(st: DecodeState, logits: torch.Tensor, rows: int, mode: str) -> None:
     """Choose each of the first ``rows`` slots' next token from its logits [rows, V] (any float dtype)
-    and update every per-row buffer in place (``kernels.decode_step``: two launches on CUDA). ``mode``:
+    and update every per-row buffer in place (``bluelm_kernels.decode_step``: two launches on CUDA). ``mode``:
     "greedy" (no row samples), "sample", or "filtered" (some row uses top-k / top-p)."""
     if isinstance(mode, bool):  # filtered or not, sampling
         mode = "filtered" if mode else "sample"

@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kernels.attention import attention as document_attention
-from kernels.attention import register_document_layout
-from kernels.dispatch import use_triton
+from bluelm_kernels.attention import attention as document_attention
+from bluelm_kernels.attention import register_document_layout
+from bluelm_kernels.dispatch import use_triton
 from megatron_bluelm.inference.attention import (
     continued_prefill_attention,
     decode_attention,
@@ -114,7 +114,7 @@ class StageWeights:
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if use_triton(x):
-            from kernels.rmsnorm import rmsnorm
+            from bluelm_kernels.rmsnorm import rmsnorm
 
             return rmsnorm(x, w, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
@@ -157,7 +157,7 @@ class StageWeights:
     def _mlp(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         f = self._norm(x, lw.norm2) @ lw.fc1.t()
         if use_triton(f):
-            from kernels.swiglu import swiglu
+            from bluelm_kernels.swiglu import swiglu
 
             a = swiglu(f)
         else:
@@ -185,8 +185,8 @@ class StageWeights:
         """The same step in ~8 launches per layer: Triton RMSNorm with the residual add fused in,
         RoPE + cache write + decode attention in one kernel (+ the split combine), SwiGLU; cuBLAS for
         the matmuls (a fused few-row GEMV measured slower than cuBLAS on the H200: docs/KERNELS.md)."""
-        from kernels.rmsnorm import rmsnorm
-        from kernels.swiglu import swiglu
+        from bluelm_kernels.rmsnorm import rmsnorm
+        from bluelm_kernels.swiglu import swiglu
 
         lengths = pos + 1
         h = rmsnorm(x, self.layers[0].norm1, self.eps) if self.layers else x
@@ -237,7 +237,7 @@ class StageWeights:
         """Prompt pieces packed back to back in one row (``PackedRow``): x [T, hidden] -> the hidden
         states [T, hidden] (``row.last`` indexes each piece's last position). Positions restart per
         prompt; each piece's k, v go into every slot of its group at its own positions; a piece that
-        starts its prompt attends causally within itself (kernels.attention's document path, its
+        starts its prompt attends causally within itself (bluelm_kernels.attention's document path, its
         layout registered once per row and shared by the layers: variable-length flash attention on
         CUDA, FlexAttention where that is not usable, the exact SDPA mask on CPU), the continued
         piece at the row's head attends to what its slot holds."""

@@ -72,7 +72,7 @@ class SDPACoreAttention(MegatronModule):
       * integer document ids [b, s] (packed rows, :func:`document_attention_mask`): attention within
         each document only, causal. CUDA: variable-length flash attention over the documents (or
         FlexAttention), cost ∝ Σ len², with what it needs computed once per micro-batch and shared by
-        every layer (``kernels.attention``); CPU: SDPA with the boolean mask built from the ids (the
+        every layer (``bluelm_kernels.attention``); CPU: SDPA with the boolean mask built from the ids (the
         exact reference); a micro-batch of one document per row: plain causal SDPA;
       * megatron's boolean convention (True = masked out), [b, 1, sq, sk] (the generation engine).
     """
@@ -111,7 +111,7 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
     def _documents(self, q, k, v, document_ids, attn_mask_type, dropout):
-        from kernels.attention import attention
+        from bluelm_kernels.attention import attention
 
         if dropout:
             raise ValueError("model.attention_dropout > 0 is not supported with packed documents "
@@ -126,12 +126,12 @@ class SDPACoreAttention(MegatronModule):
 def document_attention_mask(document_ids: torch.Tensor, host_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """What the model's ``attention_mask`` argument carries for packed rows: the [b, s] document ids
     themselves (int32, O(s) per row; they pass through megatron-core's layers and activation
-    checkpointing as any tensor). The attention's per-micro-batch facts about them (kernels.attention's
+    checkpointing as any tensor). The attention's per-micro-batch facts about them (bluelm_kernels.attention's
     DocumentLayout) are computed here, once, from ``host_ids`` (the loader's CPU copy: no device sync)
     when given, and every layer finds them in the cache; a block mask, where one is needed, is built
     on the first layer's call."""
     ids = document_ids.to(torch.int32)
-    from kernels.attention import register_document_layout
+    from bluelm_kernels.attention import register_document_layout
 
     register_document_layout(ids, ids if host_ids is None or not ids.is_cuda else host_ids)
     return ids

@@ -1,4 +1,4 @@
-"""Output layer + cross-entropy through ``kernels.fused_linear_cross_entropy``: the [tokens, vocab]
+"""Output layer + cross-entropy through ``bluelm_kernels.fused_linear_cross_entropy``: the [tokens, vocab]
 logits are never materialized (at vocab 100k and seq 4096 that tensor alone is 1.6 GB in fp32).
 
 With a loss mask the kernel returns the masked loss *sum* and computes its gradients during the
@@ -18,7 +18,7 @@ IGNORE_INDEX = -100
 
 def fused_output_loss(output_layer, hidden_states: torch.Tensor, labels: torch.Tensor,
                       loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    from kernels.cross_entropy import fused_linear_cross_entropy
+    from bluelm_kernels.cross_entropy import fused_linear_cross_entropy
 
     if output_layer.sequence_parallel:
         # The kernel all-reduces grad_hidden itself, so the gather's backward must only split.

@@ -1,7 +1,7 @@
 """Decoder layer specs: one megatron-core ``ModuleSpec`` per backend, the same layer structure in all.
 
     te     Transformer Engine norms, linears and attention (NVIDIA containers).
-    fused  our Triton kernels (``kernels/``): RMSNorm, SwiGLU, RoPE; SDPA attention.
+    fused  our Triton kernels (``bluelm_kernels/``): RMSNorm, SwiGLU, RoPE; SDPA attention.
     torch  plain PyTorch: the same math, no custom kernels; runs anywhere, CPU included.
 
 ``auto`` picks te if importable, else fused on CUDA with Triton, else torch. Every backend names its
@@ -52,7 +52,7 @@ def resolve_backend(requested: str) -> str:
 
 def _fused_rope(query, key, freqs, config):
     # query and key in one launch (and one for their gradients), not one per tensor
-    from kernels.rope import apply_rope_qk
+    from bluelm_kernels.rope import apply_rope_qk
 
     return apply_rope_qk(query, key, freqs)
 
@@ -64,7 +64,7 @@ class FusedSwiGLU(torch.nn.Module):
         super().__init__()
 
     def forward(self, x):
-        from kernels.swiglu import swiglu
+        from bluelm_kernels.swiglu import swiglu
 
         return swiglu(x)
 
@@ -85,7 +85,7 @@ def _parts(backend: str):
 
         return TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, torch_rope, None
     if backend == "fused":
-        from kernels.rmsnorm import FusedRMSNorm
+        from bluelm_kernels.rmsnorm import FusedRMSNorm
 
         return FusedRMSNorm, ColumnParallelLinear, RowParallelLinear, SDPACoreAttention, _fused_rope, FusedSwiGLU
     return RMSNorm, ColumnParallelLinear, RowParallelLinear, SDPACoreAttention, torch_rope, None

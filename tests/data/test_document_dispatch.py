@@ -1,4 +1,4 @@
-"""A packed micro-batch's document facts (kernels.attention's DocumentLayout) are computed once and
+"""A packed micro-batch's document facts (bluelm_kernels.attention's DocumentLayout) are computed once and
 shared by every layer, by the activation recomputation in backward, and come from the loader's CPU
 ids through training's forward step."""
 import torch
@@ -9,7 +9,7 @@ MODES = {"none": 1, "selective": 2, "full": 2}  # recompute mode: attention call
 
 
 def _paths_of_two_micro_batches():
-    from kernels.attention import PATHS
+    from bluelm_kernels.attention import PATHS
     from megatron_bluelm.config.loader import load_config
     from megatron_bluelm.config.presets import apply_preset
     from megatron_bluelm.models.decoder import build_decoder

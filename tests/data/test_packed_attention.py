@@ -24,7 +24,7 @@ def _ids(b, s, p, seed):
 def test_sorted_block_mask_equals_create_block_mask(causal, p):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from kernels.attention import _mask_mod, attention_ref, sorted_document_block_mask
+    from bluelm_kernels.attention import _mask_mod, attention_ref, sorted_document_block_mask
 
     ids = _ids(2, 512, p, seed=int(p * 1000))
     ours = sorted_document_block_mask(ids, causal, 128)
@@ -37,7 +37,7 @@ def test_sorted_block_mask_equals_create_block_mask(causal, p):
 
 
 def test_block_mask_cache_is_per_micro_batch():
-    from kernels.attention import cached_document_block_mask
+    from bluelm_kernels.attention import cached_document_block_mask
 
     ids = _ids(1, 256, 0.02, 0)
     first = cached_document_block_mask(ids)

@@ -12,14 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-# The repo root, for `import kernels` under a plain `pytest` (no install, no cwd on sys.path).
+# The repo root, for `import bluelm_kernels` under a plain `pytest` (no install, no cwd on sys.path).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 _previous = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
-_MODULES = ["kernels._triton", "kernels.dispatch", "kernels.rmsnorm", "kernels.swiglu",
-            "kernels.rope", "kernels.cross_entropy", "kernels.attention", "kernels.decode_attention",
-            "kernels.decode_step", "kernels"]
+_MODULES = [f"bluelm_kernels.{m}" for m in ("_triton", "dispatch", "rmsnorm", "swiglu", "rope", "cross_entropy",
+                                             "attention", "decode_attention", "decode_step")] + ["bluelm_kernels"]
 for _name in _MODULES:
     if _name in sys.modules:
         importlib.reload(sys.modules[_name])

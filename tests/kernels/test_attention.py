@@ -2,7 +2,7 @@ import pytest
 import torch
 from _kernel_check import assert_same, rel_err
 
-from kernels import attention, attention_ref
+from bluelm_kernels import attention, attention_ref
 
 
 def _qkv(b, nq, nkv, s, d):

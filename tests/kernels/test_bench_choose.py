@@ -3,7 +3,7 @@ backward per case (plain / with the residual's gradient): each case's own fastes
 
 import pytest
 
-bench = pytest.importorskip("kernels.bench.bench_kernels")
+bench = pytest.importorskip("bluelm_kernels.bench.bench_kernels")
 
 
 def test_rmsnorm_backward_cases_keep_their_own_fastest_shape(monkeypatch):

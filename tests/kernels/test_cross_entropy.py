@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _kernel_check import assert_same, rel_err, run_with_grads
 
-from kernels import (
+from bluelm_kernels import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_ref,
     use_triton,

@@ -1,11 +1,11 @@
-"""The generation engine's decode kernels (kernels/decode_attention.py) against their torch references,
+"""The generation engine's decode kernels (bluelm_kernels/decode_attention.py) against their torch references,
 under Triton's interpreter: split-K decode attention over per-row valid lengths (GQA groups of 1, 2,
 5 heads; one and several key chunks) and RoPE + KV-cache write of megatron's grouped QKV layout."""
 import pytest
 import torch
 from _kernel_check import rel_err
 
-from kernels.decode_attention import (
+from bluelm_kernels.decode_attention import (
     decode_attention,
     decode_attention_ref,
     rope_and_cache,
@@ -59,7 +59,7 @@ def _fused_engine_vs_reference():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "inference"))
     from gen_workers import PROMPTS, _gen, _reference, _setup, model_overrides
 
-    from kernels.dispatch import use_triton
+    from bluelm_kernels.dispatch import use_triton
 
     im, engine = _setup(model_overrides())
     assert use_triton(torch.zeros(1)), "the fused path must be the one under test"
@@ -83,7 +83,7 @@ def test_rope_cache_attention_equals_the_two_kernels(heads, groups, splits):
     whose key chunk holds the position, then attention) = rope_and_cache + decode_attention: the same
     output and the same cache, keys at the new position included (positions 0, inside a chunk, at a
     chunk's last key, at the capacity's end)."""
-    from kernels.decode_attention import rope_cache_attention
+    from bluelm_kernels.decode_attention import rope_cache_attention
 
     rows, d, cap, slots = 4, 16, 192, 6
     qkv = torch.randn(rows, groups * (heads // groups + 2) * d)

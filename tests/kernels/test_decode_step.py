@@ -1,4 +1,4 @@
-"""The engine's per-token decision kernels (kernels/decode_step.py) against their torch references, under
+"""The engine's per-token decision kernels (bluelm_kernels/decode_step.py) against their torch references, under
 Triton's interpreter: the masked greedy pick (argmax ties, banned tokens, <think>/</think> per row state,
 a fully banned vocabulary chunk) and the row-state update over random states that reach every branch
 (forcing, budget reached with and without grace, UTF-8 pending, stop ids, limits, inactive rows)."""
@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from kernels.decode_step import (
+from bluelm_kernels.decode_step import (
     SHARED_FIELDS,
     STATE_FIELDS,
     greedy_pick,

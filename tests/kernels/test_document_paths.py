@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from kernels.attention import PATHS, attention, attention_ref, document_block_mask, document_layout
+from bluelm_kernels.attention import PATHS, attention, attention_ref, document_block_mask, document_layout
 
 
 def _segments(cu):
@@ -48,7 +48,7 @@ def fake_flash_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropo
 
 @pytest.fixture
 def fake_varlen(monkeypatch):
-    attn_mod = sys.modules["kernels.attention"]  # the module (the package re-exports the function by its name)
+    attn_mod = sys.modules["bluelm_kernels.attention"]  # the module (the package re-exports the function by its name)
     monkeypatch.setattr(attn_mod, "_VARLEN_CHECKED", {})
     monkeypatch.setattr(attn_mod, "varlen_usable", lambda q, k: True)
     monkeypatch.setattr(attn_mod, "_flash_forward", fake_flash_forward)
@@ -122,7 +122,7 @@ def test_flex_does_not_recompile_across_document_counts():
 
 
 def test_a_kernel_that_fails_its_check_is_not_used(fake_varlen, monkeypatch, caplog):
-    attn_mod = sys.modules["kernels.attention"]
+    attn_mod = sys.modules["bluelm_kernels.attention"]
 
     def wrong_gqa(q, k, v, *args, **kwargs):  # K/V heads shared the other way round than the reference's
         ratio = q.shape[1] // k.shape[1]
@@ -133,14 +133,14 @@ def test_a_kernel_that_fails_its_check_is_not_used(fake_varlen, monkeypatch, cap
     q, k, v = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
     ids = torch.tensor([[0] * 9 + [1] * 7])
     before = PATHS["varlen"]
-    with caplog.at_level("WARNING", logger="kernels.attention"):
+    with caplog.at_level("WARNING", logger="bluelm_kernels.attention"):
         out = attention(q, k, v, causal=True, document_ids=ids)
     assert PATHS["varlen"] == before and "differs from the reference" in caplog.text
     torch.testing.assert_close(out, attention_ref(q, k, v, causal=True, document_ids=ids))
 
 
 def test_block_mask_built_once_per_micro_batch():
-    from kernels.attention import cached_document_block_mask
+    from bluelm_kernels.attention import cached_document_block_mask
 
     ids = torch.tensor([[0] * 100 + [1] * 156])
     before = PATHS["block_mask"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from _kernel_check import assert_same, rel_err
 
-from kernels import FusedRMSNorm, rmsnorm, rmsnorm_ref, use_triton
+from bluelm_kernels import FusedRMSNorm, rmsnorm, rmsnorm_ref, use_triton
 
 SHAPES = [(5, 96), (3, 7, 100), (2, 1, 400), (1, 257), (33, 64)]
 
@@ -63,7 +63,7 @@ def test_bf16_residual():
 
 @pytest.mark.parametrize("tune", [{"fwd_rows": 4, "bwd_rows": 2}, {"fwd_rows": 2, "bwd_rows": 4}])
 def test_multi_row_tiles(monkeypatch, tune):
-    from kernels.rmsnorm import TUNE
+    from bluelm_kernels.rmsnorm import TUNE
 
     monkeypatch.setitem(TUNE, "fwd_rows", tune["fwd_rows"])
     monkeypatch.setitem(TUNE, "bwd_rows", tune["bwd_rows"])
@@ -84,7 +84,7 @@ def test_backward_partial_sums(monkeypatch, split, even, atomic, stages, m, rows
     # the interpreter runs it as written, a GPU issues later tiles' loads early); dW summed in
     # the kernel (atomic) or by the second kernel over partial rows; a row in one
     # padded column block or in two (64 + 64 for H = 100); programs trimmed to equal tile counts.
-    from kernels.rmsnorm import TUNE
+    from bluelm_kernels.rmsnorm import TUNE
 
     monkeypatch.setitem(TUNE, "bwd_dw_atomic", atomic)
     monkeypatch.setitem(TUNE, "bwd_split", split)
@@ -103,7 +103,7 @@ def test_backward_partial_sums(monkeypatch, split, even, atomic, stages, m, rows
 def test_atomic_dw_workspace_is_left_zeroed(monkeypatch):
     # The one-launch backward reuses its fp32 accumulator and counter across calls: the last
     # program must hand them back zeroed, or the next call's dW would include this one's.
-    mod = sys.modules["kernels.rmsnorm"]
+    mod = sys.modules["bluelm_kernels.rmsnorm"]
 
     monkeypatch.setitem(mod.TUNE, "bwd_dw_atomic", 1)
     x, w = torch.randn(11, 96), torch.rand(96) + 0.5
@@ -116,7 +116,7 @@ def test_atomic_dw_workspace_is_left_zeroed(monkeypatch):
 def test_deterministic_mode_sums_partials_in_order(monkeypatch):
     # torch.use_deterministic_algorithms(True) selects the fixed-order two-kernel dW sum:
     # bit-identical dW across calls.
-    mod = sys.modules["kernels.rmsnorm"]
+    mod = sys.modules["bluelm_kernels.rmsnorm"]
 
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     calls = []
@@ -131,7 +131,7 @@ def test_deterministic_mode_sums_partials_in_order(monkeypatch):
 @pytest.mark.parametrize("h,parts", [(2560, (2048, 512)), (100, (64, 64)), (96, (64, 32)),
                                      (257, (256, 1)), (64, (64, 0)), (4096, (4096, 0))])
 def test_backward_column_parts(monkeypatch, h, parts):
-    mod = sys.modules["kernels.rmsnorm"]
+    mod = sys.modules["bluelm_kernels.rmsnorm"]
     monkeypatch.setitem(mod.TUNE, "bwd_split", 1)
     assert mod._col_parts(h) == parts
     monkeypatch.setitem(mod.TUNE, "bwd_split", 0)
@@ -141,7 +141,7 @@ def test_backward_column_parts(monkeypatch, h, parts):
 @pytest.mark.parametrize("m,slots,want", [(8192, 264, 256), (4096, 264, 256), (100, 40, 34),
                                           (5, 40, 5), (264, 264, 264)])
 def test_backward_programs_get_equal_tiles(monkeypatch, m, slots, want):
-    mod = sys.modules["kernels.rmsnorm"]
+    mod = sys.modules["bluelm_kernels.rmsnorm"]
     monkeypatch.setitem(mod.TUNE, "bwd_programs_cpu", slots)
     monkeypatch.setitem(mod.TUNE, "bwd_even", 1)
     p = mod._bwd_programs(m, torch.device("cpu"), 1, 2)
@@ -157,7 +157,7 @@ def test_backward_programs_get_equal_tiles(monkeypatch, m, slots, want):
 def test_backward_stages_fit_shared_memory(monkeypatch, h, loads, per_sm, stages, want):
     # The pipeliner's stage buffers live in shared memory; with per_sm programs per SM they must
     # fit together, or the persistent grid spills into a second wave (large H).
-    mod = sys.modules["kernels.rmsnorm"]
+    mod = sys.modules["bluelm_kernels.rmsnorm"]
 
     class Props:
         shared_memory_per_multiprocessor = 228 * 1024
@@ -169,7 +169,7 @@ def test_backward_stages_fit_shared_memory(monkeypatch, h, loads, per_sm, stages
 
 
 def test_register_cap_applies_to_cuda_launches_only(monkeypatch):
-    mod = sys.modules["kernels.rmsnorm"]
+    mod = sys.modules["bluelm_kernels.rmsnorm"]
     assert mod._reg_cap(torch.device("cuda")) == {}  # default: the compiler's choice
     monkeypatch.setitem(mod.TUNE, "bwd_maxnreg", 80)
     assert mod._reg_cap(torch.device("cuda")) == {"maxnreg": 80}

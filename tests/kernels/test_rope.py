@@ -3,7 +3,7 @@ import torch
 from _kernel_check import assert_same, rel_err
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-from kernels import apply_rope, apply_rope_qk, apply_rope_qk_, apply_rope_ref, use_triton
+from bluelm_kernels import apply_rope, apply_rope_qk, apply_rope_qk_, apply_rope_ref, use_triton
 
 
 def _freqs(s, b, rot, per_token):
@@ -112,7 +112,7 @@ def test_qk_inplace_strided_views():
 
 
 def test_small_tiles_many_programs(monkeypatch):
-    from kernels.rope import TUNE
+    from bluelm_kernels.rope import TUNE
 
     monkeypatch.setitem(TUNE, "tokens", 2)  # 2 tokens a program: token masks and tails
     monkeypatch.setitem(TUNE, "bwd_tokens", 4)
@@ -131,7 +131,7 @@ def test_small_tiles_many_programs(monkeypatch):
 def test_head_steps(monkeypatch, nq, nk, heads):
     # Heads are rotated `heads` at a time (capped by the power of two dividing nq and nk):
     # several steps per program, steps of 1 for odd counts, token tails, rot < d.
-    from kernels.rope import TUNE
+    from bluelm_kernels.rope import TUNE
 
     for pre in ("", "bwd_"):
         monkeypatch.setitem(TUNE, pre + "heads", heads)

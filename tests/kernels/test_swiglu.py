@@ -2,7 +2,7 @@ import pytest
 import torch
 from _kernel_check import assert_same, rel_err
 
-from kernels import swiglu, swiglu_ref, use_triton
+from bluelm_kernels import swiglu, swiglu_ref, use_triton
 
 SHAPES = [(5, 2 * 96), (3, 4, 2 * 100), (1, 2 * 1100), (17, 2 * 3)]
 
@@ -27,7 +27,7 @@ def test_odd_last_dim_rejected():
 
 
 def test_small_blocks(monkeypatch):
-    from kernels.swiglu import TUNE
+    from bluelm_kernels.swiglu import TUNE
 
     monkeypatch.setitem(TUNE, "block", 32)
     monkeypatch.setitem(TUNE, "bwd_block", 64)
@@ -37,7 +37,7 @@ def test_small_blocks(monkeypatch):
 @pytest.mark.parametrize("rows", [2, 4])
 def test_multi_row_tiles(monkeypatch, rows):
     # Row tiles with a row count that is not a multiple of the tile, and a column tail.
-    from kernels.swiglu import TUNE
+    from bluelm_kernels.swiglu import TUNE
 
     for pre in ("", "bwd_"):
         monkeypatch.setitem(TUNE, pre + "block", 32)

@@ -37,7 +37,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from megatron_bluelm.config.loader import load_config  # noqa: E402
 
-
 _MAIN_PID = os.getpid()
 
 

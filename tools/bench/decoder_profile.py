@@ -12,7 +12,7 @@ Variants (``--only``), each a few training steps under ``torch.profiler`` after 
 
 text_unmasked     text pretraining batches (multimodal_bench.text_batches), plain causal attention
 text_masked       the same with document ids (data.reset_attention_mask / reset_position_ids): the
-                  attention path kernels/attention.py picks (varlen flash on CUDA for sorted ids)
+                  attention path bluelm_kernels/attention.py picks (varlen flash on CUDA for sorted ids)
 text_masked_flex  the same, FlexAttention forced (the path before varlen), for a same-run comparison
 mm_packed         the packed multimodal step (multimodal_bench's record distribution)
 mm_vit            the ViT + adapter forward + backward alone on the same micro-batches' tiles
@@ -20,7 +20,7 @@ mm_vit            the ViT + adapter forward + backward alone on the same micro-b
 Per variant, per micro-batch, in ms: wall time (CUDA-synchronized), GPU kernel time by category
 (attention | matmul | norm+elementwise | optimizer | copy/memset | other), GPU idle (= wall - busy:
 launch gaps and host syncs), host time spent computing document layouts / block masks and the kernels
-that run inside them, the attention paths taken (kernels.attention.PATHS), the top kernels, and the
+that run inside them, the attention paths taken (bluelm_kernels.attention.PATHS), the top kernels, and the
 allocator's retries and peak allocated / reserved memory. Then
 ``mm_decoder_side`` = mm_packed - mm_vit (the decoder + splice + loss + optimizer share of the
 multimodal step), to compare with text_masked; ``vit_forward_ms`` (CUDA events around the ViT's
@@ -68,13 +68,13 @@ def category(name: str) -> str:
 
 
 def _attention_module():
-    import kernels.attention  # noqa: F401  (the package re-exports the function under the module's name)
+    import bluelm_kernels.attention  # noqa: F401  (the package re-exports the function under the module's name)
 
-    return sys.modules["kernels.attention"]
+    return sys.modules["bluelm_kernels.attention"]
 
 
 class MaskTimer:
-    """Wraps kernels.attention's layout / block-mask builders: host seconds and a profiler range."""
+    """Wraps bluelm_kernels.attention's layout / block-mask builders: host seconds and a profiler range."""
 
     def __init__(self):
         ka = _attention_module()
@@ -115,7 +115,7 @@ def forced_flex():
 
 def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str, traces: bool) -> dict:
     """Run ``step_fn`` ``steps`` times under the profiler; per-micro-batch figures (module docstring)."""
-    from kernels.attention import PATHS
+    from bluelm_kernels.attention import PATHS
 
     acts = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():

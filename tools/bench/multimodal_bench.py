@@ -24,7 +24,7 @@ mm    A record distribution made from the bundled images: each image record take
       loader = time in the data iterator; ViT and adapter = their forward + backward timed alone on
       the same micro-batches' tiles; decoder+optimizer = the rest of the step.
 attn  Attention forward + backward at --attn-seq (32k) tokens holding many documents: FlexAttention
-      with the per-micro-batch block mask (its build timed apart), the path kernels/attention.py
+      with the per-micro-batch block mask (its build timed apart), the path bluelm_kernels/attention.py
       dispatches to (variable-length flash on CUDA), and causal SDPA over the whole row, equal total
       tokens; the work ratio sum len^2 / s^2 beside the time ratios.
 text  Text pretraining steps (decoder, fwd + bwd) with document ids (data.reset_attention_mask) vs
@@ -315,7 +315,7 @@ def _timed(fn, warmup: int, steps: int) -> float:
 def section_attn(args) -> list[dict]:
     import torch.nn.functional as F
 
-    from kernels.attention import PATHS, attention, document_block_mask
+    from bluelm_kernels.attention import PATHS, attention, document_block_mask
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
