@@ -13,29 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import types
 
 import torch
 
+from bluelm_kernels.bench import graph_ms
 from bluelm_kernels.decode_step import greedy_pick, greedy_pick_ref, update_rows, update_rows_ref
 
 VOCAB = 100352
-
-
-def graph_ms(fn, iters=50):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        g.replay()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t) / iters
 
 
 def state(rows, dev, vocab=50, max_new=8):

@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+from bluelm_kernels.bench import graph_ms  # noqa: E402
 from megatron_bluelm.config.loader import load_config  # noqa: E402
 from megatron_bluelm.inference.generate import GenerationRequest, SpecialIds, generate_ids, make_engine  # noqa: E402
 from megatron_bluelm.inference.model import build_inference_model  # noqa: E402
@@ -101,20 +102,6 @@ def run_ours(engine, im, batch, prompt, new, seed=0):
             "ms_per_step": 1e3 * gpu / max(1, engine.stats["decode_steps"] - steps0), "busy": gpu / wall}
 
 
-def _graph_ms(fn, iters: int = 50) -> float:
-    fn()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        g.replay()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t) / iters
-
-
 def attention_time(im, batch: int, length: int) -> list:
     """The decode-attention kernel alone over every layer (rows at ``length`` keys): ms, GB/s."""
     from megatron_bluelm.inference.attention import decode_attention, num_splits
@@ -126,7 +113,7 @@ def attention_time(im, batch: int, length: int) -> list:
     q = torch.randn(batch, m.num_attention_heads, d, device=k.device, dtype=k.dtype)
     lengths = torch.full((batch,), length, device=k.device)
     splits = num_splits(batch, groups, length, k.device)
-    ms = _graph_ms(lambda: [decode_attention(q, k, v, lengths, splits) for _ in range(layers)])
+    ms = graph_ms(lambda: [decode_attention(q, k, v, lengths, splits) for _ in range(layers)])
     return [round(ms, 3), round(2 * k.numel() * 2 * layers / (ms / 1e3) / 1e9)]
 
 
@@ -139,7 +126,7 @@ def sampling_time(batch: int, device) -> dict:
     st.limit.fill_(1 << 30)
     st.temperature.fill_(1.0)
     logits = torch.randn(batch, 100352, device=device)
-    return {mode: round(_graph_ms(lambda m=mode: advance(st, logits, batch, m)), 3) for mode in ("greedy", "sample")}
+    return {mode: round(graph_ms(lambda m=mode: advance(st, logits, batch, m)), 3) for mode in ("greedy", "sample")}
 
 
 def matmul_floor(im, batch: int, iters: int = 50) -> float:
@@ -156,7 +143,7 @@ def matmul_floor(im, batch: int, iters: int = 50) -> float:
         for a, m in zip(ins, mats):
             a @ m.t()
 
-    return _graph_ms(step, iters)
+    return graph_ms(step, iters)
 
 
 def run_mixed(engine, im, n, seed=0):
