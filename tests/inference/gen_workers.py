@@ -70,7 +70,7 @@ def _reference_greedy(model, prompt, n):
 
 def greedy_tokens(overrides, prompts=PROMPTS, n=10, reference=True):
     """Engine (and megatron-core reference) greedy tokens for batched prompts of different lengths."""
-    from packed_workers import CHUNKED, MIXED
+    from prefill_workers import CHUNKED, MIXED
 
     from megatron_bluelm.inference.generate import make_engine
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from distributed import run_distributed
 from gen_workers import model_overrides
-from packed_workers import GROUPED, MIXED, packed_prefill_checks
+from prefill_workers import GROUPED, MIXED, packed_prefill_checks
 
 from megatron_bluelm.inference.attention import continued_prefill_attention
 from megatron_bluelm.inference.batcher import pack_prefill_rows
