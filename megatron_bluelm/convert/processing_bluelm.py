@@ -17,8 +17,11 @@ tiles each image takes: ``processor.image_processor.tiles_per_image(images)``.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
+import transformers
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -27,6 +30,10 @@ try:  # in an exported directory: the copy of data/images.py beside this file
 except ImportError:  # imported from the project itself
     from megatron_bluelm.data.images import IMAGE, IMG_END, IMG_START, ImageProcessor, expand_image_tokens
 
+OLD_TRANSFORMERS_MODEL = (
+    f"transformers {transformers.__version__}: the model of this export needs transformers >= 5. The processor "
+    "works here, but 4.x builds Lfm2Vl with a projector LayerNorm and other vision-tower names, so loading "
+    "the model would leave its vision tower at random weights (without an error) and every image answer wrong")
 IMAGES_MODULE = "bluelm_images.py"  # the export's name for data/images.py (the relative import above)
 
 
@@ -104,6 +111,9 @@ class BlueLMProcessor(ProcessorMixin):
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        if int(transformers.__version__.split(".")[0]) < 5:
+            # The processor itself works on 4.x; the model beside it does not, and 4.x gives no error
+            warnings.warn(OLD_TRANSFORMERS_MODEL, stacklevel=2)
 
     def _ids(self) -> dict:
         return {t: self.tokenizer.convert_tokens_to_ids(t) for t in (IMAGE, IMG_START, IMG_END)}

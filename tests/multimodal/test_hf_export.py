@@ -117,6 +117,8 @@ def test_exported_processor_makes_training_inputs(exported, tmp_path, version):
         r = subprocess.run([sys.executable, "-c", PROCESS, hf_dir, *IMAGES, PROMPT, str(out)], capture_output=True,
                            text=True, env=env, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
+        # the model beside the processor needs 5.x: 4.x loads it with a random vision tower, silently
+        assert "the model of this export needs transformers >= 5" in r.stderr, r.stderr[-2000:]
         got = torch.load(out)
         assert f'"transformers>={got.pop("version")}' in open(os.path.join(REPO, "setup.py")).read()
     cfg = run_config_from_meta(read_meta(resolve_checkpoint(ckpt)[0]))
