@@ -60,7 +60,6 @@ class RunLogger:
         self.tb = None
         self.wandb = None
         self.started = False
-        self.history: list[dict] = []
         if not enabled:
             return
         self.out = cfg.logging.output_dir
@@ -117,7 +116,6 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"step": step, "split": prefix, "time": time.time(), **metrics}
-        self.history.append(record)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
