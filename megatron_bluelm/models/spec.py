@@ -91,16 +91,16 @@ def _parts(backend: str):
     return RMSNorm, ColumnParallelLinear, RowParallelLinear, SDPACoreAttention, torch_rope, None
 
 
-@functools.lru_cache(maxsize=None)
-def decoder_layer_spec(backend: str) -> ModuleSpec:
-    norm, column, row, core_attention, rope_fn, activation = _parts(backend)
+def prenorm_layer_spec(norm, column, row, core_attention, attention_params: dict, activation=None) -> ModuleSpec:
+    """A pre-norm transformer layer of the given parts (the decoder's and the ViT's: they differ in the
+    parts, the attention mask and the MLP activation only)."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=BlueLMSelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal, "rope_fn": rope_fn},
+                params=attention_params,
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=column,
                     core_attention=core_attention,
@@ -118,6 +118,13 @@ def decoder_layer_spec(backend: str) -> ModuleSpec:
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+@functools.lru_cache(maxsize=None)
+def decoder_layer_spec(backend: str) -> ModuleSpec:
+    norm, column, row, core_attention, rope_fn, activation = _parts(backend)
+    return prenorm_layer_spec(norm, column, row, core_attention,
+                              {"attn_mask_type": AttnMaskType.causal, "rope_fn": rope_fn}, activation)
 
 
 def decoder_block_spec(backend: str, config, vp_stage=None) -> TransformerBlockSubmodules:

@@ -16,20 +16,16 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_bluelm.config.vision import VisionConfig
-from megatron_bluelm.models.attention import BlueLMSelfAttention, SDPACoreAttention
+from megatron_bluelm.models.attention import SDPACoreAttention
+from megatron_bluelm.models.spec import prenorm_layer_spec
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -114,22 +110,8 @@ def vision_layer_spec(backend: str) -> ModuleSpec:
     else:
         norm = NativeLayerNorm if backend == "fused" else LayerNorm
         column, row, core = ColumnParallelLinear, RowParallelLinear, SDPACoreAttention
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
-            self_attention=ModuleSpec(
-                module=BlueLMSelfAttention,
-                params={"attn_mask_type": AttnMaskType.no_mask},  # bidirectional over the patches
-                submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core, linear_proj=row,
-                                                   q_layernorm=IdentityOp, k_layernorm=IdentityOp),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    # bidirectional over the patches
+    return prenorm_layer_spec(norm, column, row, core, {"attn_mask_type": AttnMaskType.no_mask})
 
 
 class VisionEncoder(MegatronModule):
