@@ -183,24 +183,16 @@ def _write(writers, tokens, mask, images) -> None:
 
 def multimodal_main(argv) -> int:
     """``tools/preprocess_data.py --multimodal ...``."""
-    import argparse
-    import sys
+    from megatron_bluelm.data.tool_cli import run_or_exit_2, subcommand_parser
 
-    p = argparse.ArgumentParser(prog="preprocess_data.py --multimodal", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--multimodal", action="store_true", required=True)
-    p.add_argument("--input", nargs="+", required=True, help="image-text JSONL file(s) (.gz / .zst ok)")
-    p.add_argument("--output-prefix", required=True,
-                   help=f"writes PREFIX{{{TEXT_SUFFIX},{MASK_SUFFIX},{IMAGES_SUFFIX}}}.bin/.idx")
-    p.add_argument("--tokenizer-model", required=True)
+    p = subcommand_parser("multimodal", __doc__, "image-text JSONL file(s) (.gz / .zst ok)",
+                          f"writes PREFIX{{{TEXT_SUFFIX},{MASK_SUFFIX},{IMAGES_SUFFIX}}}.bin/.idx")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                    help="bad record (missing / corrupt image, bad JSON): stop with file:line, or skip it")
     a = p.parse_args(argv)
-    try:
+
+    def run() -> str:
         summary = preprocess_multimodal(MultimodalOptions(a.input, a.output_prefix, a.tokenizer_model, a.on_error))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(summary.format())
-    print(f"wrote {a.output_prefix}{{{TEXT_SUFFIX},{MASK_SUFFIX},{IMAGES_SUFFIX}}}.bin/.idx")
-    return 0
+        return f"{summary.format()}\nwrote {a.output_prefix}{{{TEXT_SUFFIX},{MASK_SUFFIX},{IMAGES_SUFFIX}}}.bin/.idx"
+
+    return run_or_exit_2(run)

@@ -149,16 +149,10 @@ def preprocess_chat(opts: ChatOptions, render: Callable | None = None) -> dict:
 
 def chat_main(argv) -> int:
     """``tools/preprocess_data.py --chat ...``: conversations JSONL -> SFT token + loss-mask datasets."""
-    import argparse
-    import sys
+    from megatron_bluelm.data.tool_cli import run_or_exit_2, subcommand_parser
 
-    p = argparse.ArgumentParser(prog="preprocess_data.py --chat", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--chat", action="store_true", required=True)
-    p.add_argument("--input", nargs="+", required=True, help="conversation JSONL file(s) (.gz / .zst ok)")
-    p.add_argument("--output-prefix", required=True,
-                   help=f"writes PREFIX{TEXT_SUFFIX}.bin/.idx and PREFIX{MASK_SUFFIX}.bin/.idx")
-    p.add_argument("--tokenizer-model", required=True)
+    p = subcommand_parser("chat", __doc__, "conversation JSONL file(s) (.gz / .zst ok)",
+                          f"writes PREFIX{TEXT_SUFFIX}.bin/.idx and PREFIX{MASK_SUFFIX}.bin/.idx")
     p.add_argument("--think-ratio", type=float, default=1.0, help="share of samples in thinking mode")
     p.add_argument("--budget-ratio", type=float, default=0.0, help="share of thinking samples cut at a budget")
     p.add_argument("--bridge-text", default=DEFAULT_BRIDGE, help="text after a budget-forced </think>")
@@ -166,13 +160,8 @@ def chat_main(argv) -> int:
     a = p.parse_args(argv)
     opts = ChatOptions(a.input, a.output_prefix, a.tokenizer_model, a.think_ratio, a.budget_ratio,
                        a.bridge_text, a.seed)
-    try:
-        counts = preprocess_chat(opts)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {opts.output_prefix}{TEXT_SUFFIX} and {opts.output_prefix}{MASK_SUFFIX}: {counts}")
-    return 0
+    return run_or_exit_2(lambda: f"wrote {opts.output_prefix}{TEXT_SUFFIX} and {opts.output_prefix}{MASK_SUFFIX}: "
+                                 f"{preprocess_chat(opts)}")
 
 
 # ----------------------------------------------------------------------------- a toy task
