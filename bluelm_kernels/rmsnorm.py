@@ -116,7 +116,7 @@ def _rmsnorm_bwd_kernel(
     # STAGES - 1 tiles are issued as asynchronous copies (cp.async) into shared memory while this
     # tile is computed, so the bytes in flight cost shared memory, not registers (an H100 keeps
     # its copy engine busy with ~50-60 KB in flight per SM: 1 program x 6 stages of a 10 KB
-    # tile, bluelm_kernels/bench/results/h100_rmsnorm_s13_*).
+    # tile, bluelm_kernels/bench/results/h100_rmsnorm_pipelined_bwd_*).
     # A row is covered by column part A = [0, BLOCK_A) and, when BLOCK_B > 0, part B =
     # [BLOCK_A, BLOCK_A + BLOCK_B): two powers of two (H = 2560: 2048 + 512) instead of one
     # next_power_of_2(H) block (4096), so no lanes and registers go to padding.
@@ -184,7 +184,7 @@ def _sum_rows_kernel(P, OUT, N, H, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr)
 # bwd_res_) rows per tile, programs per SM and pipeline stages; dW summed in the kernel (atomic)
 # or by a second kernel, programs trimmed to equal tile counts, a row split in two power-of-two
 # column parts, a register cap (0: none). Measured on one H100
-# (bluelm_kernels/bench/results/h100_rmsnorm_s13_*, 8192 x 2560 bf16): plain backward 1 program/SM x
+# (bluelm_kernels/bench/results/h100_rmsnorm_pipelined_bwd_*, 8192 x 2560 bf16): plain backward 1 program/SM x
 # 6 stages 0.0495 ms, residual 2/SM x 3 stages 0.0639 ms; the unpipelined loop with the next
 # tile prefetched into registers by hand (the previous kernel) 0.0540 / 0.0655 ms. Deeper or
 # shallower pipelines, 4 or 16 warps, 2-row tiles and 3-4 programs/SM were slower.
