@@ -517,7 +517,8 @@ def ce_breakdown(dev, h=2560, v=100352):
 
 def graph_probe():
     """Time RMSNorm's forward + backward by capturing ``autograd.grad`` in a CUDA graph (why
-    ``gpu_ms`` queues calls instead) and report where that capture fails. Run in a subprocess: a failed capture can leave the CUDA context unusable."""
+    ``gpu_ms`` queues calls instead) and report where that capture fails. Run in a subprocess: a
+    failed capture can leave the CUDA context unusable."""
     dev = "cuda"
     x = torch.randn(8192, 2560, device=dev, dtype=torch.bfloat16, requires_grad=True)
     w = torch.ones(2560, device=dev, dtype=torch.bfloat16, requires_grad=True)
