@@ -36,6 +36,17 @@ def _worker(rank, world_size, port, fn, args, queue):
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
+    # The free port is found by binding port 0 and closing it, so another process can take it before
+    # rank 0's store listens on it: that case (and only that one) starts the run again on a new port.
+    for attempt in range(3):
+        try:
+            return _run_distributed(fn, world_size, *args, timeout=timeout)
+        except RuntimeError as e:
+            if "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
+
+
+def _run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
