@@ -24,9 +24,17 @@ from dataclasses import dataclass
 
 import torch
 
-from bluelm_kernels.decode_step import BEFORE, CLOSED, THINKING, greedy_pick, masked_logits_ref, update_rows  # noqa: F401
+from bluelm_kernels.decode_step import (  # noqa: F401  (the states and FINISH_STOP: one definition)
+    BEFORE,
+    CLOSED,
+    FINISH_STOP,
+    THINKING,
+    greedy_pick,
+    masked_logits_ref,
+    update_rows,
+)
 
-FINISH_RUNNING, FINISH_STOP, FINISH_LENGTH, FINISH_CONTEXT = 0, 1, 2, 3
+FINISH_RUNNING, FINISH_LENGTH, FINISH_CONTEXT = 0, 2, 3
 MAX_STOP_IDS = 16
 MAX_CLOSE_IDS = 128
 _M32 = 0xFFFFFFFF
@@ -141,7 +149,7 @@ def _filtered_sample(z: torch.Tensor, u: torch.Tensor, top_k: torch.Tensor, top_
 
 def advance(st: DecodeState, logits: torch.Tensor, rows: int, mode: str) -> None:
     """Choose each of the first ``rows`` slots' next token from its logits [rows, V] (any float dtype)
-    and update every per-row buffer in place (``bluelm_kernels.decode_step``: two launches on CUDA). ``mode``:
+    and update every per-row buffer in place (``bluelm_kernels.decode_step``: three launches on CUDA). ``mode``:
     "greedy" (no row samples), "sample", or "filtered" (some row uses top-k / top-p)."""
     if isinstance(mode, bool):  # filtered or not, sampling
         mode = "filtered" if mode else "sample"

@@ -30,9 +30,7 @@ from bluelm_kernels.attention import register_document_layout
 from bluelm_kernels.dispatch import use_triton
 from megatron_bluelm.inference.attention import (
     continued_prefill_attention,
-    decode_attention,
     prefill_attention,
-    rope_and_cache,
     rope_cache_attention,
 )
 from megatron_bluelm.inference.errors import GenerationError
@@ -175,8 +173,8 @@ class StageWeights:
         lengths = pos + 1
         for i, lw in enumerate(self.layers):
             kc, vc = cache.k[i], cache.v[i]
-            q = rope_and_cache(self._norm(x, lw.norm1) @ lw.qkv.t(), pos, cos, sin, kc, vc, self.heads, self.groups)
-            o = decode_attention(q, kc[:rows], vc[:rows], lengths, cache.splits)
+            o = rope_cache_attention(self._norm(x, lw.norm1) @ lw.qkv.t(), lengths, cos, sin, kc, vc, self.heads,
+                                     self.groups, cache.splits)
             x = x + self._all_reduce(o.reshape(rows, -1) @ lw.proj.t())
             x = self._mlp(x, lw)
         return x
