@@ -128,6 +128,14 @@ class CheckpointConfig:
     save_interval: int = 0  # steps; 0: only at the end and on preemption signals
     keep_last: int = 2  # checkpoints kept; older ones are deleted
     async_save: bool = False  # write the shards in a background process while training goes on
+    # Host memory a save copies the device state into (docs/CHECKPOINTS.md, "Host staging buffers"):
+    # pinned: the run's own buffers, allocated once and reused by every save, page-locked on CUDA
+    # (pageable on CPU); pageable: the same, never page-locked; per_save: megatron-core's copy into
+    # new pinned blocks from PyTorch's caching host allocator at each save
+    host_buffers: Literal["pinned", "pageable", "per_save"] = "pinned"
+    # when the run's own buffers are allocated: start: in a background thread after the first training
+    # step (the first save finds them ready); first_save: in the first save
+    host_buffers_at: Literal["start", "first_save"] = "start"
 
 
 @dataclass

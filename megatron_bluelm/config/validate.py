@@ -166,6 +166,13 @@ def _check_schedule(cfg: RunConfig) -> None:
     _require(t.max_skipped_steps >= 0, f"training.max_skipped_steps: must be >= 0, got {t.max_skipped_steps}")
 
 
+def _check_checkpoint(cfg: RunConfig) -> None:
+    c = cfg.checkpoint
+    _require(not (c.host_buffers == "per_save" and c.host_buffers_at != "start"),
+             f"checkpoint.host_buffers_at: {c.host_buffers_at!r} applies to the run's own host buffers "
+             f"(checkpoint.host_buffers pinned or pageable), not to checkpoint.host_buffers: per_save")
+
+
 def check_launch(cfg: RunConfig, world_size: int) -> int:
     """The subset of :func:`validate` that holds before a stage adjusts the config (e.g. the multimodal
     stage choosing the pipeline split): choices, preset, positive sizes, world size. Returns dp."""
@@ -183,6 +190,7 @@ def validate(cfg: RunConfig, world_size: int) -> int:
     _check_model(cfg)
     dp = _check_parallel(cfg, world_size)
     _check_schedule(cfg)
+    _check_checkpoint(cfg)
     if hasattr(cfg.data, "validate"):
         cfg.data.validate()
     return dp

@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.api import CheckpointException as _DCPError  #
 
 from megatron_bluelm.config.errors import ConfigError
 from megatron_bluelm.config.loader import to_dict
+from megatron_bluelm.training.host_staging import HostStaging, staged_sizes
 from megatron_bluelm.training.model_setup import use_fused_adam
 from megatron_bluelm.training.optimizer_state import save_with_device_gather
 from megatron_bluelm.training.writer_guard import die_with_parent, manager_init
@@ -673,6 +674,8 @@ class Checkpointer:
         self._async_queue = None
         self._pending: Optional[int] = None  # iteration of the async save in flight
         self.save_seconds = 0.0  # time the training loop spent in saves (blocking part only)
+        self.staging: Optional[HostStaging] = None  # the host copies a save writes (host_staging.py)
+        self._staging_reported = False
         if self.cfg.save:
             check_writable(self.cfg.save)
             for sig in PREEMPTION_SIGNALS:
@@ -765,11 +768,31 @@ class Checkpointer:
         if not self.cfg.save:
             return
         self._poll_async()
+        self.prepare_host_buffers()
         preempt = self._agree_on_signal()
         if preempt or (self.cfg.save_interval and run.step % self.cfg.save_interval == 0):
             self.save(blocking=preempt)  # a preemption leaves no time for a save in the background
         if preempt:
             raise Preempted(f"preemption signal: saved step {run.step} to '{self.cfg.save}', stopping")
+
+    def prepare_host_buffers(self) -> None:
+        """With ``checkpoint.host_buffers_at: start``, at the first step end (the optimizer state exists
+        by then): size the host buffers from the state a save would write and reserve them in a
+        background thread, so the first save finds them ready. Reports them once they are."""
+        staging = self._host_staging()
+        if staging is None:
+            return
+        if self.cfg.host_buffers_at == "start" and not staging.started:
+            staging.reserve_in_background(staged_sizes(build_sharded_state_dict(self.run, is_loading=False)))
+        if not self._staging_reported and staging.stats["segments"] and not staging.reserving:
+            self._staging_reported = True
+            self.run.logger.print(f"checkpoint host buffers ready: {staging.describe()}")
+
+    def _host_staging(self) -> Optional[HostStaging]:
+        if self.staging is None and self.cfg.host_buffers != "per_save":
+            self.staging = HostStaging(pin=self.cfg.host_buffers == "pinned", device=self.run.info.device,
+                                       log=self.run.logger.print)
+        return self.staging
 
     def _agree_on_signal(self) -> bool:
         flag = torch.tensor([1.0 if self._signalled else 0.0], device=self.run.info.device)
@@ -794,18 +817,24 @@ class Checkpointer:
                 os.makedirs(path)
             dist.barrier()
             sharded = build_sharded_state_dict(run, is_loading=False)
-            finalize = partial(self._mark_complete, path, run.step, self._meta(), t0)
+            # A blocking save runs the same request in this process (as megatron-core's own blocking
+            # save does), so both kinds copy into the same host buffers.
+            request = dist_checkpointing.save(sharded, path, async_sharded_save=True)
+            staging = self._host_staging()
+            if staging is not None and request.preload_fn is not None:
+                request = request._replace(preload_fn=partial(staging.stage, request.async_fn_args[1]))
+            request.add_finalize_fn(partial(self._mark_complete, path, run.step, self._meta(), t0))
             if background:
-                request = dist_checkpointing.save(sharded, path, async_sharded_save=True)
                 seconds = _hook_seconds(SLOW_WRITE_ENV, run.step)
                 if seconds is not None and request.async_fn is not None:
                     request = request._replace(async_fn=partial(_slow_write, seconds, request.async_fn))
-                request.add_finalize_fn(finalize)
                 self._queue().schedule_async_request(request)
                 self._pending = run.step
             else:
-                dist_checkpointing.save(sharded, path)
-                finalize()
+                try:
+                    request.execute_sync()
+                finally:
+                    self._release_host_buffers()
         except (CheckpointError, Preempted):
             raise
         except (Exception, _DCPError) as e:
@@ -849,9 +878,17 @@ class Checkpointer:
             raise
         except (Exception, _DCPError) as e:
             self._pending = None
+            if self._async_queue.get_num_unfinalized_calls() == 0:  # the writer was joined
+                self._release_host_buffers()
             raise CheckpointError(_describe_write_failure(path, self.cfg.save, e)) from e
         if self._async_queue.get_num_unfinalized_calls() == 0:
             self._pending = None
+            self._release_host_buffers()
+
+    def _release_host_buffers(self) -> None:
+        """Only once no writer can still read the host buffers (it was joined, or never started)."""
+        if self.staging is not None:
+            self.staging.release()
 
     def wait_for_pending_save(self) -> None:
         """Block until an async save in flight is complete (``latest`` moved)."""
@@ -878,6 +915,8 @@ class Checkpointer:
         if self._async_queue is not None:
             self._async_queue.close(abort=self._pending is not None)
             self._async_queue = None
+        if self.staging is not None:
+            self.staging.close()
         _stop_writer_manager()
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)

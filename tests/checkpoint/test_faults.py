@@ -343,6 +343,10 @@ def test_async_save_trains_on_while_writing(reference_run, demo_prefix, tmp_path
         proc.kill()
     assert proc.returncode == 0, out
     assert out.index("step      5/6") < out.index("saved checkpoint " + iter_dir(save, 4)), out
+    # The host buffers were reserved in the background after step 1, in time for the first save, and
+    # served every save without growing.
+    assert out.index("checkpoint host buffers ready") < out.index("saving checkpoint " + iter_dir(save, 2)), out
+    assert "host buffers grew" not in out, out
     assert read_latest(save) == 6
     assert [r["loss"] for r in logged_train(tmp_path / "log")] == ref["losses"]  # bit-identical
 

@@ -2,6 +2,9 @@
 
     python tools/bench/checkpoint_bench.py --preset bluelm-2.5-3b --seq 4096 --save-dir /tmp/ckpt_bench  # 1 GPU
     python tools/bench/checkpoint_bench.py --preset tiny --seq 64 --steps 4 --window 6                     # CPU
+    # the save costs alone, first vs later async saves, megatron-core's own host copy last (1 GPU):
+    python tools/bench/checkpoint_bench.py --preset bluelm-2.5-3b --seq 4096 --save-dir /tmp/ckpt_bench \
+        --no-nan-check --no-warmup-save --modes blocking,async,async,async:per_save
 
 The full decoder (embedding, all layers, output layer) with its distributed-optimizer Adam state is
 trained on random tokens through the real training step (megatron-core schedule, DDP buffers) and
@@ -9,11 +12,18 @@ saved through the real ``Checkpointer`` (megatron-core dist_checkpointing, torch
 
 * Step time: the median over ``--steps`` steps with our NaN/inf gradient check (the default) and with
   it removed, with clipping on (the check reuses the clip norm) and off (the check computes the norm).
-* Seconds of training lost per save: a window of ``--window`` steps with one save issued at its start,
-  minus the same number of steps without a save. Blocking: the save returns once the checkpoint is
-  complete. Async (``checkpoint.async_save``): the save returns once the state is on the host and the
-  writer process is forked; the window then polls at every step end (as training does) and, if the
-  writer has not finished by the window's end, waits for it (that wait is counted as lost too).
+* Seconds of training lost per save: a window of steps with one save issued at its start, minus the
+  same number of steps without a save. Blocking: the save returns once the checkpoint is complete.
+  Async (``checkpoint.async_save``): the save returns once the state is in host memory and the writer
+  process is forked; the window then polls at every step end (as training does) and runs until the
+  writer has finished (at least ``--window`` steps, at most ``--max-window``; a writer still running
+  then is waited for, and that wait is counted as lost too). Each save is reported on its own (``async
+  #1``, ``async #2``: the first and a later async save), with the seconds its call blocked.
+* Host buffers (``checkpoint.host_buffers``, training/host_staging.py): with ``--host-buffers-at start``
+  (the default, as in training) they are reserved in a background thread before the saves while
+  training steps run; the step times during that reservation are reported against the base step. A
+  mode ``async:per_save`` / ``blocking:per_save`` saves through megatron-core's own host copy instead
+  (fresh pinned blocks from PyTorch's caching host allocator; the run's buffers are released first).
 Each figure is printed as soon as it is measured, line-buffered even into a pipe or file, and --out's
 JSON is rewritten after each measurement: a run stopped early keeps everything measured so far.
 (Piping through ``grep`` needs ``grep --line-buffered`` for the same.)
@@ -65,7 +75,8 @@ def build_run(args):
                  args.recompute, "--parallel.distributed_optimizer", "true", "--training.train_steps", "100000",
                  "--schedule.warmup_steps", "1", "--logging.tensorboard", "false", "--logging.output_dir",
                  os.path.join(args.save_dir, "log"), "--checkpoint.save", os.path.join(args.save_dir, "save"),
-                 "--checkpoint.keep_last", "1"] + list(getattr(args, "model_overrides", []))
+                 "--checkpoint.keep_last", "1", "--checkpoint.host_buffers", args.host_buffers,
+                 "--checkpoint.host_buffers_at", args.host_buffers_at] + list(getattr(args, "model_overrides", []))
     cfg = load_config(None, overrides)
     prepare_config(cfg)
     return setup_run(cfg, lambda **kw: build_decoder(cfg, args.vocab, **kw), flops_per_token=0.0)
@@ -138,7 +149,10 @@ SAVE_PHASES = (
     ("write buckets (CPU clones)", "megatron.core.dist_checkpointing.strategies.filesystem_async."
      "FileSystemWriterAsync", "prepare_write_data"),
     ("D2H copy (preload)", "megatron.core.dist_checkpointing.strategies.filesystem_async.FileSystemWriterAsync",
-     "preload_tensors"),
+     "preload_tensors"),  # megatron-core's own host copy (host_buffers per_save)
+    ("D2H copy into host buffers (ours)", "megatron_bluelm.training.host_staging.HostStaging", "stage"),
+    ("  of which: allocate host buffers", "megatron_bluelm.training.host_staging.HostStaging", "reserve"),
+    ("barriers", "torch.distributed", "barrier"),
     ("fork writer", "megatron.core.dist_checkpointing.strategies.async_utils.TemporalAsyncCaller",
      "schedule_async_call"),
     ("write + fsync (blocking)", "megatron.core.dist_checkpointing.strategies.filesystem_async."
@@ -215,10 +229,24 @@ def print_phases(mode: str, seconds: dict, call_s: float) -> None:
         elif s > 0:
             print(f"  {label:<32} {s:8.3f}", flush=True)
             shown += s
-    print(f"  {'other (ours: mkdir, barriers)':<32} {call_s - shown:8.3f}", flush=True)
+    print(f"  {'other (ours: mkdir, meta, queue)':<32} {call_s - shown:8.3f}", flush=True)
 
 
-def save_window(run, step, checkpointer, args, async_save: bool, base_step_s: float) -> dict:
+def use_host_buffers(checkpointer, mode: str) -> None:
+    """Save through the run's own host buffers (pinned | pageable) or megatron-core's per-save copy;
+    leaving the run's buffers releases them first (both would hold ~the checkpoint's size)."""
+    if mode == checkpointer.cfg.host_buffers:
+        return
+    if checkpointer.staging is not None:
+        checkpointer.staging.close()
+        checkpointer.staging = None
+    checkpointer.cfg.host_buffers = mode
+
+
+def save_window(run, step, checkpointer, args, mode: str, label: str, base_step_s: float) -> dict:
+    async_save, _, host_buffers = mode.partition(":")
+    async_save = async_save == "async"
+    use_host_buffers(checkpointer, host_buffers or args.host_buffers)
     checkpointer.cfg.async_save = async_save
     _sync()
     with save_phase_timers() as phases:
@@ -226,27 +254,59 @@ def save_window(run, step, checkpointer, args, async_save: bool, base_step_s: fl
         checkpointer.save()
         _sync()
         call_s = time.perf_counter() - t0
-    print_phases("async" if async_save else "blocking", phases, call_s)
-    writer_done_at = None
-    for i in range(args.window):
+    print_phases(f"{label} ({checkpointer.cfg.host_buffers} host buffers)", phases, call_s)
+    writer_done_at, steps = None, 0
+    while steps < args.window or (checkpointer._pending is not None and steps < args.max_window):
         step()
+        steps += 1
         checkpointer._poll_async()
         if writer_done_at is None and checkpointer._pending is None:
-            writer_done_at = i + 1
+            writer_done_at = steps
     t_wait = time.perf_counter()
     checkpointer.wait_for_pending_save()
     wait_s = time.perf_counter() - t_wait
     if writer_done_at is None and async_save:
-        writer_done_at = f">{args.window}"
+        writer_done_at = f">{steps}"
     _sync()
     total = time.perf_counter() - t0
-    lost = total - args.window * base_step_s
+    lost = total - steps * base_step_s
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(checkpointer.cfg.save) for f in fs)
     shutil.rmtree(checkpointer.cfg.save)  # one on disk at a time: bf16 weights + fp32 main + 2 moments = 14 B/param
     os.makedirs(checkpointer.cfg.save)
-    return {"mode": "async" if async_save else "blocking", "save_call_s": call_s, "final_wait_s": wait_s,
-            "window_s": total, "lost_s": lost, "writer_done_after_steps": writer_done_at if async_save else 0,
+    return {"mode": "async" if async_save else "blocking", "label": label,
+            "host_buffers": checkpointer.cfg.host_buffers, "save_call_s": call_s, "final_wait_s": wait_s,
+            "steps": steps, "window_s": total, "lost_s": lost,
+            "writer_done_after_steps": writer_done_at if async_save else 0,
             "checkpoint_gib": size / 2**30, "phases_s": dict(phases)}
+
+
+def reserve_host_buffers(checkpointer, step, base_step_s: float, results: dict) -> None:
+    """Reserve the host buffers in the background as training does (``host_buffers_at: start``), with
+    training steps running meanwhile: how long it takes, and what it does to the step time."""
+    staging = checkpointer._host_staging()
+    if staging is None or checkpointer.cfg.host_buffers_at != "start":
+        return
+    t0 = time.perf_counter()
+    checkpointer.prepare_host_buffers()  # sizes them (in this thread), starts the reservation thread
+    sizing_s = time.perf_counter() - t0
+    times = []
+    while staging.reserving:
+        _sync()
+        t = time.perf_counter()
+        step()
+        _sync()
+        times.append(time.perf_counter() - t)
+    staging.wait()
+    ready_s = time.perf_counter() - t0
+    checkpointer.prepare_host_buffers()  # prints the buffers' report
+    r = {"sizing_s": sizing_s, "ready_after_s": ready_s, "steps_during": len(times), "stats": dict(staging.stats),
+         "step_median_s": statistics.median(times) if times else None, "step_max_s": max(times, default=None),
+         "pin_errors": staging.pin_errors[:3]}
+    results["host_buffers"] = r
+    during = (f"{len(times)} steps ran meanwhile: median {r['step_median_s']:.4f} s, max {r['step_max_s']:.4f} s "
+              f"(base {base_step_s:.4f} s)" if times else "no step ran meanwhile")
+    print(f"RESULT host buffers reserved in the background: ready {ready_s:.2f} s after the request "
+          f"(sizing {sizing_s:.2f} s in the training thread); {staging.describe()}; {during}", flush=True)
 
 
 def main(argv=None) -> None:
@@ -258,12 +318,20 @@ def main(argv=None) -> None:
     ap.add_argument("--microbatches", type=int, default=1)
     ap.add_argument("--recompute", default="none")
     ap.add_argument("--steps", type=int, default=10, help="steps per step-time measurement (after 3 warm-up)")
-    ap.add_argument("--window", type=int, default=60, help="steps after each save (long enough for the writer)")
+    ap.add_argument("--window", type=int, default=30, help="steps after each save at least (more until its writer "
+                    "has finished)")
+    ap.add_argument("--max-window", type=int, default=3000, help="steps after a save at most (then the run waits "
+                    "for the writer)")
     ap.add_argument("--save-dir", default="outputs/checkpoint_bench", help="scratch directory (emptied)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    ap.add_argument("--modes", default="blocking,async",
-                    help="the measured saves in order, comma-separated: blocking | async (e.g. async,async: the "
-                         "second shows a save after the first, with its host buffers and plan reused)")
+    ap.add_argument("--modes", default="blocking,async,async",
+                    help="the measured saves in order, comma-separated: blocking | async, optionally :pinned | "
+                         ":pageable | :per_save for the host buffers of that save (default --host-buffers; e.g. "
+                         "blocking,async,async,async:per_save)")
+    ap.add_argument("--host-buffers", default="pinned", choices=("pinned", "pageable", "per_save"),
+                    help="checkpoint.host_buffers")
+    ap.add_argument("--host-buffers-at", default="start", choices=("start", "first_save"),
+                    help="checkpoint.host_buffers_at: start reserves them in the background before the saves")
     ap.add_argument("--no-warmup-save", action="store_true",
                     help="skip the untimed blocking save before the measured ones")
     ap.add_argument("--no-nan-check", action="store_true", help="skip the NaN/inf-check step-time measurement")
@@ -274,8 +342,11 @@ def main(argv=None) -> None:
         ap.error(f"unknown arguments {bad} (config overrides other than --model.* are set by the benchmark)")
     args.model_overrides = model_overrides
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not args.modes or any(m not in ("blocking", "async") for m in args.modes):
-        ap.error(f"--modes: expected a comma-separated list of blocking | async, got {args.modes}")
+    kinds = [m.partition(":") for m in args.modes]
+    if not args.modes or any(k not in ("blocking", "async") or b not in ("", "pinned", "pageable", "per_save")
+                             for k, _, b in kinds):
+        ap.error(f"--modes: expected a comma-separated list of blocking | async, each optionally with "
+                 f":pinned | :pageable | :per_save, got {args.modes}")
     if args.preset == "tiny" and args.vocab == 100_000:
         args.vocab = 8192
     shutil.rmtree(args.save_dir, ignore_errors=True)
@@ -297,34 +368,56 @@ def main(argv=None) -> None:
     print(f"{args.preset}: {params / 1e9:.3f}B parameters, seq {args.seq} x {args.mbs * args.microbatches} "
           f"sequences per step, {device}, optimizer {type(run.optimizer).__name__}")
     nan_steps = 0 if args.no_nan_check else 8 * args.steps
-    print(f"plan: 3 warm-up steps, {nan_steps} NaN-check steps, {'' if args.no_warmup_save else '1 warm-up save, '}"
-          f"{args.steps} base steps, {len(args.modes)} measured saves ({', '.join(args.modes)}) with "
-          f"{args.window} steps each")
+    print(f"plan: 3 warm-up steps, {nan_steps} NaN-check steps, {args.steps} base steps, "
+          f"{'host buffers reserved in the background, ' if args.host_buffers_at == 'start' else ''}"
+          f"{'' if args.no_warmup_save else '1 warm-up save, '}{len(args.modes)} measured saves "
+          f"({', '.join(args.modes)}) with {args.window}..{args.max_window} steps each (until the writer is done)")
     results = {"args": vars(args), "device": device, "params": params, "nan_check": [], "saves": []}
     try:
         median_step(step, 3)  # warm-up
+        torch.distributed.barrier()  # the first collective sets up its communicator: not a save's cost
         measure_nan_check(run, step, args, results)
         set_clip(run.optimizer, 1.0)
+        base = results["step_s"] = median_step(step, args.steps)
+        print(f"\nbase step {base:.4f} s (median of {args.steps})", flush=True)
+        reserve_host_buffers(checkpointer, step, base, results)
+        write_json(args.out, results)
         if not args.no_warmup_save:  # megatron-core's writer helpers start on the first save
             checkpointer.save(blocking=True)
             shutil.rmtree(checkpointer.cfg.save)
             os.makedirs(checkpointer.cfg.save)
-        base = results["step_s"] = median_step(step, args.steps)
-        print(f"\nSaves of the full model + optimizer state, step {base:.4f} s, window {args.window} steps", flush=True)
+        print(f"\nSaves of the full model + optimizer state, step {base:.4f} s, window {args.window}.."
+              f"{args.max_window} steps", flush=True)
+        count: dict = {}
         for mode in args.modes:
-            s = save_window(run, step, checkpointer, args, async_save=mode == "async", base_step_s=base)
+            kind = mode.partition(":")[0]
+            count[kind] = count.get(kind, 0) + 1
+            s = save_window(run, step, checkpointer, args, mode, f"{kind} #{count[kind]}", base_step_s=base)
             results["saves"].append(s)
-            print(f"RESULT save {s['mode']:>8}: {s['checkpoint_gib']:.2f} GiB, save call {s['save_call_s']:.2f} s, "
-                  f"final wait {s['final_wait_s']:.2f} s, lost {s['lost_s']:.2f} s, writer done after "
+            print(f"RESULT save {s['label']:>11} ({s['host_buffers']} host buffers): {s['checkpoint_gib']:.2f} GiB, "
+                  f"save call blocked {s['save_call_s']:.2f} s, training lost {s['lost_s']:.2f} s over "
+                  f"{s['steps']} steps (final wait {s['final_wait_s']:.2f} s), writer done after "
                   f"{s['writer_done_after_steps']} steps", flush=True)
             write_json(args.out, results)
     finally:
         checkpointer.close()
         teardown()
+    print_summary(results)
 
-    lost = {s["mode"]: s["lost_s"] for s in results["saves"]}  # the last save of each mode: steady state
-    if len(lost) == 2:
-        print(f"RESULT async saves {lost['blocking'] - lost['async']:.2f} s of training per save over blocking")
+
+def print_summary(results: dict) -> None:
+    saves = results["saves"]
+    if not saves:
+        return
+    print(f"\n{'save':>11} {'host buffers':>12} {'call blocked s':>14} {'training lost s':>15} {'steps':>6}")
+    for s in saves:
+        print(f"{s['label']:>11} {s['host_buffers']:>12} {s['save_call_s']:14.2f} {s['lost_s']:15.2f} {s['steps']:6d}")
+    blocking = [s for s in saves if s["mode"] == "blocking"]
+    for s in (s for s in saves if s["mode"] == "async"):
+        if blocking:
+            b = blocking[-1]
+            print(f"RESULT {s['label']} ({s['host_buffers']}) lost {s['lost_s']:.2f} s vs {b['lost_s']:.2f} s "
+                  f"for {b['label']}: {b['lost_s'] - s['lost_s']:.2f} s of training saved")
 
 
 def measure_nan_check(run, step, args, results: dict) -> None:
