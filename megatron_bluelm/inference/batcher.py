@@ -10,12 +10,16 @@ How a call runs:
    prompts packed back to back in rows of ``prefill_tokens`` tokens, positions restarting per prompt,
    attention within each prompt (a prompt cut at a row's end continues at the head of the next row,
    attending to what its slot holds); ``pack_prefill=False``: right-padded rows of similar lengths in
-   chunks of ``prefill_chunk`` positions. The last prompt token is the first decode input, so every
-   generated token comes from the decode step.
+   chunks of ``prefill_chunk`` positions. A small prefill (rows x length, bucketed to powers of two,
+   up to ``small_prefill_tokens``; text prompts, one pipeline stage) is one CUDA graph per bucket
+   instead: eager, one row of 128 tokens is host-bound (~1,000 launches). The last prompt token is
+   the first decode input, so every generated token comes from the decode step.
 3. Decode steps run ``check_every`` at a time with no host involvement: the step (embedding, layers,
    logits, sampling, budget, stop — ``decode_state.advance``) is one CUDA graph per batch bucket
    (PP = 1 on CUDA), replayed; then the host reads which rows finished, collects their tokens,
-   log-probs and forced mask, and refills the freed slots with waiting prompts.
+   log-probs and forced mask, and refills the freed slots with waiting prompts. A burst never runs
+   past the rows' token limits (the host knows them); when no prompt waits, the next burst is queued
+   before the host looks at the last one, so the device does not idle while it does.
 4. When no prompt waits, the remaining rows are moved to the lowest slots so a smaller bucket runs.
 
 Per row: its own token limit (``min(max_new_tokens, context - prompt)``), its own budget, its own
@@ -33,7 +37,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_bluelm.inference import decode_state as ds
-from megatron_bluelm.inference.attention import num_splits
 from megatron_bluelm.inference.decode_state import DecodeState, TokenTables, advance, sample_key
 from megatron_bluelm.inference.errors import GenerationError
 from megatron_bluelm.inference.kv_cache import KVCache
@@ -99,7 +102,8 @@ class _Parallel:
 class GenerationEngine:
     def __init__(self, model: torch.nn.Module, device: torch.device, *, max_slots: int = 256,
                  cuda_graphs: bool | None = None, check_every: int = 8, prefill_tokens: int = 16384,
-                 prefill_chunk: int = 4096, memory_fraction: float = 0.85, pack_prefill: bool = True):
+                 prefill_chunk: int = 4096, memory_fraction: float = 0.85, pack_prefill: bool = True,
+                 small_prefill_tokens: int | None = None):
         self.par = _Parallel()
         self.w = StageWeights(model, self.par.tp_group)
         self.device = torch.device(device)
@@ -116,6 +120,14 @@ class GenerationEngine:
             raise GenerationError("cuda_graphs: not supported with pipeline parallelism (the stages exchange "
                                   "hidden states between steps); use cuda_graphs=False")
         self.cuda_graphs = cuda_graphs
+        # small prefills (rows x bucketed length up to this many tokens) run as captured graphs: eager,
+        # one row of 128 tokens is ~1,000 launches of host time (~40 ms) for ~2 ms of GPU work
+        if small_prefill_tokens is None:
+            small_prefill_tokens = 2048 if cuda_graphs else 0
+        if small_prefill_tokens < 0:
+            raise GenerationError(f"small_prefill_tokens must be >= 0, got {small_prefill_tokens}")
+        self.small_prefill_tokens = small_prefill_tokens
+        self.prefill_graphs: dict = {}
         self.cache: KVCache | None = None
         self.state: DecodeState | None = None
         self.graphs: dict = {}
@@ -154,9 +166,8 @@ class GenerationEngine:
         capacity = max(capacity, c.capacity if c is not None else 0)
         max_new = max(max_new, st.max_new if st is not None else 0)
         self.release()  # graphs hold the old buffers' addresses (and their memory pool)
-        splits = num_splits(slots, self.w.groups, capacity, self.device)
         self.cache = KVCache(self.w.num_layers, slots, self.w.groups, capacity, self.w.head_dim,
-                             self.dtype, self.device, splits)
+                             self.dtype, self.device)
         self.state = DecodeState(slots, max_new, vocab, self.device)
         self.cos, self.sin = self.w.rope_tables(capacity)
 
@@ -236,6 +247,7 @@ class GenerationEngine:
     def release(self) -> None:
         """Free the KV cache and graphs (e.g. between RL rollouts, to give the memory to training)."""
         self.graphs.clear()
+        self.prefill_graphs.clear()
         self.cache = self.state = None
         self.pool = None
         if self.device.type == "cuda":
@@ -248,18 +260,97 @@ class GenerationEngine:
         pipeline stage (this stage's output, before the final norm), empty on the others."""
         index = [g for g, (p, _, _) in enumerate(groups) if len(p) > 1]
         work = [(groups[g][0][:-1], groups[g][1], groups[g][2]) for g in index]
-        hidden = self._prefill_packed(work) if self.pack_prefill else self._prefill_padded(work)
+        if self._small_shape(work) is not None:
+            hidden = self._prefill_small(work)
+        else:
+            hidden = self._prefill_packed(work) if self.pack_prefill else self._prefill_padded(work)
         return {index[i]: h for i, h in hidden.items()}
 
-    def _timed_prefill(self, fn, *args) -> None:
+    # small prefills: fixed shapes, one CUDA graph each
+    def _small_shape(self, work) -> tuple[int, int, int] | None:
+        """(rows, positions, slot writes) bucketed to powers of two when ``work`` is a small prefill of
+        text prompts on a single-stage model whose cache holds the padded rows; else None."""
+        if not work or self.par.pp > 1 or any(t is not None and t.shape[0] for _, _, t in work):
+            return None
+        rows = _pow2(len(work))
+        positions = max(16, _pow2(max(len(p) for p, _, _ in work)))
+        if rows * positions > self.small_prefill_tokens or positions > self.cache.capacity:
+            return None
+        return rows, positions, _pow2(sum(len(s) for _, s, _ in work))
+
+    def _prefill_small(self, work) -> dict:
+        """Right-padded rows of the bucketed shape through ``StageWeights.prefill_indexed``: the padding
+        rows are written nowhere (their slot writes repeat a real row's last one), the padding
+        positions write keys past each row's length, which decode overwrites before it reads them.
+        With CUDA graphs the call is a replay (captured the first time the shape is seen); without,
+        the same function runs eagerly."""
+        rows, positions, writes = shape = self._small_shape(work)
+        lengths = [len(p) for p, _, _ in work]
+        host = torch.zeros(rows * positions + 2 * writes + rows, dtype=torch.long)
+        tokens = host[:rows * positions].view(rows, positions)
+        flat, src = host[rows * positions:][:writes], host[rows * positions + writes:][:writes]
+        last = host[rows * positions + 2 * writes:]
+        pairs = [(slot, r) for r, (_, slots, _) in enumerate(work) for slot in slots]
+        pairs += [pairs[-1]] * (writes - len(pairs))
+        for r, (p, _, _) in enumerate(work):
+            tokens[r, :len(p)] = torch.tensor(p)
+            last[r] = len(p) - 1
+        flat.copy_(torch.tensor([a for a, _ in pairs]))
+        src.copy_(torch.tensor([b for _, b in pairs]))
+        out = self._timed_prefill(self._run_small, shape, host)
+        self.stats["prefill_tokens"] += sum(lengths)
+        self.stats["prefill_computed"] += rows * positions
+        self.stats["prefill_calls"] += 1
+        return {r: out[r] for r in range(len(work))}
+
+    def _run_small(self, shape, host: torch.Tensor) -> torch.Tensor:
+        """The hidden states [rows, hidden] (with graphs: the graph's static output, valid until the
+        shape's next replay)."""
+        if not self.cuda_graphs:
+            return self._small_forward(shape, host.to(self.device))
+        if shape in self.prefill_graphs:
+            buf, out, g = self.prefill_graphs[shape]
+            buf.copy_(host.pin_memory(), non_blocking=True)
+            g.replay()
+            return out
+        # first sight of the shape: run it eagerly on a side stream (this is the real prefill: the
+        # graph's warm-up), then capture; the replay below recomputes the same values into the graph's
+        # static output
+        buf = host.to(self.device)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._small_forward(shape, buf)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            out = self._small_forward(shape, buf)
+        self.prefill_graphs[shape] = (buf, out, g)
+        self.stats["graph_captures"] += 1
+        g.replay()
+        return out
+
+    def _small_forward(self, shape, buf: torch.Tensor) -> torch.Tensor:
+        """The hidden state at each row's last position, [rows, hidden]."""
+        rows, positions, writes = shape
+        tokens = buf[:rows * positions].view(rows, positions)
+        flat, src = buf[rows * positions:][:writes], buf[rows * positions + writes:][:writes]
+        last = buf[rows * positions + 2 * writes:]
+        x = self.w.prefill_indexed(self.w.embed(tokens), 0, flat, src, None, self.cache, self.cos, self.sin)
+        return x[torch.arange(rows, device=x.device), last]
+
+    def _timed_prefill(self, fn, *args):
         timed = self.timing and self.device.type == "cuda"
         if timed:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        fn(*args)
+        out = fn(*args)
         if timed:
             end.record()
             self._prefill_events.append((start, end))
+        return out
 
     # packed rows
     def _prefill_packed(self, work) -> dict:
@@ -395,15 +486,44 @@ class GenerationEngine:
         heapq.heapify(free)
         slot_of: dict[int, int] = {}  # slot -> sample
         results: list = [None] * n
+        # a sample's token limit bounds its decode steps: it has finished once it has been stepped
+        # ``limit`` times since its admission (steps counted by ``clock``)
+        clock, admitted_at = 0, {}
+        queued = None  # (rows, steps) of a burst already launched behind the one being looked at
+
+        def steps_left() -> int:
+            return max(samples_cfg[i]["limit"] - (clock - admitted_at[i]) for i in slot_of.values())
+
         while waiting or slot_of:
-            if self._should_admit(waiting, free, slot_of):
-                self._admit(waiting, free, slot_of, prompts, samples_cfg, tiles, ids)
-            rows = next(b for b in buckets if b > max(slot_of))
-            self._decode(rows, mode, self.check_every)
-            self._harvest(rows, slot_of, free, results, prompts, on_finish)
+            if queued is None:
+                if self._should_admit(waiting, free, slot_of):
+                    self._admit(waiting, free, slot_of, prompts, samples_cfg, tiles, ids)
+                    for i in slot_of.values():
+                        admitted_at.setdefault(i, clock)
+                rows = next(b for b in buckets if b > max(slot_of))
+                steps = max(1, min(self.check_every, steps_left()))
+                self._decode(rows, mode, steps)
+                clock += steps
+            else:
+                rows, steps = queued
+            queued = None
+            active = self._active_flags(rows)
+            if not waiting and steps_left() > 0:
+                # nothing waits for a slot: queue the next burst now, so the device keeps stepping
+                # while the host looks at this one (rows finished in it are idle for that burst)
+                nxt, nrows = min(self.check_every, steps_left()), next(b for b in buckets if b > max(slot_of))
+                self._decode(nrows, mode, nxt)
+                clock += nxt
+                queued = (nrows, nxt)
+            self._harvest(rows, slot_of, free, results, prompts, on_finish, active.result())
             if not waiting and slot_of:
-                self._compact(slot_of, free, buckets)
+                self._compact(slot_of, free, buckets)  # behind a queued burst: its moves are ordered after it
         return results
+
+    def _active_flags(self, rows: int) -> "_HostCopy":
+        """The rows' ``active`` flags as of the work queued so far, copied to the host without
+        waiting for what is queued after."""
+        return _HostCopy(self.state.active[:rows])
 
     def _should_admit(self, waiting, free, slot_of) -> bool:
         """Refill in batches: a prefill of a few rows costs nearly what one of many does (launches), so
@@ -498,9 +618,11 @@ class GenerationEngine:
             getattr(st, name)[idx] = 0
         st.active[idx] = True
 
-    def _harvest(self, rows, slot_of, free, results, prompts, on_finish) -> None:
+    def _harvest(self, rows, slot_of, free, results, prompts, on_finish, active: torch.Tensor) -> None:
+        """``active``: the rows' flags on the host after the burst being looked at. A finished row's
+        record is read behind any burst queued since (it no longer changes: inactive rows are left
+        alone by the step)."""
         st = self.state
-        active = st.active[:rows].cpu()
         done = [s for s in slot_of if not bool(active[s])]
         if not done:
             return
@@ -544,6 +666,29 @@ class GenerationEngine:
         heapq.heapify(free)
         for s, d in zip(high, low):
             slot_of[d] = slot_of.pop(s)
+
+
+class _HostCopy:
+    """A device tensor copied to pinned host memory behind the work queued so far; ``result()``
+    waits for that copy only (CPU tensors: a plain copy)."""
+
+    def __init__(self, t: torch.Tensor):
+        if t.device.type != "cuda":
+            self.host, self.event = t.clone(), None
+            return
+        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.host.copy_(t, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def result(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def pack_prefill_rows(lengths: Sequence[int], capacity: int) -> list[list[tuple[int, int, int]]]:

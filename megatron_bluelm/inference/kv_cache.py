@@ -14,11 +14,21 @@ import torch
 
 class KVCache:
     def __init__(self, layers: int, slots: int, groups: int, capacity: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, splits: int = 1):
+                 dtype: torch.dtype, device: torch.device):
         shape = (layers, slots, groups, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.slots, self.capacity, self.splits = slots, capacity, splits
+        self.slots, self.capacity, self.groups = slots, capacity, groups
+        self._splits: dict[int, int] = {}
+
+    def splits(self, rows: int) -> int:
+        """Key chunks per (row, group) for the decode attention over the first ``rows`` slots: chosen
+        per batch bucket (``num_splits``), so one row at a long context still spreads over the GPU."""
+        if rows not in self._splits:
+            from megatron_bluelm.inference.attention import num_splits
+
+            self._splits[rows] = num_splits(rows, self.groups, self.capacity, self.k.device)
+        return self._splits[rows]
 
     @staticmethod
     def bytes_per_slot(layers: int, groups: int, capacity: int, head_dim: int, dtype: torch.dtype) -> int:

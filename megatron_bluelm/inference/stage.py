@@ -174,7 +174,7 @@ class StageWeights:
         for i, lw in enumerate(self.layers):
             kc, vc = cache.k[i], cache.v[i]
             o = rope_cache_attention(self._norm(x, lw.norm1) @ lw.qkv.t(), lengths, cos, sin, kc, vc, self.heads,
-                                     self.groups, cache.splits)
+                                     self.groups, cache.splits(rows))
             x = x + self._all_reduce(o.reshape(rows, -1) @ lw.proj.t())
             x = self._mlp(x, lw)
         return x
@@ -186,12 +186,12 @@ class StageWeights:
         from bluelm_kernels.rmsnorm import rmsnorm
         from bluelm_kernels.swiglu import swiglu
 
-        lengths = pos + 1
+        lengths, splits = pos + 1, cache.splits(rows)
         h = rmsnorm(x, self.layers[0].norm1, self.eps) if self.layers else x
         for i, lw in enumerate(self.layers):
             kc, vc = cache.k[i], cache.v[i]
             o = rope_cache_attention(h @ lw.qkv.t(), lengths, cos, sin, kc, vc, self.heads, self.groups,
-                                     cache.splits)
+                                     splits)
             h, x = rmsnorm(self._all_reduce(o.reshape(rows, -1) @ lw.proj.t()), lw.norm2, self.eps, residual=x)
             o = self._all_reduce(swiglu(h @ lw.fc1.t()) @ lw.fc2.t())
             if i + 1 < len(self.layers):
@@ -207,10 +207,17 @@ class StageWeights:
         [n, P, hidden]. The padded positions write keys past each row's length, which decode overwrites
         before it reads them. Rows with start > 0 attend to the positions their first slot already holds
         (chunked prefill)."""
-        n, p = x.shape[0], x.shape[1]
         flat = torch.tensor([s for group in slots for s in group], device=x.device)
         src = torch.tensor([r for r, group in enumerate(slots) for _ in group], device=x.device)
         first = torch.tensor([group[0] for group in slots], device=x.device)
+        return self.prefill_indexed(x, start, flat, src, first, cache, cos, sin)
+
+    def prefill_indexed(self, x: torch.Tensor, start: int, flat: torch.Tensor, src: torch.Tensor,
+                        first: torch.Tensor | None, cache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``prefill`` with the slot layout as device tensors (what a CUDA graph captures): row
+        ``src[j]`` is written into slot ``flat[j]``; ``first[r]`` is row r's slot to read when
+        start > 0 (unused at start 0). Repeated (slot, row) pairs write the same values twice."""
+        n, p = x.shape[0], x.shape[1]
         c, s = cos[start:start + p][:, None, :], sin[start:start + p][:, None, :]
         mask = None
         if start > 0:  # queries start+j see keys 0..start+j of their row

@@ -126,6 +126,9 @@ def generation_checks(overrides):
            "single": [_gen(im, engine, [p], max_new_tokens=10)[0].tokens for p in PROMPTS],
            "reference": _reference(im, PROMPTS, 10),
            "full_forward": [_reference_greedy(im.model, p, 10) for p in PROMPTS]}
+    steps = engine.stats["decode_steps"]
+    _gen(im, engine, PROMPTS, max_new_tokens=10)
+    res["steps_for_10"] = engine.stats["decode_steps"] - steps
     stop = res["single"][0][3]
     res["stopped"] = _gen(im, engine, PROMPTS[:1], max_new_tokens=10, stop_token_ids=[stop])[0]
 

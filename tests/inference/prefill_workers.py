@@ -2,13 +2,16 @@
 
 Engines over the same random tiny model (fp32): packed rows (the default), right-padded rows
 (``pack_prefill=False``) and packed rows of 16 tokens (``CHUNKED``: every prompt longer than a row's
-tail is cut and continues at the next row's head, against its slot's cache)."""
+tail is cut and continues at the next row's head, against its slot's cache) and the small-prefill path
+(``SMALL``: rows and length bucketed to powers of two, padding rows written nowhere)."""
 
 # very different lengths, 1 token included (nothing to prefill); 101 prompt tokens are prefilled
 MIXED = [[100 + 3 * j + n for j in range(n)] for n in (1, 7, 33, 64)]
 # groups of identical prompts (an RL group's G samples share one prefill)
 GROUPED = [[40 + j for j in range(40)]] * 3 + [[9, 8, 7, 6, 5]] + [[300 + 2 * j for j in range(23)]] * 2 + [[17]]
 CHUNKED = {"prefill_tokens": 16}
+# the small-prefill path (bucketed right-padded rows; CUDA graphs on a GPU, the same function eagerly here)
+SMALL = {"small_prefill_tokens": 4096}
 NEW = 8
 
 
@@ -17,7 +20,8 @@ def _engines(im):
 
     return {"packed": make_engine(im.model, im.info.device),
             "padded": make_engine(im.model, im.info.device, pack_prefill=False),
-            "chunked": make_engine(im.model, im.info.device, **CHUNKED)}
+            "chunked": make_engine(im.model, im.info.device, **CHUNKED),
+            "small": make_engine(im.model, im.info.device, **SMALL)}
 
 
 def _last_hidden_logits(im, engine, prompts):

@@ -19,6 +19,12 @@ def test_greedy_equals_reference_and_full_forward(res):
     assert all(len(t) == 10 for t in res["batched"])
 
 
+def test_decode_stops_at_the_token_limit(res):
+    # 10 new tokens take 10 decode steps (a burst of check_every=8, then one of the 2 left), not two
+    # full bursts: the host knows every row's limit
+    assert res["steps_for_10"] == 10
+
+
 def test_stop_token_ends_the_sample(res):
     out = res["stopped"]
     assert out.finish_reason == "stop" and out.tokens == res["single"][0][:4]

@@ -15,7 +15,7 @@ from megatron_bluelm.inference.attention import continued_prefill_attention
 from megatron_bluelm.inference.batcher import pack_prefill_rows
 from megatron_bluelm.inference.stage import PackedRow, attention_length
 
-ENGINES = ("packed", "padded", "chunked")
+ENGINES = ("packed", "padded", "chunked", "small")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def res():
 
 def test_greedy_equals_padded_rows_and_megatron_forward(res):
     assert res["greedy"]["packed"] == res["greedy"]["padded"] == res["reference"]
-    assert res["greedy"]["chunked"] == res["reference"]
+    assert res["greedy"]["chunked"] == res["greedy"]["small"] == res["reference"]
     assert all(len(t) == 8 for t in res["reference"])
 
 
@@ -47,10 +47,12 @@ def test_last_hidden_state_per_prompt_equals_full_forward(res, name):
 
 def test_packed_rows_compute_no_padding(res):
     useful = sum(len(p) - 1 for p in MIXED)
-    packed, padded, chunked = (res["stats"][n] for n in ENGINES)
+    packed, padded, chunked, small = (res["stats"][n] for n in ENGINES)
     assert packed == {"prefill_tokens": useful, "prefill_computed": useful, "prefill_calls": 1}
     assert padded["prefill_tokens"] == useful and padded["prefill_computed"] == 3 * 63  # 3 rows padded to 63
     assert chunked == {"prefill_tokens": useful, "prefill_computed": useful, "prefill_calls": math.ceil(useful / 16)}
+    # 3 prompts to prefill (6, 32, 63 tokens): 4 rows of 64 positions in one call
+    assert small == {"prefill_tokens": useful, "prefill_computed": 4 * 64, "prefill_calls": 1}
 
 
 def test_groups_share_one_prefill_when_packed(res):

@@ -288,6 +288,9 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=256)
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--check", action="store_true", help="first compare greedy tokens with the reference loop")
+    ap.add_argument("--small-prefill-tokens", type=int, default=None,
+                    help="the engine's small_prefill_tokens (graph-captured small prefills; 0: off; default: the "
+                         "engine's)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
     mix = None
@@ -305,7 +308,7 @@ def main() -> None:
                              "bf16" if torch.cuda.is_available() else "fp32"])
     im = build_inference_model(cfg, VOCAB)
     device = im.info.device
-    engine = make_engine(im.model, device, max_slots=a.slots)
+    engine = make_engine(im.model, device, max_slots=a.slots, small_prefill_tokens=a.small_prefill_tokens)
     engine.timing = True
     if a.check:
         print("check vs reference loop:", json.dumps(check_against_reference(engine, im)), flush=True)
@@ -348,7 +351,8 @@ def main() -> None:
         print(f"prompt mix {a.prompt_mix}:", json.dumps(r), flush=True)
         for mode in ("packed", "padded"):
             rows.append({**r[mode], "case": f"mix{a.prompt_mix}", "system": f"ours-{mode}"})
-    print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; KV {kv_tok} B/token; slots {a.slots}")
+    print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; KV {kv_tok} B/token; slots {a.slots}; "
+          f"small_prefill_tokens {engine.small_prefill_tokens}; graph captures {engine.stats['graph_captures']}")
     print(f"{'case':>14} {'system':>11} {'tok/s':>10} {'ms/step':>8} {'%roof':>6} {'busy':>5} {'prefill s':>9}")
     for r in rows:
         if "error" in r:
