@@ -26,6 +26,12 @@ allocator's retries and peak allocated / reserved memory. Then
 multimodal step), to compare with text_masked; ``vit_forward_ms`` (CUDA events around the ViT's
 forward) inside the step vs alone shows whether the ViT itself runs slower within the step.
 Everything is printed and written to LOGDIR (profile.log, profile.json; chrome traces with --traces).
+
+``--sync-debug``: the profiled steps also run under ``torch.cuda.set_sync_debug_mode("warn")``; every
+operation that makes the host wait for the device (``.item()``, ``.cpu()``, ``nonzero``, a copy from
+pageable memory, ...) is counted by its call site (the innermost frames in this project or in
+megatron-core), printed per variant as ``sync_sites`` (per micro-batch). An idle GPU between kernels
+is either such a wait or the host launching kernels slower than they run; this separates the two.
 """
 from __future__ import annotations
 
@@ -38,6 +44,8 @@ import os
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from functools import partial
 
 import torch
@@ -113,7 +121,43 @@ def forced_flex():
         ka.varlen_usable = saved
 
 
-def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str, traces: bool) -> dict:
+class SyncSites:
+    """Counts the host-device synchronisations of the enclosed code by call site (CUDA only)."""
+
+    OURS = (f"{os.sep}megatron_bluelm{os.sep}", f"{os.sep}bluelm_kernels{os.sep}", f"{os.sep}megatron{os.sep}core",
+            f"{os.sep}tools{os.sep}bench{os.sep}")
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and torch.cuda.is_available()
+        self.sites = collections.Counter()
+
+    def __enter__(self):
+        if self.enabled:
+            self._catch = warnings.catch_warnings()
+            self._catch.__enter__()
+            warnings.simplefilter("always")
+            warnings.showwarning = self._record
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def _record(self, message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if any(k in f.filename for k in self.OURS)]
+        site = " < ".join(f"{f.filename.split(os.sep + 'main' + os.sep)[-1]}:{f.lineno}" for f in frames[::-1][:3])
+        self.sites[site or f"{filename}:{lineno}"] += 1
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            torch.cuda.set_sync_debug_mode("default")
+            self._catch.__exit__(*exc)
+
+    def per_micro_batch(self, n: int) -> list:
+        return [(site, round(count / n, 2)) for site, count in self.sites.most_common(15)]
+
+
+def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str, traces: bool,
+                  sync_debug: bool = False) -> dict:
     """Run ``step_fn`` ``steps`` times under the profiler; per-micro-batch figures (module docstring)."""
     from bluelm_kernels.attention import PATHS
 
@@ -125,7 +169,7 @@ def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str
     retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with MaskTimer() as masks, torch.profiler.profile(activities=acts) as prof:
+    with MaskTimer() as masks, SyncSites(sync_debug) as syncs, torch.profiler.profile(activities=acts) as prof:
         t0 = mmb._now()
         for _ in range(steps):
             step_fn()
@@ -150,7 +194,8 @@ def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str
             # the caching allocator freeing and retrying (fragmentation near the memory limit) stalls the step
             "alloc_retries": (torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries) if cuda else 0,
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0}
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
+            **({"sync_sites": syncs.per_micro_batch(n)} if syncs.enabled else {})}
 
 
 # ------------------------------------------------------------------ text
@@ -186,7 +231,7 @@ def text_variant(args, masked: bool, flex: bool, logdir: str) -> dict:
         with forced_flex() if flex else contextlib.nullcontext():
             for _ in range(args.warmup):
                 step()
-            return profile_steps(step, args.steps, args.microbatches, name, logdir, args.traces)
+            return profile_steps(step, args.steps, args.microbatches, name, logdir, args.traces, args.sync_debug)
     finally:
         teardown()
 
@@ -239,7 +284,7 @@ def mm_variants(args, logdir: str) -> list[dict]:
             while hasattr(vlm, "module"):  # DDP (and any other wrapper) around the BlueLMVLM
                 vlm = vlm.module
             clock = ForwardClock(vlm.vision_model)
-            step_row = profile_steps(step, args.steps, mbs, "mm_packed", logdir, args.traces)
+            step_row = profile_steps(step, args.steps, mbs, "mm_packed", logdir, args.traces, args.sync_debug)
             seen = list(it.seen)
             step_row["tiles_per_micro_batch"] = sum(int(b["pixel_values"].shape[0]) for b in seen) / len(seen)
             step_row["vit_forward_ms"] = clock.take_ms() / len(seen)
@@ -250,7 +295,7 @@ def mm_variants(args, logdir: str) -> list[dict]:
             vit()  # the same shapes once more outside the profile (allocator, lazy init)
             clock.take_ms()
             # profile_steps counts len(seen) micro-batches for one call: the same unit as step_row
-            vit_row = profile_steps(vit, 1, len(seen), "mm_vit", logdir, args.traces)
+            vit_row = profile_steps(vit, 1, len(seen), "mm_vit", logdir, args.traces, args.sync_debug)
             vit_row["vit_forward_ms"] = clock.take_ms() / len(seen)
             clock.remove()
             return [step_row, vit_row]
@@ -317,7 +362,8 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("logdir")
-    ap.add_argument("--only", default="text,mm", help="text (three text variants), mm (the multimodal step)")
+    ap.add_argument("--only", default="text,mm", help="text (the three text variants) or one of text_unmasked, "
+                    "text_masked, text_masked_flex; mm (the multimodal step)")
     ap.add_argument("--preset", default="bluelm-2.5-3b")
     ap.add_argument("--vision", default="vit-so400m")
     ap.add_argument("--backend", default="fused")
@@ -331,6 +377,7 @@ def main(argv=None) -> None:
     ap.add_argument("--doc-mean", type=int, default=1024, help="text variants: mean document length")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--traces", action="store_true", help="also write a chrome trace per variant")
+    ap.add_argument("--sync-debug", action="store_true", help="count host-device synchronisations by call site")
     args = ap.parse_args(argv)
     os.makedirs(args.logdir, exist_ok=True)
     log = open(os.path.join(args.logdir, "profile.log"), "a")
@@ -342,8 +389,10 @@ def main(argv=None) -> None:
 
     rows = []
     for part in args.only.split(","):
-        if part == "text":
-            for masked, flex in ((False, False), (True, False), (True, True)):
+        text = {"text": ((False, False), (True, False), (True, True)), "text_unmasked": ((False, False),),
+                "text_masked": ((True, False),), "text_masked_flex": ((True, True),)}
+        if part in text:
+            for masked, flex in text[part]:
                 rows.append(text_variant(args, masked, flex, args.logdir))
                 say(json.dumps(rows[-1]))
                 release_memory()
@@ -354,7 +403,7 @@ def main(argv=None) -> None:
             for r in rows[-3:]:
                 say(json.dumps(r))
         else:
-            ap.error(f"--only: unknown part {part!r}; choose from text, mm")
+            ap.error(f"--only: unknown part {part!r}; choose from {', '.join(text)}, mm")
     say(table(rows))
     with open(os.path.join(args.logdir, "profile.json"), "w") as f:
         json.dump(rows, f, indent=1)
