@@ -12,6 +12,7 @@ num_samples it was built for, and repeats data only by its own seeded epochs).
 """
 from __future__ import annotations
 
+import torch
 from torch.utils.data import DataLoader
 
 from megatron_bluelm.config.errors import ConfigError
@@ -65,7 +66,8 @@ def build_data_iterator(
         batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_fn,
-        pin_memory=False,
+        # page-locked batches on CUDA: copies from pageable memory wait for the device's queue (training/step.py)
+        pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
     )

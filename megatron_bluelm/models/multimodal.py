@@ -55,11 +55,27 @@ class BlueLMVLM(MegatronModule):
         out = self.adapter(self.vision_model(pixel_values))
         return out.reshape(-1, out.shape[-1])
 
-    def _decoder_input(self, input_ids, position_ids, pixel_values):
+    def image_slots(self, input_ids: torch.Tensor, host_input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Positions of the ``<image>`` tokens in the row-major [b, s] order (= the order of the tiles), on
+        ``input_ids``' device. From ``host_input_ids`` (the loader's CPU copy of the same tokens) when
+        given: ``nonzero`` on device tokens makes the host wait until the device has run everything queued
+        before it (the previous micro-batch's backward), which leaves the device idle while the host then
+        queues the ViT; on the host copy nothing waits and the host stays ahead."""
+        if host_input_ids is None:
+            return (input_ids == self.image_token_id).reshape(-1).nonzero().squeeze(1)
+        if tuple(host_input_ids.shape) != tuple(input_ids.shape):
+            raise ValueError(f"host tokens {tuple(host_input_ids.shape)} and device tokens {tuple(input_ids.shape)} "
+                             "differ in shape")
+        order = (host_input_ids.cpu() == self.image_token_id).reshape(-1).nonzero().squeeze(1)
+        if input_ids.is_cuda:
+            order = order.pin_memory()  # a pageable source would make the copy wait for the stream
+        return order.to(input_ids.device, non_blocking=True)
+
+    def _decoder_input(self, input_ids, position_ids, pixel_values, host_input_ids=None):
         embeds = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
-        # Row-major [b, s] order of the slots = the order of the tiles; embeds is [s, b, h]. The one host
-        # sync of the splice (nonzero's size) comes here, before the ViT is queued, not after it.
-        order = (input_ids == self.image_token_id).reshape(-1).nonzero().squeeze(1)
+        # embeds is [s, b, h]; the slots are found before the ViT is queued (without host_input_ids their
+        # nonzero is the splice's one host sync).
+        order = self.image_slots(input_ids, host_input_ids)
         n_slots = order.numel()
         n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
         if n_tiles == 0 and n_slots == 0:
@@ -74,10 +90,12 @@ class BlueLMVLM(MegatronModule):
         return flat.view(b, s, -1).transpose(0, 1).contiguous()
 
     def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None,
-                pixel_values: Optional[torch.Tensor] = None, **kwargs):
+                pixel_values: Optional[torch.Tensor] = None, host_input_ids: Optional[torch.Tensor] = None,
+                **kwargs):
+        """``host_input_ids``: the loader's CPU copy of ``input_ids`` (optional; see :meth:`image_slots`)."""
         decoder_input = None
         if self.pre_process:
-            decoder_input = self._decoder_input(input_ids, position_ids, pixel_values)
+            decoder_input = self._decoder_input(input_ids, position_ids, pixel_values, host_input_ids)
         return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
                                    labels=labels, loss_mask=loss_mask, **kwargs)
 

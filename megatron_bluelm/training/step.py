@@ -22,9 +22,19 @@ _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask"
 _OPTIONAL_INPUTS = ("pixel_values",)  # passed to the model only when the batch has them (multimodal)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without making the host wait: a copy to CUDA from pageable host memory is
+    staged by the driver and waits for the stream to reach it (the device's whole queue: the previous
+    micro-batch's backward), so CPU tensors are page-locked first unless they already are (the loader
+    pins its batches on CUDA, data/loader.py). The values are the same either way."""
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.contiguous().pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def batch_to_device(batch: dict, device: torch.device) -> dict:
     keys = _BATCH_KEYS + tuple(k for k in _OPTIONAL_INPUTS if k in batch)
-    return {k: (batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None) for k in keys}
+    return {k: (to_device(batch[k], device) if batch.get(k) is not None else None) for k in keys}
 
 
 def model_attention_mask(batch: dict, host_batch: Optional[dict] = None):
@@ -54,6 +64,8 @@ def make_forward_step(device: torch.device):
         host = next(data_iterator)
         batch = batch_to_device(host, device)
         extra = {k: batch[k] for k in _OPTIONAL_INPUTS if k in batch}
+        if "pixel_values" in extra:  # the splice finds its <image> slots in the CPU tokens: no device sync
+            extra["host_input_ids"] = host["tokens"]
         mask = model_attention_mask(batch, host)
         output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"],
                        loss_mask=batch["loss_mask"], **extra)
