@@ -27,6 +27,12 @@ multimodal step), to compare with text_masked; ``vit_forward_ms`` (CUDA events a
 forward) inside the step vs alone shows whether the ViT itself runs slower within the step.
 Everything is printed and written to LOGDIR (profile.log, profile.json; chrome traces with --traces).
 
+What the host issues, per micro-batch: ``wall_unprofiled_ms`` (the same steps run once more without the
+profiler, whose per-op cost inflates host-bound time), ``aten_ops`` (torch operator calls, nested ones
+included), ``launches`` (CUDA kernel launches) and ``pageable_copy_ms`` (device time of host-to-device
+copies from pageable memory: each makes the host wait for the stream; 0 when the batches are pinned).
+On CPU the op counts are the same Python as on CUDA, minus the kernels (a host-overhead comparison).
+
 ``--sync-debug``: the profiled steps also run under ``torch.cuda.set_sync_debug_mode("warn")``; every
 operation that makes the host wait for the device (``.item()``, ``.cpu()``, ``nonzero``, a copy from
 pageable memory, ...) is counted by its call site (the innermost frames in this project or in
@@ -65,6 +71,11 @@ _RULES = (  # first match wins; kernel names as CUDA / Triton / cuBLAS report th
     ("norm+elementwise", ("norm", "elementwise", "rope", "swiglu", "gelu", "silu", "softmax", "reduce",
                           "cross_entropy", "copy", "triton_", "cat", "index", "scatter", "gather", "fill")),
 )
+
+
+# CUDA runtime / driver calls that put a kernel on the stream (the profiler's CPU-side events)
+LAUNCHES = frozenset(("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                      "cudaLaunchCooperativeKernel"))
 
 
 def category(name: str) -> str:
@@ -157,8 +168,9 @@ class SyncSites:
 
 
 def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str, traces: bool,
-                  sync_debug: bool = False) -> dict:
-    """Run ``step_fn`` ``steps`` times under the profiler; per-micro-batch figures (module docstring)."""
+                  sync_debug: bool = False, on_start=None) -> dict:
+    """Run ``step_fn`` ``steps`` times without, then ``steps`` times under the profiler; per-micro-batch
+    figures (module docstring). ``on_start()``: called between the two (counters to reset)."""
     from bluelm_kernels.attention import PATHS
 
     acts = [torch.profiler.ProfilerActivity.CPU]
@@ -167,6 +179,12 @@ def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str
     PATHS.clear()
     cuda = torch.cuda.is_available()
     retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
+    t0 = mmb._now()  # the same steps without the profiler, whose per-op cost inflates host-bound time
+    for _ in range(steps):
+        step_fn()
+    unprofiled = mmb._now() - t0
+    if on_start is not None:
+        on_start()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with MaskTimer() as masks, SyncSites(sync_debug) as syncs, torch.profiler.profile(activities=acts) as prof:
@@ -176,9 +194,16 @@ def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str
         wall = mmb._now() - t0
     n = steps * microbatches
     by_cat, kernels, mask_dev = collections.Counter(), collections.Counter(), 0.0
+    host = collections.Counter()  # what the host issues per step: torch ops, kernel launches, pageable copies
     for evt in prof.key_averages():
         if evt.key == "mask_build":
             mask_dev += evt.device_time_total / 1e3
+        if evt.key.startswith("aten::"):
+            host["ops"] += evt.count
+        elif evt.key in LAUNCHES:
+            host["launches"] += evt.count
+        if "Pageable" in evt.key and str(evt.device_type).endswith("CUDA"):
+            host["pageable_copy_ms"] += evt.self_device_time_total / 1e3
         if str(evt.device_type).endswith("CUDA") and evt.self_device_time_total > 0:
             ms = evt.self_device_time_total / 1e3
             by_cat[category(evt.key)] += ms
@@ -190,6 +215,8 @@ def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str
             "gpu_idle_ms": (wall * 1e3 - busy) / n, **{c: by_cat[c] / n for c in CATEGORIES},
             "mask_build_host_ms": masks.seconds * 1e3 / n, "mask_build_kernels_ms": mask_dev / n,
             "mask_builds": masks.calls, "attention_paths": dict(PATHS),
+            "wall_unprofiled_ms": unprofiled * 1e3 / n, "aten_ops": host["ops"] / n, "launches": host["launches"] / n,
+            "pageable_copy_ms": host["pageable_copy_ms"] / n,
             "top_kernels": [(k[:90], round(v / n, 3)) for k, v in kernels.most_common(8)],
             # the caching allocator freeing and retrying (fragmentation near the memory limit) stalls the step
             "alloc_retries": (torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries) if cuda else 0,
@@ -255,7 +282,7 @@ def mm_variants(args, logdir: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         base = ["--model.preset", args.preset, "--vision.preset", args.vision, "--vision.max_tiles", "6",
                 "--data.seq_length", str(args.seq), "--data.split", "1,0,0", "--training.micro_batch_size", "1",
-                "--training.global_batch_size", str(mbs), "--training.train_steps", str(args.warmup + args.steps),
+                "--training.global_batch_size", str(mbs), "--training.train_steps", str(args.warmup + 2 * args.steps),
                 "--training.eval_interval", "0", "--schedule.warmup_steps", "1", "--training.recompute", "none",
                 "--logging.output_dir", os.path.join(out, "log"), "--logging.tensorboard", "false",
                 "--checkpoint.save", "none", "--model.backend", args.backend, "--vision.pack", "true"]
@@ -266,7 +293,7 @@ def mm_variants(args, logdir: str) -> list[dict]:
         cfg = multimodal_config(load_config(None, base + ["--data.mixture", mix]))
         apply_preset(cfg.model)
         vocab = cfg.model.vocab_size or tok.vocab_size
-        packed = build_packed_multimodal_datasets(cfg, tok, num_samples=(mbs * (args.warmup + args.steps), 0, 0),
+        packed = build_packed_multimodal_datasets(cfg, tok, num_samples=(mbs * (args.warmup + 2 * args.steps), 0, 0),
                                                   seed=args.seed)[0]
         run = setup_run(cfg, partial(build_vlm, cfg, vocab, tok.special_ids["<image>"]), 0.0)
         try:
@@ -284,7 +311,8 @@ def mm_variants(args, logdir: str) -> list[dict]:
             while hasattr(vlm, "module"):  # DDP (and any other wrapper) around the BlueLMVLM
                 vlm = vlm.module
             clock = ForwardClock(vlm.vision_model)
-            step_row = profile_steps(step, args.steps, mbs, "mm_packed", logdir, args.traces, args.sync_debug)
+            step_row = profile_steps(step, args.steps, mbs, "mm_packed", logdir, args.traces, args.sync_debug,
+                                     on_start=lambda: (clock.take_ms(), it.seen.clear()))
             seen = list(it.seen)
             step_row["tiles_per_micro_batch"] = sum(int(b["pixel_values"].shape[0]) for b in seen) / len(seen)
             step_row["vit_forward_ms"] = clock.take_ms() / len(seen)
@@ -295,7 +323,8 @@ def mm_variants(args, logdir: str) -> list[dict]:
             vit()  # the same shapes once more outside the profile (allocator, lazy init)
             clock.take_ms()
             # profile_steps counts len(seen) micro-batches for one call: the same unit as step_row
-            vit_row = profile_steps(vit, 1, len(seen), "mm_vit", logdir, args.traces, args.sync_debug)
+            vit_row = profile_steps(vit, 1, len(seen), "mm_vit", logdir, args.traces, args.sync_debug,
+                                    on_start=clock.take_ms)
             vit_row["vit_forward_ms"] = clock.take_ms() / len(seen)
             clock.remove()
             return [step_row, vit_row]
@@ -343,18 +372,18 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+TABLE_KEYS = ("wall_ms", "wall_unprofiled_ms", "gpu_busy_ms", "gpu_idle_ms", *CATEGORIES, "pageable_copy_ms",
+              "mask_build_host_ms", "mask_build_kernels_ms", "vit_forward_ms", "aten_ops", "launches")
+
+
 def difference(a: dict, b: dict, name: str) -> dict:
-    keys = ("wall_ms", "gpu_busy_ms", "gpu_idle_ms", *CATEGORIES, "mask_build_host_ms", "mask_build_kernels_ms",
-            "vit_forward_ms")
-    return {"variant": name, **{k: a[k] - b[k] for k in keys}}
+    return {"variant": name, **{k: a[k] - b[k] for k in TABLE_KEYS}}
 
 
 def table(rows: list[dict]) -> str:
-    keys = ("wall_ms", "gpu_busy_ms", "gpu_idle_ms", *CATEGORIES, "mask_build_host_ms", "mask_build_kernels_ms",
-            "vit_forward_ms")
     head = f"{'ms per micro-batch':22s}" + "".join(f"{r['variant'][:17]:>18s}" for r in rows)
     lines = [head]
-    for k in keys:
+    for k in TABLE_KEYS:
         lines.append(f"{k:22s}" + "".join(f"{r.get(k, float('nan')):18.2f}" for r in rows))
     return "\n".join(lines)
 
