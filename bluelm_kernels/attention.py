@@ -239,7 +239,13 @@ def varlen_usable(q, k) -> bool:
     if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype):
         return False
     d = q.shape[-1]
-    return d % 8 == 0 and d <= 256 and torch.cuda.get_device_capability(q.device)[0] >= 8
+    return d % 8 == 0 and d <= 256 and _sm80_or_later(q.device)
+
+
+@functools.cache
+def _sm80_or_later(device) -> bool:
+    # asked by every layer's attention call: the device properties lookup once per device, not per call
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 _VARLEN_CHECKED: dict = {}  # (device, dtype, head dim, q heads per kv head) -> the check passed

@@ -174,10 +174,12 @@ def _vit_adapter_seconds(model, batches) -> tuple[float, float]:
     vlm = model[0]
     while hasattr(vlm, "module"):  # DDP (and any other wrapper) around the BlueLMVLM
         vlm = vlm.module
+    from megatron_bluelm.training.step import to_device
+
     dev = next(vlm.parameters()).device
     vit_s = ad_s = 0.0
     for b in batches:
-        px = b["pixel_values"].to(dev)
+        px = to_device(b["pixel_values"], dev)  # as the step copies them (page-locked)
         if px.shape[0] == 0:
             continue
         t0 = _now()
