@@ -14,6 +14,8 @@ text_unmasked     text pretraining batches (multimodal_bench.text_batches), plai
 text_masked       the same with document ids (data.reset_attention_mask / reset_position_ids): the
                   attention path bluelm_kernels/attention.py picks (varlen flash on CUDA for sorted ids)
 text_masked_flex  the same, FlexAttention forced (the path before varlen), for a same-run comparison
+text_masked_single  (only by name) document ids of one document per row: the masked path's ids, layout
+                  and per-token RoPE, with the unmasked path's attention kernel (plumbing vs kernels)
 mm_packed         the packed multimodal step (multimodal_bench's record distribution)
 mm_vit            the ViT + adapter forward + backward alone on the same micro-batches' tiles
 
@@ -227,7 +229,9 @@ def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str
 
 # ------------------------------------------------------------------ text
 
-def text_variant(args, masked: bool, flex: bool, logdir: str) -> dict:
+def text_variant(args, masked: bool, flex: bool, logdir: str, single: bool = False) -> dict:
+    """``single``: rows of one document each (document ids, layout and per-token RoPE as when masked,
+    the attention plain SDPA as when unmasked): the masked path's plumbing without its kernels."""
     from megatron_bluelm.config.loader import load_config
     from megatron_bluelm.data import load_tokenizer
     from megatron_bluelm.models.decoder import build_decoder
@@ -247,7 +251,8 @@ def text_variant(args, masked: bool, flex: bool, logdir: str) -> dict:
     prepare_config(cfg)
     run = setup_run(cfg, partial(build_decoder, cfg, vocab), 0.0)
     try:
-        data = [mmb.text_batches(vocab, 1, args.seq, args.doc_mean, masked, args.seed)]
+        doc_mean = 1000 * args.seq if single else args.doc_mean  # the first cut falls past the row's end
+        data = [mmb.text_batches(vocab, 1, args.seq, doc_mean, masked, args.seed)]
         kw = dict(num_microbatches=args.microbatches, seq_length=args.seq, micro_batch_size=1,
                   device=run.info.device)
 
@@ -255,6 +260,7 @@ def text_variant(args, masked: bool, flex: bool, logdir: str) -> dict:
             train_step(run.model, run.optimizer, run.scheduler, data, **kw)
 
         name = "text_masked_flex" if flex else ("text_masked" if masked else "text_unmasked")
+        name += "_single" if single else ""
         with forced_flex() if flex else contextlib.nullcontext():
             for _ in range(args.warmup):
                 step()
@@ -392,7 +398,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("logdir")
     ap.add_argument("--only", default="text,mm", help="text (the three text variants) or one of text_unmasked, "
-                    "text_masked, text_masked_flex; mm (the multimodal step)")
+                    "text_masked, text_masked_flex, text_masked_single; mm (the multimodal step)")
     ap.add_argument("--preset", default="bluelm-2.5-3b")
     ap.add_argument("--vision", default="vit-so400m")
     ap.add_argument("--backend", default="fused")
@@ -419,10 +425,11 @@ def main(argv=None) -> None:
     rows = []
     for part in args.only.split(","):
         text = {"text": ((False, False), (True, False), (True, True)), "text_unmasked": ((False, False),),
-                "text_masked": ((True, False),), "text_masked_flex": ((True, True),)}
+                "text_masked": ((True, False),), "text_masked_flex": ((True, True),),
+                "text_masked_single": ((True, False),)}
         if part in text:
             for masked, flex in text[part]:
-                rows.append(text_variant(args, masked, flex, args.logdir))
+                rows.append(text_variant(args, masked, flex, args.logdir, single=part == "text_masked_single"))
                 say(json.dumps(rows[-1]))
                 release_memory()
         elif part == "mm":
