@@ -21,6 +21,10 @@ files fsynced), at a later step end, so the completion rule above holds unchange
 ignore the preemption signal (torchrun sends SIGTERM to the whole process group) and die with the
 training process (``PR_SET_PDEATHSIG``), so neither a preemption nor a kill -9 leaves a half-written
 checkpoint marked complete or an orphaned writer behind.
+
+Every save (blocking or async) copies the tensors it writes into host buffers the Checkpointer owns
+(``training/host_staging.py``: reused by every save, page-locked on CUDA, reserved in the background
+after the first step); the writer writes from there.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import random
 import re
 import shutil
 import signal
+import threading
 import time
 from functools import partial
 from multiprocessing.managers import SyncManager
@@ -228,13 +233,17 @@ def check_writable(root: str) -> None:
 
 _FORK_PARENT: dict = {}
 _WRITER_MANAGER: Optional[SyncManager] = None
+# The thread that starts the Manager in the background lives as long as it: PR_SET_PDEATHSIG fires when
+# the *thread* that started a process exits, not the process.
+_MANAGER_THREAD: Optional[threading.Thread] = None
+_MANAGER_READY, _MANAGER_STOP = threading.Event(), threading.Event()
 
 
 def _guard_forked_child() -> None:
     die_with_parent(_FORK_PARENT["pid"])
 
 
-def guard_writer_processes() -> None:
+def guard_writer_processes(background: bool = False) -> None:
     """Make megatron-core's checkpoint writer processes safe under preemption and kill -9.
 
     * Forked writers (the per-save workers and the async writer) inherit this process's signal
@@ -242,24 +251,61 @@ def guard_writer_processes() -> None:
       at-fork hook gives each forked child ``PR_SET_PDEATHSIG`` so none outlives a killed trainer.
     * The results queue is served by a spawned Manager process, which starts with default handlers:
       we start it ourselves, ignoring the preemption signals and dying with its parent.
+
+    ``background``: start the Manager from a thread and return (a spawned interpreter imports the
+    training's main module, torch and megatron-core included: seconds of the first save otherwise);
+    the next call without it waits for that start (and starts it here if the thread could not).
     """
-    global _WRITER_MANAGER
+    global _MANAGER_THREAD
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if "pid" not in _FORK_PARENT:
         os.register_at_fork(before=lambda: _FORK_PARENT.update(pid=os.getpid()),
                             after_in_child=_guard_forked_child)
         _FORK_PARENT["pid"] = os.getpid()
+    if _MANAGER_THREAD is not None:
+        if background:
+            return
+        _MANAGER_READY.wait()
     if filesystem_async._results_queue is None:
-        _WRITER_MANAGER = SyncManager(ctx=mp.get_context("spawn"))
-        _WRITER_MANAGER.start(initializer=manager_init, initargs=(os.getpid(),))
-        filesystem_async._results_queue = _WRITER_MANAGER.Queue()
+        if background:
+            _MANAGER_THREAD = threading.Thread(target=_manager_thread, daemon=True, name="checkpoint-writer-manager")
+            _MANAGER_THREAD.start()
+        else:
+            _start_writer_manager()
+
+
+def writer_helpers_starting() -> bool:
+    """The background start of ``guard_writer_processes(background=True)`` is still under way."""
+    return _MANAGER_THREAD is not None and not _MANAGER_READY.is_set()
+
+
+def _start_writer_manager() -> None:
+    global _WRITER_MANAGER
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=manager_init, initargs=(os.getpid(),))
+    _WRITER_MANAGER, filesystem_async._results_queue = manager, manager.Queue()
+
+
+def _manager_thread() -> None:
+    try:
+        _start_writer_manager()
+    except Exception:  # the save starts it itself, and raises what fails
+        pass
+    finally:
+        _MANAGER_READY.set()
+    _MANAGER_STOP.wait()
 
 
 def _stop_writer_manager() -> None:
     """Stop the results-queue Manager (megatron-core never stops the one it starts)."""
-    global _WRITER_MANAGER
+    global _WRITER_MANAGER, _MANAGER_THREAD
     from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if _MANAGER_THREAD is not None:
+        _MANAGER_READY.wait()
 
     queue = filesystem_async._results_queue
     manager = _WRITER_MANAGER or getattr(queue, "_manager", None)
@@ -267,6 +313,12 @@ def _stop_writer_manager() -> None:
         manager.shutdown()
     filesystem_async._results_queue = None
     _WRITER_MANAGER = None
+    if _MANAGER_THREAD is not None:
+        _MANAGER_STOP.set()
+        _MANAGER_THREAD.join()
+        _MANAGER_THREAD = None
+        _MANAGER_READY.clear()
+        _MANAGER_STOP.clear()
 
 
 def _slow_write(seconds: float, write_fn, *args, **kwargs):
@@ -768,17 +820,19 @@ class Checkpointer:
         if not self.cfg.save:
             return
         self._poll_async()
-        self.prepare_host_buffers()
+        self.prepare_saves()
         preempt = self._agree_on_signal()
         if preempt or (self.cfg.save_interval and run.step % self.cfg.save_interval == 0):
             self.save(blocking=preempt)  # a preemption leaves no time for a save in the background
         if preempt:
             raise Preempted(f"preemption signal: saved step {run.step} to '{self.cfg.save}', stopping")
 
-    def prepare_host_buffers(self) -> None:
-        """With ``checkpoint.host_buffers_at: start``, at the first step end (the optimizer state exists
-        by then): size the host buffers from the state a save would write and reserve them in a
-        background thread, so the first save finds them ready. Reports them once they are."""
+    def prepare_saves(self) -> None:
+        """At the first step end, so that the first save finds them ready: start the writer helpers in
+        the background and, with ``checkpoint.host_buffers_at: start`` (the optimizer state exists by
+        then), size the host buffers from the state a save would write and reserve them in a background
+        thread. Reports the buffers once they are ready."""
+        guard_writer_processes(background=True)
         staging = self._host_staging()
         if staging is None:
             return

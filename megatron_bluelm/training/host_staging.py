@@ -156,6 +156,7 @@ class HostStaging:
         self._busy = False
         self._thread: Optional[threading.Thread] = None
         self._thread_error: Optional[BaseException] = None
+        self._requested = False
         self.stats = {"reserved_bytes": 0, "segments": 0, "pinned_bytes": 0, "prefault_s": 0.0,
                       "register_s": 0.0, "reserve_s": 0.0, "grown_in_save_bytes": 0, "saves": 0}
         self.pin_errors: list[str] = []
@@ -164,45 +165,58 @@ class HostStaging:
 
     @property
     def started(self) -> bool:
-        """Buffers were reserved, or a reservation is under way."""
-        return self._thread is not None or bool(self._segments)
+        """A reservation was asked for (the same on every rank, also one that needed no memory: the
+        Checkpointer's sizing before it is a collective)."""
+        return self._requested
 
     @property
     def reserving(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def reserve(self, sizes: list[int]) -> None:
-        """Make sure the buffers can hold tensors of ``sizes`` bytes (allocating what is missing)."""
-        t0 = time.perf_counter()
+    def reserve(self, sizes: list[int], background: bool = False) -> None:
+        """Make sure the buffers can hold tensors of ``sizes`` bytes, allocating what is missing; with
+        ``background``, return at once (``stage`` waits). The allocation always runs in a thread of its
+        own: a failed ``cudaHostRegister`` sets the calling thread's CUDA "last error", which the
+        training thread's next kernel-launch check would report as its own failure."""
+        self._requested = True
+        self.wait()
         _, new = layout(sizes, [s.nbytes for s in self._segments])
-        if self.pin:
-            torch.cuda.set_device(self.device)  # the runtime's current device is per thread
-        for nbytes in new:
-            seg = _Segment(nbytes, self.threads)
-            error = seg.pin() if self.pin else None
-            if error:
-                self.pin_errors.append(error)
-            self._segments.append(seg)
-            self.stats["prefault_s"] += seg.prefault_s
-            self.stats["register_s"] += seg.register_s
-            self.stats["pinned_bytes"] += nbytes if seg.pinned else 0
-        self.stats["reserved_bytes"] = sum(s.nbytes for s in self._segments)
-        self.stats["segments"] = len(self._segments)
-        self.stats["reserve_s"] += time.perf_counter() - t0
+        if not new:
+            return
+        self._thread = threading.Thread(target=self._allocate, args=(new,), name="checkpoint-host-buffers",
+                                        daemon=True)
+        self._thread.start()
+        if not background:
+            self._thread.join()
+            if self._thread_error is not None:
+                e, self._thread_error = self._thread_error, None
+                raise e
 
     def reserve_in_background(self, sizes: list[int]) -> None:
-        """Start ``reserve(sizes)`` in a thread; ``stage`` waits for it."""
-        if self._thread is not None:
-            return
+        """Start reserving for ``sizes`` unless buffers were reserved already (or are being)."""
+        if not self.started:
+            self.reserve(sizes, background=True)
 
-        def run():
-            try:
-                self.reserve(sizes)
-            except BaseException as e:  # reported by wait(); the save then allocates what it needs
-                self._thread_error = e
-
-        self._thread = threading.Thread(target=run, name="checkpoint-host-staging", daemon=True)
-        self._thread.start()
+    def _allocate(self, capacities: list[int]) -> None:
+        t0 = time.perf_counter()
+        try:
+            if self.pin:
+                torch.cuda.set_device(self.device)  # the runtime's current device is per thread
+            for nbytes in capacities:
+                seg = _Segment(nbytes, self.threads)
+                error = seg.pin() if self.pin else None
+                if error:
+                    self.pin_errors.append(error)
+                self._segments.append(seg)
+                self.stats["prefault_s"] += seg.prefault_s
+                self.stats["register_s"] += seg.register_s
+                self.stats["pinned_bytes"] += nbytes if seg.pinned else 0
+        except BaseException as e:  # raised by reserve, or reported by wait (background)
+            self._thread_error = e
+        finally:
+            self.stats["reserved_bytes"] = sum(s.nbytes for s in self._segments)
+            self.stats["segments"] = len(self._segments)
+            self.stats["reserve_s"] += time.perf_counter() - t0
 
     def wait(self) -> None:
         if self._thread is not None:
@@ -214,9 +228,13 @@ class HostStaging:
 
     def describe(self) -> str:
         s = self.stats
-        pinned = ("page-locked" if s["pinned_bytes"] == s["reserved_bytes"] else
-                  f"{s['pinned_bytes'] / 2**30:.2f} GiB page-locked ({len(self.pin_errors)} segments failed: "
-                  f"{self.pin_errors[0]})" if self.pin else "pageable")
+        if not self.pin:
+            pinned = "pageable"
+        elif s["pinned_bytes"] == s["reserved_bytes"]:
+            pinned = "page-locked"
+        else:
+            pinned = (f"{s['pinned_bytes'] / 2**30:.2f} GiB page-locked ({len(self.pin_errors)} segments failed: "
+                      f"{self.pin_errors[0] if self.pin_errors else 'unknown'})")
         return (f"{s['reserved_bytes'] / 2**30:.2f} GiB in {s['segments']} segments, {pinned}; "
                 f"{s['reserve_s']:.2f} s (prefault {s['prefault_s']:.2f} s, page-lock {s['register_s']:.2f} s)")
 
@@ -240,13 +258,13 @@ class HostStaging:
         self.stats["grown_in_save_bytes"] += grown
         place, new = layout(sizes, [s.nbytes for s in self._segments])
         assert not new, new
-        self._busy = True
         copies = iter([self._copy(t, *p) for t, p in zip(tensors, place)])
         out = [(file_name, key, (bytes_data, [(item, next(copies)) for item, _ in tensor_data]))
                for file_name, key, (bytes_data, tensor_data) in write_buckets]
         if any(t.is_cuda for t in tensors):
             torch.cuda.current_stream().synchronize()
         self.stats["saves"] += 1
+        self._busy = True  # handed out: a writer may read them until release()
         return out
 
     def _copy(self, t: torch.Tensor, seg: int, offset: int) -> torch.Tensor:

@@ -79,3 +79,42 @@ def test_host_buffer_settings_are_validated():
         validate(cfg, world_size=1)
     with pytest.raises(ConfigError, match="checkpoint.host_buffers"):
         load_config(None, ["--checkpoint.host_buffers", "cuda"])
+
+
+def test_a_failed_page_lock_leaves_the_buffers_pageable_and_the_training_thread_clean(monkeypatch):
+    """cudaHostRegister failing (simulated) keeps the segment pageable, with the error in the report;
+    the registration never runs in the saving thread, whose CUDA "last error" it would otherwise set
+    (the next kernel-launch check there would then fail)."""
+    import threading
+
+    from megatron_bluelm.training import host_staging
+
+    callers = []
+
+    def failing_pin(seg):
+        callers.append(threading.get_ident())
+        return "cudaHostRegister of 8192 bytes failed: fake"
+
+    monkeypatch.setattr(host_staging._Segment, "pin", failing_pin)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    staging = HostStaging(pin=True, device=torch.device("cpu"), log=print, threads=1)
+    staging.pin = True  # as on CUDA
+    try:
+        src = torch.arange(6.0)
+        (_, _, (_, [(_, a)])), = staging.stage([("f", "k", ([], [("i", src)]))])
+        assert torch.equal(a, src) and staging.pin_errors and staging.stats["pinned_bytes"] == 0
+        assert "segments failed: cudaHostRegister of 8192 bytes failed: fake" in staging.describe()
+        assert callers and threading.get_ident() not in callers
+    finally:
+        staging.close()
+
+
+def test_a_rank_with_nothing_to_save_counts_its_reservation_as_made():
+    """The Checkpointer sizes the buffers (a collective) until a reservation was asked for: a rank that
+    saves no tensor (DP4 + distributed optimizer has such ranks) must not ask again at the next step,
+    or it waits in that collective alone (test_faults' DP4 run hung so)."""
+    staging = HostStaging(pin=False, device=torch.device("cpu"), log=print)
+    assert not staging.started
+    staging.reserve_in_background([0, 0])
+    assert staging.started and not staging.reserving and staging.stats["segments"] == 0
+    staging.close()

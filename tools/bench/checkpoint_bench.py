@@ -130,6 +130,7 @@ def set_clip(optimizer, clip: float) -> None:
 # inside the preprocessing, the write-data preparation inside the planning) are reported exclusive
 # of their children, so the rows add up to the save call.
 SAVE_PHASES = (
+    ("writer helpers (Manager start)", "megatron_bluelm.training.checkpointing", "guard_writer_processes"),
     ("state dict: param all-gather", "megatron_bluelm.training.checkpointing", "finish_param_gather"),
     ("state dict: model", "megatron_bluelm.training.checkpointing", "model_sharded_state_dict"),
     ("state dict: optimizer", "megatron.core.optimizer.optimizer.ChainedOptimizer", "sharded_state_dict"),
@@ -145,6 +146,7 @@ SAVE_PHASES = (
     ("validate: integrity check", "megatron.core.dist_checkpointing.state_dict_utils",
      "validate_sharding_integrity"),
     ("common.pt", "megatron.core.dist_checkpointing.strategies.common.TorchCommonSaveStrategy", "save_common"),
+    ("to torch ShardedTensors", "megatron.core.dist_checkpointing.strategies.torch", "mcore_to_pyt_state_dict"),
     ("plan (local + global)", "megatron.core.dist_checkpointing.strategies.torch", "save_state_dict_async_plan"),
     ("write buckets (CPU clones)", "megatron.core.dist_checkpointing.strategies.filesystem_async."
      "FileSystemWriterAsync", "prepare_write_data"),
@@ -281,32 +283,39 @@ def save_window(run, step, checkpointer, args, mode: str, label: str, base_step_
 
 
 def reserve_host_buffers(checkpointer, step, base_step_s: float, results: dict) -> None:
-    """Reserve the host buffers in the background as training does (``host_buffers_at: start``), with
-    training steps running meanwhile: how long it takes, and what it does to the step time."""
-    staging = checkpointer._host_staging()
-    if staging is None or checkpointer.cfg.host_buffers_at != "start":
-        return
+    """What training does at its first step end (``Checkpointer.prepare_saves``): start the writer
+    helpers and (``host_buffers_at: start``) reserve the host buffers, both in the background, with
+    training steps running meanwhile: how long each takes, and what they do to the step time."""
+    from megatron_bluelm.training.checkpointing import writer_helpers_starting
+
     t0 = time.perf_counter()
-    checkpointer.prepare_host_buffers()  # sizes them (in this thread), starts the reservation thread
+    checkpointer.prepare_saves()  # sizes the buffers (in this thread), starts the background threads
     sizing_s = time.perf_counter() - t0
-    times = []
-    while staging.reserving:
+    staging = checkpointer.staging if checkpointer.cfg.host_buffers_at == "start" else None
+    times, ready = [], {}
+    while (staging is not None and staging.reserving) or writer_helpers_starting():
         _sync()
         t = time.perf_counter()
         step()
         _sync()
         times.append(time.perf_counter() - t)
-    staging.wait()
-    ready_s = time.perf_counter() - t0
-    checkpointer.prepare_host_buffers()  # prints the buffers' report
-    r = {"sizing_s": sizing_s, "ready_after_s": ready_s, "steps_during": len(times), "stats": dict(staging.stats),
+        busy = {"buffers": staging is not None and staging.reserving, "helpers": writer_helpers_starting()}
+        for name in (n for n, b in busy.items() if not b):
+            ready.setdefault(name, time.perf_counter() - t0)
+    if staging is not None:
+        staging.wait()
+        checkpointer.prepare_saves()  # prints the buffers' report
+    r = {"sizing_s": sizing_s, "buffers_ready_s": ready.get("buffers", sizing_s) if staging else None,
+         "helpers_ready_s": ready.get("helpers", sizing_s), "steps_during": len(times),
          "step_median_s": statistics.median(times) if times else None, "step_max_s": max(times, default=None),
-         "pin_errors": staging.pin_errors[:3]}
-    results["host_buffers"] = r
+         "stats": dict(staging.stats) if staging else None, "pin_errors": staging.pin_errors[:3] if staging else []}
+    results["background_preparation"] = r
+    buffers = (f"host buffers ready after {r['buffers_ready_s']:.2f} s ({staging.describe()}; sizing "
+               f"{sizing_s:.2f} s in the training thread)" if staging else "no host buffers reserved")
     during = (f"{len(times)} steps ran meanwhile: median {r['step_median_s']:.4f} s, max {r['step_max_s']:.4f} s "
               f"(base {base_step_s:.4f} s)" if times else "no step ran meanwhile")
-    print(f"RESULT host buffers reserved in the background: ready {ready_s:.2f} s after the request "
-          f"(sizing {sizing_s:.2f} s in the training thread); {staging.describe()}; {during}", flush=True)
+    print(f"RESULT background preparation: {buffers}; writer helpers ready after {r['helpers_ready_s']:.2f} s; "
+          f"{during}", flush=True)
 
 
 def main(argv=None) -> None:
