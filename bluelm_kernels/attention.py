@@ -165,7 +165,10 @@ class _Entry:
 
     def __init__(self, ids, layout: DocumentLayout):
         self.ids, self.layout = ids, layout
-        self.cu_seqlens = layout.cu_seqlens.to(ids.device, non_blocking=True)
+        cu = layout.cu_seqlens
+        if ids.is_cuda:  # page-locked: a copy from pageable memory may wait for the device's queue
+            cu = cu.pin_memory()
+        self.cu_seqlens = cu.to(ids.device, non_blocking=True)
         self.block_masks = {}
 
     def block_mask(self, causal):
