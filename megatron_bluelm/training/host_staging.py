@@ -157,6 +157,7 @@ class HostStaging:
         self._thread: Optional[threading.Thread] = None
         self._thread_error: Optional[BaseException] = None
         self._requested = False
+        self._closing = False  # a reservation under way stops at its next segment
         self.stats = {"reserved_bytes": 0, "segments": 0, "pinned_bytes": 0, "prefault_s": 0.0,
                       "register_s": 0.0, "reserve_s": 0.0, "grown_in_save_bytes": 0, "saves": 0}
         self.pin_errors: list[str] = []
@@ -203,6 +204,8 @@ class HostStaging:
             if self.pin:
                 torch.cuda.set_device(self.device)  # the runtime's current device is per thread
             for nbytes in capacities:
+                if self._closing:
+                    break
                 seg = _Segment(nbytes, self.threads)
                 error = seg.pin() if self.pin else None
                 if error:
@@ -280,6 +283,7 @@ class HostStaging:
         self._busy = False
 
     def close(self) -> None:
+        self._closing = True
         self.wait()
         for seg in self._segments:
             seg.close()
