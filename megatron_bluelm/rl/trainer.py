@@ -65,7 +65,11 @@ def micro_batches(rows: dict, extra: dict, mbs: int) -> list[dict]:
 def _model_forward(device, data_iterator: Iterator, model):
     mb = next(data_iterator)
     b = batch_to_device(mb, device)
-    extra = {"pixel_values": b["pixel_values"]} if b.get("pixel_values") is not None else {}
+    extra = {}
+    if b.get("pixel_values") is not None:
+        extra["pixel_values"] = b["pixel_values"]
+        if mb["tokens"].device.type == "cpu":  # the splice's <image> slots from the host tokens: no device sync
+            extra["host_input_ids"] = mb["tokens"]
     logits = model(b["tokens"], b["position_ids"], None, **extra)  # [b, s, vocab / tp] on the last stage
     return logits, mb
 
