@@ -220,3 +220,23 @@ def tp_token_logprobs(temperature, top_p):
                 "grad_finite": bool(torch.isfinite(shard.grad).all())}
     finally:
         teardown()
+
+
+def sft_then_rl(data: dict, tmp: str, sft_overrides=(), rl_overrides=()):
+    """In one process: the SFT stage (examples/rl_from_sft_toy_sft.yaml) on the toy's conversations,
+    then the RL stage (examples/rl_from_sft_toy.yaml) from its checkpoint with --pretrained, held-out
+    prompts evaluated at RL start and every eval_interval steps. Same layout for both (see
+    reward_model_story)."""
+    from megatron_bluelm.config.loader import load_config
+    from megatron_bluelm.stages.sft import run_sft
+
+    ckpt = tmp + "/sft_ckpt"
+    cfg = load_config("examples/rl_from_sft_toy_sft.yaml",
+                      ["--data.prefix", data["sft_prefix"], "--checkpoint.save", ckpt,
+                       "--logging.output_dir", tmp + "/sft_log", *sft_overrides])
+    sft = run_sft(cfg)
+    next_port()
+    rl = rl_stage("examples/rl_from_sft_toy.yaml",
+                  ["--rl.task", data["rl_train"], "--rl.eval_task", data["rl_heldout"],
+                   "--logging.output_dir", tmp + "/rl_log", *rl_overrides], pretrained=ckpt)
+    return {"sft_losses": sft["losses"], **rl}
