@@ -48,6 +48,7 @@ setup(
             "bluelm-evaluate=tools.evaluate:main",
             "bluelm-plot-metrics=tools.plot_metrics:main",
             "bluelm-fault-check=tools.fault_check:main",
+            "bluelm-rl-toy-data=tools.rl_from_sft_toy:main",
             "bluelm-launch=megatron_bluelm.parallel.launch:main",
         ]
     },
