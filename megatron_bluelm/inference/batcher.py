@@ -202,20 +202,25 @@ class GenerationEngine:
 
     def _graph(self, rows: int, mode: str):
         key = (rows, mode)
-        if key not in self.graphs:
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up (all rows inactive: no row state changes)
-                self._forward(rows, mode)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                self._forward(rows, mode)
-            self.graphs[key] = g
-            self.stats["graph_captures"] += 1
+        if key not in self.graphs:  # the warm-up runs with all rows inactive: no row state changes
+            self.graphs[key] = self._capture(lambda: self._forward(rows, mode))[0]
         return self.graphs[key]
+
+    def _capture(self, fn):
+        """Run ``fn`` once on a side stream (warm-up), then capture it in a CUDA graph in the engine's
+        memory pool: (graph, what ``fn`` returned during the capture, its static output)."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            out = fn()
+        self.stats["graph_captures"] += 1
+        return g, out
 
     def _decode(self, rows: int, mode: str, steps: int) -> None:
         timed = self.timing and self.device.type == "cuda"
@@ -263,8 +268,9 @@ class GenerationEngine:
         pipeline stage (this stage's output, before the final norm), empty on the others."""
         index = [g for g, (p, _, _) in enumerate(groups) if len(p) > 1]
         work = [(groups[g][0][:-1], groups[g][1], groups[g][2]) for g in index]
-        if self._small_shape(work) is not None:
-            hidden = self._prefill_small(work)
+        shape = self._small_shape(work)
+        if shape is not None:
+            hidden = self._prefill_small(work, shape)
         else:
             hidden = self._prefill_packed(work) if self.pack_prefill else self._prefill_padded(work)
         return {index[i]: h for i, h in hidden.items()}
@@ -281,18 +287,16 @@ class GenerationEngine:
             return None
         return rows, positions, _pow2(sum(len(s) for _, s, _ in work))
 
-    def _prefill_small(self, work) -> dict:
+    def _prefill_small(self, work, shape: tuple[int, int, int]) -> dict:
         """Right-padded rows of the bucketed shape through ``StageWeights.prefill_indexed``: the padding
         rows are written nowhere (their slot writes repeat a real row's last one), the padding
         positions write keys past each row's length, which decode overwrites before it reads them.
         With CUDA graphs the call is a replay (captured the first time the shape is seen); without,
         the same function runs eagerly."""
-        rows, positions, writes = shape = self._small_shape(work)
+        rows, positions, writes = shape
         lengths = [len(p) for p, _, _ in work]
         host = torch.zeros(rows * positions + 2 * writes + rows, dtype=torch.long)
-        tokens = host[:rows * positions].view(rows, positions)
-        flat, src = host[rows * positions:][:writes], host[rows * positions + writes:][:writes]
-        last = host[rows * positions + 2 * writes:]
+        tokens, flat, src, last = _small_views(shape, host)
         pairs = [(slot, r) for r, (_, slots, _) in enumerate(work) for slot in slots]
         pairs += [pairs[-1]] * (writes - len(pairs))
         for r, (p, _, _) in enumerate(work):
@@ -316,33 +320,19 @@ class GenerationEngine:
             buf.copy_(host.pin_memory(), non_blocking=True)
             g.replay()
             return out
-        # first sight of the shape: run it eagerly on a side stream (this is the real prefill: the
-        # graph's warm-up), then capture; the replay below recomputes the same values into the graph's
-        # static output
+        # first sight of the shape: the capture's warm-up is the real prefill; the replay below
+        # recomputes the same values into the graph's static output
         buf = host.to(self.device)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._small_forward(shape, buf)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            out = self._small_forward(shape, buf)
+        g, out = self._capture(lambda: self._small_forward(shape, buf))
         self.prefill_graphs[shape] = (buf, out, g)
-        self.stats["graph_captures"] += 1
         g.replay()
         return out
 
     def _small_forward(self, shape, buf: torch.Tensor) -> torch.Tensor:
         """The hidden state at each row's last position, [rows, hidden]."""
-        rows, positions, writes = shape
-        tokens = buf[:rows * positions].view(rows, positions)
-        flat, src = buf[rows * positions:][:writes], buf[rows * positions + writes:][:writes]
-        last = buf[rows * positions + 2 * writes:]
+        tokens, flat, src, last = _small_views(shape, buf)
         x = self.w.prefill_indexed(self.w.embed(tokens), 0, flat, src, None, self.cache, self.cos, self.sin)
-        return x[torch.arange(rows, device=x.device), last]
+        return x[torch.arange(shape[0], device=x.device), last]
 
     def _timed_prefill(self, fn, *args):
         timed = self.timing and self.device.type == "cuda"
@@ -492,10 +482,19 @@ class GenerationEngine:
         # a sample's token limit bounds its decode steps: it has finished once it has been stepped
         # ``limit`` times since its admission (steps counted by ``clock``)
         clock, admitted_at = 0, {}
-        queued = None  # (rows, steps) of a burst already launched behind the one being looked at
+        queued = None  # the rows of a burst already launched behind the one being looked at
 
         def steps_left() -> int:
             return max(samples_cfg[i]["limit"] - (clock - admitted_at[i]) for i in slot_of.values())
+
+        def launch() -> int:
+            """One burst over the smallest bucket holding the occupied slots: its rows."""
+            nonlocal clock
+            rows = next(b for b in buckets if b > max(slot_of))
+            steps = max(1, min(self.check_every, steps_left()))
+            self._decode(rows, mode, steps)
+            clock += steps
+            return rows
 
         while waiting or slot_of:
             if queued is None:
@@ -503,21 +502,15 @@ class GenerationEngine:
                     self._admit(waiting, free, slot_of, prompts, samples_cfg, tiles, ids)
                     for i in slot_of.values():
                         admitted_at.setdefault(i, clock)
-                rows = next(b for b in buckets if b > max(slot_of))
-                steps = max(1, min(self.check_every, steps_left()))
-                self._decode(rows, mode, steps)
-                clock += steps
+                rows = launch()
             else:
-                rows, steps = queued
+                rows = queued
             queued = None
             active = self._active_flags(rows)
             if not waiting and steps_left() > 0:
                 # nothing waits for a slot: queue the next burst now, so the device keeps stepping
                 # while the host looks at this one (rows finished in it are idle for that burst)
-                nxt, nrows = min(self.check_every, steps_left()), next(b for b in buckets if b > max(slot_of))
-                self._decode(nrows, mode, nxt)
-                clock += nxt
-                queued = (nrows, nxt)
+                queued = launch()
             self._harvest(rows, slot_of, free, results, prompts, on_finish, active.result())
             if not waiting and slot_of:
                 self._compact(slot_of, free, buckets)  # behind a queued burst: its moves are ordered after it
@@ -688,6 +681,14 @@ class _HostCopy:
         if self.event is not None:
             self.event.synchronize()
         return self.host
+
+
+def _small_views(shape: tuple[int, int, int], buf: torch.Tensor):
+    """A small prefill's inputs packed in one int64 buffer (one host-to-device copy): tokens
+    [rows, positions], the slot writes' slots and source rows [writes] each, each row's last index [rows]."""
+    rows, positions, writes = shape
+    n = rows * positions
+    return buf[:n].view(rows, positions), buf[n:n + writes], buf[n + writes:n + 2 * writes], buf[n + 2 * writes:]
 
 
 def _pow2(n: int) -> int:
