@@ -42,7 +42,26 @@ def _cpu_mode_checks():
     after = torch.rand(3)
     out["fork_differs"] = not torch.equal(forked, expected_default)
     out["default_restored"] = torch.equal(after, expected_default)
+    # Backward passes run under the mode too (megatron-core's fused weight-gradient path allocates on
+    # "cuda" inside a backward), whichever way they are started.
+    x = torch.randn(3, requires_grad=True)
+    _AllocatesInBackward.apply(x).sum().backward()
+    y = torch.randn(2, 3, requires_grad=True)
+    torch.autograd.backward([_AllocatesInBackward.apply(y)], [torch.full((2, 3), 2.0)])
+    z = torch.randn(3, requires_grad=True)
+    (_AllocatesInBackward.apply(z) * 3).backward(torch.ones(3), inputs=[z])
+    out["backward_grads"] = [x.grad.tolist(), y.grad.tolist(), z.grad.tolist()]
     return out
+
+
+class _AllocatesInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, g):
+        return g + torch.zeros(g.shape, device=torch.cuda.current_device())
 
 
 def test_cpu_mode_maps_cuda_to_cpu_and_forks_rng():
@@ -53,3 +72,4 @@ def test_cpu_mode_maps_cuda_to_cpu_and_forks_rng():
     assert out["type_name"] == "torch.cuda.FloatTensor,torch.cuda.BFloat16Tensor"
     assert out["type_cast"]
     assert out["fork_differs"] and out["default_restored"]
+    assert out["backward_grads"] == [[1.0] * 3, [[2.0] * 3] * 2, [3.0] * 3]

@@ -23,6 +23,8 @@ SIGNATURES = [
 ATTRIBUTES = [
     ("megatron.core.dist_checkpointing.strategies.filesystem_async", "_results_queue",
      "training/checkpointing.py: the async writer's results queue (our own Manager, stopped at exit)"),
+    ("megatron.core.tensor_parallel.layers", "_grad_accum_fusion_available",
+     "training/model_setup.py: use_fused_wgrad_accumulation supplies fused_weight_gradient_mlp_cuda without Apex"),
     ("megatron.core.optimizer.distrib_optimizer", "HAVE_APEX_OR_TE",
      "training/checkpointing.py: the 'step' fix applies only to the torch-Adam fallback"),
 ]

@@ -74,7 +74,45 @@ class CudaToCpuMode(TorchFunctionMode):
             args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             return _CUDA_TYPE_NAMES.get(args[0].dtype, func(*args))
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            # A mode is off while its handler runs, so the backward pass would run without it, and
+            # megatron-core's linears allocate on "cuda" there (the fused weight-gradient path).
+            # The autograd engine is called directly (as megatron-core's schedules do) under the mode.
+            with self:
+                return _backward(func, *args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _as_tuple(x) -> tuple:
+    return () if x is None else (x,) if torch.is_tensor(x) else tuple(x)
+
+
+def _backward(func, tensors, grad_tensors=None, retain_graph=None, create_graph=False, *rest, inputs=None, **kwargs):
+    """``Tensor.backward(gradient, retain_graph, create_graph, inputs)`` and ``torch.autograd.backward
+    (tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)`` without their
+    torch-function dispatch: the same grads (ones for a scalar when none is given), the same flags."""
+    if func is torch.Tensor.backward:
+        inputs = rest[0] if rest else inputs
+    elif rest:  # autograd.backward's positional grad_variables (deprecated alias), then inputs
+        grad_tensors = rest[0] if grad_tensors is None else grad_tensors
+        inputs = rest[1] if len(rest) > 1 else inputs
+    grad_tensors = kwargs.pop("gradient", kwargs.pop("grad_variables", grad_tensors))
+    if kwargs:
+        raise TypeError(f"backward() got unexpected arguments {sorted(kwargs)}")
+    tensors = _as_tuple(tensors)
+    grads = _as_tuple(grad_tensors) or (None,) * len(tensors)
+    made = []
+    for t, g in zip(tensors, grads):
+        if g is None:
+            if t.numel() != 1:
+                raise RuntimeError("grad can be implicitly created only for scalar outputs")
+            g = torch.ones_like(t, memory_format=torch.preserve_format)
+        made.append(g)
+    from torch.autograd.variable import Variable
+
+    Variable._execution_engine.run_backward(
+        tensors, tuple(made), create_graph if retain_graph is None else retain_graph, create_graph,
+        _as_tuple(inputs), allow_unreachable=True, accumulate_grad=True)
 
 
 def _patch_torch_cuda() -> None:

@@ -223,7 +223,7 @@ def bench_mm_variant(cfg, dataset, name: str, args, vocab: int, image_id: int) -
         vit_s, ad_s = _vit_adapter_seconds(run.model, it.seen)
         rows = it.seen
         positions = sum(int(b["tokens"].numel()) for b in rows)
-        useful = sum(int(b["useful_tokens"]) for b in rows)
+        useful = sum(int(b["useful_tokens"].sum()) for b in rows)
         tiles = sum(int(b["pixel_values"].shape[0]) for b in rows)
         flops = useful_flops(cfg, vocab, rows) / args.steps
         peak = device_peak_tflops(None)
@@ -289,7 +289,9 @@ def section_mm(args) -> list[dict]:
         tiles = np.concatenate([s.tiles[s.tiles > 0] for s in packed.sources])
         print(f"records: {st.records} in {st.rows} packed rows; tiles per image {np.bincount(tiles).tolist()} "
               f"(index = tiles); token share of text {st.source_tokens[1] / st.tokens:.1%}", flush=True)
-        for name, ds in (("packed", packed), ("unpacked", _Unpacked(packed))):
+        for name in args.variants.split(","):
+            ds = _Unpacked(packed) if name == "unpacked" else packed
+            cfg.training.fused_wgrad_accumulation = name != "packed_unfused_wgrad"
             results.append(bench_mm_variant(cfg, ds, name, args, vocab, tok.special_ids["<image>"]))
             print(json.dumps(results[-1]), flush=True)
     return results
@@ -427,6 +429,9 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers (the loader time shrinks with them)")
     ap.add_argument("--recompute", default="none", choices=("none", "selective", "full"))
     ap.add_argument("--max-tiles-per-microbatch", type=int, default=None)
+    ap.add_argument("--variants", default="packed,unpacked",
+                    help="mm section: packed, unpacked (one record per row), packed_unfused_wgrad (packed with "
+                         "training.fused_wgrad_accumulation false)")
     ap.add_argument("--attn-seq", type=int, default=32768)
     ap.add_argument("--attn-docs", type=int, default=64)
     ap.add_argument("--attn-heads", default="20,4", help="query heads, KV heads")
