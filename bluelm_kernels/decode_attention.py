@@ -3,8 +3,10 @@
 The KV cache is per slot, [slots, groups, capacity, d], and row b attends to its first
 ``lengths[b]`` positions. Triton split-K kernel (flash-decoding): one program per (row, KV group, key
 chunk) loads the group's query heads once — GQA without repeating K/V — streams the chunk's keys and
-values with an online softmax; a second small kernel merges the chunks (one chunk: normalized in place).
-Chunks past a row's length exit at once, so a short row costs what its keys cost, not the capacity.
+values with an online softmax and writes its partial (acc, max, sum); the chunk program that arrives
+last at its (row, group) arrival counter (an atomic) merges the group's chunks and writes the output,
+so several chunks cost one launch, not two (one chunk: normalized in place). Chunks past a row's
+length exit at once, so a short row costs what its keys cost, not the capacity.
 
 ``rope_and_cache``: the decode step's RoPE (rotate-half) of the query heads and key of the fused QKV
 output at each row's position, with the key and value written into the row's cache slot — one launch
@@ -35,11 +37,15 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, leng
     return out.reshape(b, heads, d).to(q.dtype)
 
 
-def num_splits(rows: int, groups: int, capacity: int, device: torch.device, block: int = 64) -> int:
-    """Key chunks per (row, group) so that the decode grid fills the GPU at small batches."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+def num_splits(rows: int, groups: int, capacity: int, device: torch.device, block: int = 64,
+               sms: int | None = None) -> int:
+    """Key chunks per (row, group) so that the decode grid fills the GPU at small batches (about two
+    programs per SM, chunks of at least ``block`` keys). ``sms`` overrides the device's SM count (CPU:
+    1 chunk unless given)."""
+    if sms is None:
+        if device.type != "cuda":
+            return 1
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = max(1, math.ceil(2 * sms / max(1, rows * groups)))
     return max(1, min(want, math.ceil(capacity / block)))
 
@@ -56,7 +62,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
 def rope_cache_attention(qkv: torch.Tensor, lengths: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          kc: torch.Tensor, vc: torch.Tensor, heads: int, groups: int, splits: int = 1) -> torch.Tensor:
     """``rope_and_cache`` at positions lengths - 1, then ``decode_attention`` over cache slots
-    0..rows-1 at ``lengths``, in one launch on CUDA (plus the split combine): -> [rows, heads, d]."""
+    0..rows-1 at ``lengths``, in one launch on CUDA (the split merge included): -> [rows, heads, d]."""
     rows = qkv.shape[0]
     if not use_triton(qkv):
         q = rope_and_cache_ref(qkv, lengths - 1, cos, sin, kc, vc, heads, groups)
@@ -104,8 +110,10 @@ def _decode_kernel(Q, K, V, Lens, Out, M, L,
                    sq_b, sq_h, sk_b, sk_g, sk_n, sv_b, sv_g, sv_n,
                    so_b, so_h, so_s, sm_b, sm_h,
                    scale_log2, chunk, QKV, COS, SIN, s_qkv, s_cos,
+                   Res, Cnt, sr_b, sr_h,
                    SINGLE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                   D: tl.constexpr, ROPE: tl.constexpr):
+                   D: tl.constexpr, ROPE: tl.constexpr, FUSED: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_S: tl.constexpr, SB: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -165,7 +173,59 @@ def _decode_kernel(Q, K, V, Lens, Out, M, L,
         tl.store(optr, acc, mask=hmask[:, None])
         tl.store(M + b * sm_b + heads * sm_h + s, m_i, mask=hmask)
         tl.store(L + b * sm_b + heads * sm_h + s, l_i, mask=hmask)
+        if FUSED:
+            # Serial split-K reduction: the chunk program that arrives last at its (row, group) counter
+            # merges every chunk's partials. The barrier orders all threads' partial stores before the
+            # (single-thread) release half of the atomic; its acquire half plus the barrier after it
+            # make the other programs' stores visible to every thread of the last program.
+            splits = tl.num_programs(2)
+            cnt = Cnt + b * tl.num_programs(1) + g
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if arrived == splits - 1:
+                tl.debug_barrier()
+                _merge_group(Out, M, L, Res, b, g, splits, so_b, so_h, so_s, sm_b, sm_h, sr_b, sr_h,
+                             GROUP, BLOCK_G, BLOCK_S, SB, D)
+                tl.store(cnt, 0)  # zero at rest: the next launch (or graph replay) counts from 0
 
+
+@triton.jit
+def _merge_group(Part, M, L, Res, b, g, splits, sp_b, sp_h, sp_s, sm_b, sm_h, sr_b, sr_h,
+                 GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, SB: tl.constexpr,
+                 D: tl.constexpr):
+    """Row b, KV group g: merge the ``splits`` chunks' (acc, m, l) of the group's query heads into the
+    normalized output, all heads in one tile (one round of loads at a few chunks). Loads bypass L1
+    (``.cg``): the partials were written by other SMs during this launch."""
+    offs_g = tl.arange(0, BLOCK_G)
+    gmask = offs_g < GROUP
+    heads = g * GROUP + offs_g
+    offs_s = tl.arange(0, BLOCK_S)
+    mrow = M + b * sm_b + heads[:, None] * sm_h
+    lrow = L + b * sm_b + heads[:, None] * sm_h
+    msk = gmask[:, None] & (offs_s[None, :] < splits)
+    m = tl.load(mrow + offs_s[None, :], mask=msk, other=float("-inf"), cache_modifier=".cg")
+    lsum = tl.load(lrow + offs_s[None, :], mask=msk, other=0.0, cache_modifier=".cg")
+    top = tl.where(gmask, tl.max(m, 1), 0.0)  # chunk 0 holds key 0: finite for every real head
+    denom = tl.sum(lsum * tl.where(msk, tl.math.exp2(m - top[:, None]), 0.0), 1)
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, SB)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    for s0 in range(0, splits, SB):
+        sc = s0 + offs_c
+        cm = gmask[:, None] & (sc[None, :] < splits)
+        mc = tl.load(mrow + sc[None, :], mask=cm, other=float("-inf"), cache_modifier=".cg")
+        w = tl.where(cm, tl.math.exp2(mc - top[:, None]), 0.0)  # empty chunks: m = -inf -> weight 0
+        pp = Part + b * sp_b + heads[:, None, None] * sp_h + sc[None, :, None] * sp_s + offs_d[None, None, :]
+        part = tl.load(pp, mask=cm[:, :, None], other=0.0, cache_modifier=".cg")
+        acc += tl.sum(part * w[:, :, None], 1)
+    out = acc / tl.where(gmask, denom, 1.0)[:, None]
+    tl.store(Res + b * sr_b + heads[:, None] * sr_h + offs_d[None, :], out.to(Res.dtype.element_ty),
+             mask=gmask[:, None])
+
+
+# The two-launch merge, kept as the baseline that bluelm_kernels/bench/decode_attention_bench.py times
+# the fused merge against (``fused=False``) and that the tests check alongside it; the engine's calls
+# always take the fused merge.
 @triton.jit
 def _combine_kernel(Part, M, L, Out, sp_b, sp_h, sp_s, sm_b, sm_h, so_b, so_h, splits,
                     BLOCK_S: tl.constexpr, D: tl.constexpr):
@@ -218,9 +278,32 @@ def _rope_cache_kernel(QKV, POS, COS, SIN, QO, KC, VC, s_qkv, s_qo_b, s_qo_h, s_
 
 
 
-def _decode_attention_triton(q, k, v, lengths, splits, rope=None):
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The fused kernel's per-(row, group) arrival counters: int32 zeros, one buffer per (device, size)
+    kept for the process (every launch, layer and captured graph of that size reuses it; the last
+    program of each (row, group) puts its counter back to 0). Calls sharing a buffer must not run at
+    the same time on different streams (the engine runs one decode step at a time per device)."""
+    key = (device, n)
+    cnt = _COUNTERS.get(key)
+    if cnt is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # A buffer made inside a capture would live in the graph's pool and be zeroed only by the
+            # capture's own memset: the engine's eager warm-up call is what allocates it.
+            raise RuntimeError(f"bluelm_kernels/decode_attention.py: no arrival counters yet for {n} "
+                               f"(rows x groups) on {device}; run the call once outside CUDA-graph capture")
+        cnt = _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+    return cnt
+
+
+def _decode_attention_triton(q, k, v, lengths, splits, rope=None, *, fused: bool = True, block_n: int = 64):
     """``rope``: (qkv, cos, sin, heads) — q is then taken rotated from the fused QKV rows and the new
-    key / value written into k / v at position lengths - 1 (``q`` gives only the shape: None)."""
+    key / value written into k / v at position lengths - 1 (``q`` gives only the shape: None).
+    ``fused``: several chunks are merged inside the decode kernel by the last-arriving chunk program
+    of each (row, group); False runs the separate ``_combine_kernel`` launch instead (the reference
+    the fused merge is benchmarked against). ``block_n``: keys per tile (a chunk is a multiple)."""
     if rope is not None:
         qkv, cos, sin, heads = rope
         b, d = qkv.shape[0], k.shape[3]
@@ -230,9 +313,11 @@ def _decode_attention_triton(q, k, v, lengths, splits, rope=None):
         q_strides = (q.stride(0), q.stride(1))
     groups, capacity = k.shape[1], k.shape[2]
     group = heads // groups
-    block_n = 64
+    if splits < 1:
+        raise ValueError(f"bluelm_kernels/decode_attention.py: splits must be >= 1, got {splits}")
     chunk = math.ceil(math.ceil(capacity / splits) / block_n) * block_n
     single = splits == 1
+    fused = fused and not single
     if single:
         out = torch.empty(b, heads, 1, d, device=q.device, dtype=q.dtype)
         m = lsum = out  # unused
@@ -242,6 +327,13 @@ def _decode_attention_triton(q, k, v, lengths, splits, rope=None):
         m = torch.empty(b, heads, splits, device=q.device, dtype=torch.float32)
         lsum = torch.empty_like(m)
         sm = (m.stride(0), m.stride(1))
+    if fused:
+        res = torch.empty(b, heads, d, device=q.device, dtype=q.dtype)
+        cnt = _arrival_counters(q.device, b * groups)
+    else:
+        res, cnt = out, m  # unused
+    block_s = triton.next_power_of_2(splits)
+    block_g = triton.next_power_of_2(group)
     assert k.stride(3) == 1 and v.stride(3) == 1 and q.stride(-1) == 1
     _decode_kernel[(b, groups, splits)](
         q, k, v, lengths, out, m, lsum,
@@ -249,10 +341,14 @@ def _decode_attention_triton(q, k, v, lengths, splits, rope=None):
         out.stride(0), out.stride(1), out.stride(2), sm[0], sm[1],
         (1.0 / math.sqrt(d)) * 1.4426950408889634, chunk,
         *((qkv, cos, sin, qkv.stride(0), cos.stride(0)) if rope is not None else (q, q, q, 0, 0)),
+        res, cnt, res.stride(0) if fused else 0, res.stride(1) if fused else 0,
         SINGLE=single, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, D=d,
-        ROPE=rope is not None, num_warps=4, num_stages=2)
+        ROPE=rope is not None, FUSED=fused, BLOCK_G=block_g, BLOCK_S=block_s,
+        SB=max(1, min(block_s, 64 // block_g)), num_warps=4, num_stages=2)
     if single:
         return out[:, :, 0]
+    if fused:
+        return res
     res = torch.empty(b, heads, d, device=q.device, dtype=q.dtype)
     _combine_kernel[(b, heads)](out, m, lsum, res, out.stride(0), out.stride(1), out.stride(2), m.stride(0),
                                 m.stride(1), res.stride(0), res.stride(1), splits,
