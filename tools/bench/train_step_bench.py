@@ -64,6 +64,22 @@ def _time_steps(step_fn, warmup: int, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def _ab_wgrad_fusion(model, step, args) -> dict:
+    """Step time with the weight-gradient GEMMs accumulating into main_grad (training.fused_wgrad_accumulation)
+    and without, alternated in one process on one model (same memory state, clocks and data), each
+    round timing ``--steps`` steps of each after one untimed step."""
+    fused = [m for chunk in model for m in chunk.modules() if getattr(m, "gradient_accumulation_fusion", False)]
+    times = {"fused": [], "unfused": []}
+    for _ in range(args.ab_wgrad_fusion):
+        for name, on in (("unfused", False), ("fused", True)):
+            for m in fused:
+                m.gradient_accumulation_fusion = on
+            times[name].append(_time_steps(step, 1, args.steps))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"linears": len(fused), "step_s": times, "median_s": med,
+            "fused_speedup": med["unfused"] / med["fused"] if med["fused"] else None}
+
+
 def bench_ours(args, backend: str) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -100,6 +116,8 @@ def bench_ours(args, backend: str) -> dict:
     result = {"variant": f"ours[{backend}]" + ("+adam" if args.optimizer else ""), "step_s": dt,
               "tokens": args.mbs * args.microbatches * args.seq,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if args.ab_wgrad_fusion:
+        result["wgrad_fusion_ab"] = _ab_wgrad_fusion(model, step, args)
     from megatron_bluelm.parallel.setup import teardown
 
     teardown()
@@ -153,6 +171,8 @@ def main(argv=None) -> None:
     ap.add_argument("--backends", default="fused,torch")
     ap.add_argument("--hf", action="store_true", help="also time HF transformers Llama (SDPA) on the same shapes")
     ap.add_argument("--optimizer", action="store_true", help="include the optimizer step")
+    ap.add_argument("--ab-wgrad-fusion", type=int, default=0, metavar="ROUNDS",
+                    help="also alternate steps with and without training.fused_wgrad_accumulation, ROUNDS times")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -194,6 +214,13 @@ def main(argv=None) -> None:
         mp = f"{r['mfu_vs_peak']:.1%}" if r["mfu_vs_peak"] else "-"
         print(f"{r['variant']:<24}{r['tokens_per_s']:>12,.0f}{r['tflops']:>10.1f}{r['mfu_vs_matmul']:>11.1%}"
               f"{mp:>11}{vs:>8}{r['peak_mem_gib']:>9.1f}")
+    for r in results:
+        ab = r.get("wgrad_fusion_ab")
+        if ab:
+            print(f"{r['variant']}: weight gradients into main_grad (fused) vs bf16 gradient + add (unfused), "
+                  f"{ab['linears']} linears, median of {args.ab_wgrad_fusion} alternating rounds: "
+                  f"{ab['median_s']['fused'] * 1e3:.1f} vs {ab['median_s']['unfused'] * 1e3:.1f} ms per step "
+                  f"({ab['fused_speedup']:.3f}x)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "ceiling_tflops": ceiling, "results": results}, f, indent=2)
