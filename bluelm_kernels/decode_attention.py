@@ -37,7 +37,12 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, leng
     return out.reshape(b, heads, d).to(q.dtype)
 
 
-def num_splits(rows: int, groups: int, capacity: int, device: torch.device, block: int = 64,
+# Keys per tile of the decode kernel, and the least keys per chunk ``num_splits`` gives: one constant so
+# the engine's chunk count and the kernel's tile agree (decode_attention_bench.py compares 64 with 32).
+BLOCK_N = 64
+
+
+def num_splits(rows: int, groups: int, capacity: int, device: torch.device, block: int = BLOCK_N,
                sms: int | None = None) -> int:
     """Key chunks per (row, group) so that the decode grid fills the GPU at small batches (about two
     programs per SM, chunks of at least ``block`` keys). ``sms`` overrides the device's SM count (CPU:
@@ -298,7 +303,7 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     return cnt
 
 
-def _decode_attention_triton(q, k, v, lengths, splits, rope=None, *, fused: bool = True, block_n: int = 64):
+def _decode_attention_triton(q, k, v, lengths, splits, rope=None, *, fused: bool = True, block_n: int = BLOCK_N):
     """``rope``: (qkv, cos, sin, heads) — q is then taken rotated from the fused QKV rows and the new
     key / value written into k / v at position lengths - 1 (``q`` gives only the shape: None).
     ``fused``: several chunks are merged inside the decode kernel by the last-arriving chunk program
