@@ -182,3 +182,14 @@ def test_fused_merge_reuses_counters_and_resets_them(monkeypatch):
         counters = now
         assert counters.dtype == torch.int32 and not counters.any()  # zeros at rest
         lengths = lengths - 1  # another position next call
+
+
+def test_arrival_counters_not_made_inside_a_capture(monkeypatch):
+    """Counters first needed during CUDA-graph capture would be graph-pool memory zeroed only by the
+    captured memset: a clear error instead (the engine's eager warm-up call makes them)."""
+    from bluelm_kernels import decode_attention as da
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="outside CUDA-graph capture"):
+        da._arrival_counters(torch.device("cuda", 0), 12345)
+    assert (torch.device("cuda", 0), 12345) not in da._COUNTERS
