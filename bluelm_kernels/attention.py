@@ -29,6 +29,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .transfer import to_device
+
 log = logging.getLogger(__name__)
 
 PATHS: "collections.Counter" = collections.Counter()  # calls per path (module docstring) and builds:
@@ -165,10 +167,7 @@ class _Entry:
 
     def __init__(self, ids, layout: DocumentLayout):
         self.ids, self.layout = ids, layout
-        cu = layout.cu_seqlens
-        if ids.is_cuda:  # page-locked: a copy from pageable memory may wait for the device's queue
-            cu = cu.pin_memory()
-        self.cu_seqlens = cu.to(ids.device, non_blocking=True)
+        self.cu_seqlens = to_device(layout.cu_seqlens, ids.device)
         self.block_masks = {}
 
     def block_mask(self, causal):

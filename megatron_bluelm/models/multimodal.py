@@ -66,10 +66,10 @@ class BlueLMVLM(MegatronModule):
         if tuple(host_input_ids.shape) != tuple(input_ids.shape):
             raise ValueError(f"host tokens {tuple(host_input_ids.shape)} and device tokens {tuple(input_ids.shape)} "
                              "differ in shape")
-        order = (host_input_ids.cpu() == self.image_token_id).reshape(-1).nonzero().squeeze(1)
-        if input_ids.is_cuda:
-            order = order.pin_memory()  # a pageable source would make the copy wait for the stream
-        return order.to(input_ids.device, non_blocking=True)
+        from bluelm_kernels.transfer import to_device
+
+        return to_device((host_input_ids.cpu() == self.image_token_id).reshape(-1).nonzero().squeeze(1),
+                         input_ids.device)
 
     def _decoder_input(self, input_ids, position_ids, pixel_values, host_input_ids=None):
         embeds = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]

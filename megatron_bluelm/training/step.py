@@ -17,19 +17,13 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from bluelm_kernels.transfer import to_device  # the loader pins its batches on CUDA already (data/loader.py)
+
 # document_ids [b, s]: which packed document each position belongs to (None: one causal sequence).
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask", "document_ids")
 _OPTIONAL_INPUTS = ("pixel_values",)  # passed to the model only when the batch has them (multimodal)
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device`` without making the host wait: a copy to CUDA from pageable host memory is
-    staged by the driver and waits for the stream to reach it (the device's whole queue: the previous
-    micro-batch's backward), so CPU tensors are page-locked first unless they already are (the loader
-    pins its batches on CUDA, data/loader.py). The values are the same either way."""
-    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
-        t = t.contiguous().pin_memory()
-    return t.to(device, non_blocking=True)
 
 
 def batch_to_device(batch: dict, device: torch.device) -> dict:
