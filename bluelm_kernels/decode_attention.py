@@ -208,21 +208,27 @@ def _merge_group(Part, M, L, Res, b, g, splits, sp_b, sp_h, sp_s, sm_b, sm_h, sr
     mrow = M + b * sm_b + heads[:, None] * sm_h
     lrow = L + b * sm_b + heads[:, None] * sm_h
     msk = gmask[:, None] & (offs_s[None, :] < splits)
+    offs_d = tl.arange(0, D)
+    prow = Part + b * sp_b + heads[:, None, None] * sp_h + offs_d[None, None, :]
     m = tl.load(mrow + offs_s[None, :], mask=msk, other=float("-inf"), cache_modifier=".cg")
     lsum = tl.load(lrow + offs_s[None, :], mask=msk, other=0.0, cache_modifier=".cg")
+    if SB == BLOCK_S:  # every chunk in one tile: the partials load with m and l, one round of loads
+        part = tl.load(prow + offs_s[None, :, None] * sp_s, mask=msk[:, :, None], other=0.0, cache_modifier=".cg")
     top = tl.where(gmask, tl.max(m, 1), 0.0)  # chunk 0 holds key 0: finite for every real head
-    denom = tl.sum(lsum * tl.where(msk, tl.math.exp2(m - top[:, None]), 0.0), 1)
-    offs_d = tl.arange(0, D)
-    offs_c = tl.arange(0, SB)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
-    for s0 in range(0, splits, SB):
-        sc = s0 + offs_c
-        cm = gmask[:, None] & (sc[None, :] < splits)
-        mc = tl.load(mrow + sc[None, :], mask=cm, other=float("-inf"), cache_modifier=".cg")
-        w = tl.where(cm, tl.math.exp2(mc - top[:, None]), 0.0)  # empty chunks: m = -inf -> weight 0
-        pp = Part + b * sp_b + heads[:, None, None] * sp_h + sc[None, :, None] * sp_s + offs_d[None, None, :]
-        part = tl.load(pp, mask=cm[:, :, None], other=0.0, cache_modifier=".cg")
-        acc += tl.sum(part * w[:, :, None], 1)
+    w = tl.where(msk, tl.math.exp2(m - top[:, None]), 0.0)  # empty chunks: m = -inf -> weight 0
+    denom = tl.sum(lsum * w, 1)
+    if SB == BLOCK_S:
+        acc = tl.sum(part * w[:, :, None], 1)
+    else:  # SB chunks at a time (registers), each tile's weights from its own m
+        offs_c = tl.arange(0, SB)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        for s0 in range(0, splits, SB):
+            sc = s0 + offs_c
+            cm = gmask[:, None] & (sc[None, :] < splits)
+            mc = tl.load(mrow + sc[None, :], mask=cm, other=float("-inf"), cache_modifier=".cg")
+            wc = tl.where(cm, tl.math.exp2(mc - top[:, None]), 0.0)
+            part = tl.load(prow + sc[None, :, None] * sp_s, mask=cm[:, :, None], other=0.0, cache_modifier=".cg")
+            acc += tl.sum(part * wc[:, :, None], 1)
     out = acc / tl.where(gmask, denom, 1.0)[:, None]
     tl.store(Res + b * sr_b + heads[:, None] * sr_h + offs_d[None, :], out.to(Res.dtype.element_ty),
              mask=gmask[:, None])
