@@ -219,7 +219,8 @@ def _merge_group(Part, M, L, Res, b, g, splits, sp_b, sp_h, sp_s, sm_b, sm_h, sr
     denom = tl.sum(lsum * w, 1)
     if SB == BLOCK_S:
         acc = tl.sum(part * w[:, :, None], 1)
-    else:  # SB chunks at a time (registers), each tile's weights from its own m
+    else:  # SB chunks at a time (a tile of <= 128 (head, chunk) pairs: no spills at D = 128), each
+        # tile's weights from its own m
         offs_c = tl.arange(0, SB)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
         for s0 in range(0, splits, SB):
@@ -355,7 +356,7 @@ def _decode_attention_triton(q, k, v, lengths, splits, rope=None, *, fused: bool
         res, cnt, res.stride(0) if fused else 0, res.stride(1) if fused else 0,
         SINGLE=single, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, D=d,
         ROPE=rope is not None, FUSED=fused, BLOCK_G=block_g, BLOCK_S=block_s,
-        SB=max(1, min(block_s, 64 // block_g)), num_warps=4, num_stages=2)
+        SB=max(1, min(block_s, 128 // block_g)), num_warps=4, num_stages=2)
     if single:
         return out[:, :, 0]
     if fused:

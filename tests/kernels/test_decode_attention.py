@@ -116,8 +116,10 @@ _MERGE_CASES = {
     "engine_shape": (4, 5, 384, 6, 64, [1, 193, 384]),
     # chunk 3 starts past the capacity (150 keys in 4 x 64): always empty; a chunk + 1
     "past_capacity": (2, 2, 150, 4, 64, [65, 150]),
-    # 32-key tiles, 10 chunks: more chunks than the merge's tile (8 at 5 heads), so it loops
-    "tile32_many_chunks": (1, 5, 320, 10, 32, [1, 32, 33, 320]),
+    # 32-key tiles, 10 chunks (the benchmark's other tile size)
+    "tile32": (1, 5, 320, 10, 32, [1, 32, 33, 320]),
+    # 16-key tiles, 18 chunks: more chunks than the merge's tile holds (16 at 5 heads), so it loops
+    "tile16_many_chunks": (1, 5, 288, 18, 16, [1, 16, 17, 288]),
 }
 
 
