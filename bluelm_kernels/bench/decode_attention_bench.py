@@ -5,7 +5,7 @@ the split merge fused into the decode kernel against the separate combine launch
     TRITON_INTERPRET=1 python -m bluelm_kernels.bench.decode_attention_bench --smoke   # CPU: tiny, checks only
 
 Per (rows, context) — cache capacity = context, every row at its last position — and per tile size
-(keys per tile: 64, the engine's, and 32, i.e. more, shorter chunks): GPU time of all ``--layers``
+(keys per tile: 64, the engine's, and 32 and 16, i.e. more, shorter chunks): GPU time of all ``--layers``
 layers' calls (each layer its own cache and QKV rows, the step's order) captured in one CUDA graph
 and replayed, for the two-launch path (decode kernel + combine kernel) and the fused one (the last
 chunk program merges); and each output's relative error against the torch reference
@@ -93,7 +93,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1, checks only")
     ap.add_argument("--rows", default=None, help="comma list (default 1,8,32,256; smoke 1,3)")
     ap.add_argument("--contexts", default=None, help="comma list, = cache capacity (default 128,384,1152,2176)")
-    ap.add_argument("--block-n", default="64,32", help="keys per tile, comma list")
+    ap.add_argument("--block-n", default="64,32,16", help="keys per tile, comma list")
     ap.add_argument("--layers", type=int, default=None, help="calls per timed step (default 28; smoke 2)")
     ap.add_argument("--heads", type=int, default=None, help="query heads (default 20; smoke 10)")
     ap.add_argument("--groups", type=int, default=None, help="KV groups (default 4; smoke 2)")
