@@ -180,8 +180,8 @@ class StageWeights:
         return x
 
     def _decode_fused(self, x, pos, cache, cos, sin, rows):
-        """The same step in ~8 launches per layer: Triton RMSNorm with the residual add fused in,
-        RoPE + cache write + decode attention in one kernel (+ the split combine), SwiGLU; cuBLAS for
+        """The same step in 8 launches per layer: Triton RMSNorm with the residual add fused in,
+        RoPE + cache write + decode attention with its key-chunk merge in one kernel, SwiGLU; cuBLAS for
         the matmuls (a fused few-row GEMV measured slower than cuBLAS on the H200: docs/KERNELS.md)."""
         from bluelm_kernels.rmsnorm import rmsnorm
         from bluelm_kernels.swiglu import swiglu
