@@ -7,7 +7,6 @@ import sys
 from functools import partial
 
 import torch
-
 from distributed import run_distributed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))

@@ -170,7 +170,7 @@ class SyncSites:
 
 
 def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str, traces: bool,
-                  sync_debug: bool = False, on_start=None) -> dict:
+                  sync_debug: bool = False, on_start=None, top: int = 8) -> dict:
     """Run ``step_fn`` ``steps`` times without, then ``steps`` times under the profiler; per-micro-batch
     figures (module docstring). ``on_start()``: called between the two (counters to reset)."""
     from bluelm_kernels.attention import PATHS
@@ -219,7 +219,7 @@ def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str
             "mask_builds": masks.calls, "attention_paths": dict(PATHS),
             "wall_unprofiled_ms": unprofiled * 1e3 / n, "aten_ops": host["ops"] / n, "launches": host["launches"] / n,
             "pageable_copy_ms": host["pageable_copy_ms"] / n,
-            "top_kernels": [(k[:90], round(v / n, 3)) for k, v in kernels.most_common(8)],
+            "top_kernels": [(k[:90], round(v / n, 3)) for k, v in kernels.most_common(top)],
             # the caching allocator freeing and retrying (fragmentation near the memory limit) stalls the step
             "alloc_retries": (torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries) if cuda else 0,
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
@@ -264,7 +264,8 @@ def text_variant(args, masked: bool, flex: bool, logdir: str, single: bool = Fal
         with forced_flex() if flex else contextlib.nullcontext():
             for _ in range(args.warmup):
                 step()
-            return profile_steps(step, args.steps, args.microbatches, name, logdir, args.traces, args.sync_debug)
+            return profile_steps(step, args.steps, args.microbatches, name, logdir, args.traces, args.sync_debug,
+                                 top=args.top_kernels)
     finally:
         teardown()
 
@@ -284,11 +285,12 @@ def mm_variants(args, logdir: str) -> list[dict]:
     from megatron_bluelm.training.step import train_step
 
     tok = load_tokenizer(mmb.BUNDLED_TOKENIZER)
-    mbs = args.mm_microbatches
+    mbs, rows = args.mm_microbatches, args.mm_mbs
     with tempfile.TemporaryDirectory() as out:
         base = ["--model.preset", args.preset, "--vision.preset", args.vision, "--vision.max_tiles", "6",
-                "--data.seq_length", str(args.seq), "--data.split", "1,0,0", "--training.micro_batch_size", "1",
-                "--training.global_batch_size", str(mbs), "--training.train_steps", str(args.warmup + 2 * args.steps),
+                "--data.seq_length", str(args.seq), "--data.split", "1,0,0", "--training.micro_batch_size", str(rows),
+                "--training.global_batch_size", str(rows * mbs),
+                "--training.train_steps", str(args.warmup + 2 * args.steps),
                 "--training.eval_interval", "0", "--schedule.warmup_steps", "1", "--training.recompute", "none",
                 "--logging.output_dir", os.path.join(out, "log"), "--logging.tensorboard", "false",
                 "--checkpoint.save", "none", "--model.backend", args.backend, "--vision.pack", "true"]
@@ -299,13 +301,13 @@ def mm_variants(args, logdir: str) -> list[dict]:
         cfg = multimodal_config(load_config(None, base + ["--data.mixture", mix]))
         apply_preset(cfg.model)
         vocab = cfg.model.vocab_size or tok.vocab_size
-        packed = build_packed_multimodal_datasets(cfg, tok, num_samples=(mbs * (args.warmup + 2 * args.steps), 0, 0),
-                                                  seed=args.seed)[0]
+        samples = rows * mbs * (args.warmup + 2 * args.steps)
+        packed = build_packed_multimodal_datasets(cfg, tok, num_samples=(samples, 0, 0), seed=args.seed)[0]
         run = setup_run(cfg, partial(build_vlm, cfg, vocab, tok.special_ids["<image>"]), 0.0)
         try:
-            it = mmb._Timed(build_data_iterator(packed, micro_batch_size=1, consumed_samples=0, dp_rank=0,
+            it = mmb._Timed(build_data_iterator(packed, micro_batch_size=rows, consumed_samples=0, dp_rank=0,
                                                 dp_size=1, num_workers=args.workers, collate_fn=collate))
-            kw = dict(num_microbatches=mbs, seq_length=args.seq, micro_batch_size=1, device=run.info.device)
+            kw = dict(num_microbatches=mbs, seq_length=args.seq, micro_batch_size=rows, device=run.info.device)
 
             def step():
                 train_step(run.model, run.optimizer, run.scheduler, [it], **kw)
@@ -318,6 +320,7 @@ def mm_variants(args, logdir: str) -> list[dict]:
                 vlm = vlm.module
             clock = ForwardClock(vlm.vision_model)
             step_row = profile_steps(step, args.steps, mbs, "mm_packed", logdir, args.traces, args.sync_debug,
+                                     top=args.top_kernels,
                                      on_start=lambda: (clock.take_ms(), it.seen.clear()))
             seen = list(it.seen)
             step_row["tiles_per_micro_batch"] = sum(int(b["pixel_values"].shape[0]) for b in seen) / len(seen)
@@ -330,6 +333,7 @@ def mm_variants(args, logdir: str) -> list[dict]:
             clock.take_ms()
             # profile_steps counts len(seen) micro-batches for one call: the same unit as step_row
             vit_row = profile_steps(vit, 1, len(seen), "mm_vit", logdir, args.traces, args.sync_debug,
+                                    top=args.top_kernels,
                                     on_start=clock.take_ms)
             vit_row["vit_forward_ms"] = clock.take_ms() / len(seen)
             clock.remove()
@@ -405,6 +409,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--microbatches", type=int, default=4, help="text variants")
     ap.add_argument("--mm-microbatches", type=int, default=8)
+    ap.add_argument("--mm-mbs", type=int, default=1, help="mm variant: rows per micro-batch")
+    ap.add_argument("--top-kernels", type=int, default=8, help="kernels listed per variant, by GPU time")
     ap.add_argument("--records", type=int, default=400, help="image-text records for the mm variant")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2)

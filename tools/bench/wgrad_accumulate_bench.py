@@ -50,23 +50,25 @@ def main(argv=None) -> None:
         sys.exit("wgrad_accumulate_bench needs a CUDA GPU")
     torch.manual_seed(0)
     for tok, out, inp in shapes:
-        g = torch.randn(tok, out, device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(tok, inp, device="cuda", dtype=torch.bfloat16)
-        main_grad = torch.randn(out, inp, device="cuda", dtype=torch.float32)
-        ref = main_grad + g.float().t() @ x.float()
-        fused, unfused = main_grad.clone(), main_grad.clone()
-        wgrad_accumulate(x, g, fused)
-        unfused.add_(g.t() @ x)
-        err = lambda t: float((t - ref).abs().max() / ref.abs().max())  # noqa: E731
-        e_fused, e_unfused = err(fused), err(unfused)
-        t_fused = _ms(lambda: wgrad_accumulate(x, g, fused))
-        t_unfused = _ms(lambda: unfused.add_(g.t() @ x))
-        t_mm = _ms(lambda: g.t() @ x)
-        flop = 2 * tok * out * inp
-        print(f"{tok}x{out}x{inp}: fused {t_fused:.3f} ms ({flop / t_fused / 1e9:.0f} TFLOP/s, err {e_fused:.1e}), "
-              f"unfused {t_unfused:.3f} ms (err {e_unfused:.1e}), bf16 GEMM alone {t_mm:.3f} ms "
-              f"({flop / t_mm / 1e9:.0f} TFLOP/s); fused / unfused time {t_fused / t_unfused:.2f}", flush=True)
+        print(_one_shape(tok, out, inp), flush=True)
 
+
+def _one_shape(tok: int, out: int, inp: int) -> str:
+    g = torch.randn(tok, out, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tok, inp, device="cuda", dtype=torch.bfloat16)
+    main_grad = torch.randn(out, inp, device="cuda", dtype=torch.float32)
+    ref = main_grad + g.float().t() @ x.float()
+    fused, unfused = main_grad.clone(), main_grad.clone()
+    wgrad_accumulate(x, g, fused)
+    unfused.add_(g.t() @ x)
+    e_fused, e_unfused = (float((t - ref).abs().max() / ref.abs().max()) for t in (fused, unfused))
+    t_fused = _ms(lambda: wgrad_accumulate(x, g, fused))
+    t_unfused = _ms(lambda: unfused.add_(g.t() @ x))
+    t_mm = _ms(lambda: g.t() @ x)
+    flop = 2 * tok * out * inp
+    return (f"{tok}x{out}x{inp}: fused {t_fused:.3f} ms ({flop / t_fused / 1e9:.0f} TFLOP/s, err {e_fused:.1e}), "
+            f"unfused {t_unfused:.3f} ms (err {e_unfused:.1e}), bf16 GEMM alone {t_mm:.3f} ms "
+            f"({flop / t_mm / 1e9:.0f} TFLOP/s); fused / unfused time {t_fused / t_unfused:.2f}")
 
 if __name__ == "__main__":
     main()
