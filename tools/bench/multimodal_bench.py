@@ -35,6 +35,7 @@ CUDA timings synchronize around each region; on CPU the numbers only show the sc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import gzip
 import json
@@ -357,6 +358,52 @@ def section_attn(args) -> list[dict]:
     return results
 
 
+# ------------------------------------------------------------------ vit_attn: the ViT's attention per SDPA backend
+
+def section_vit_attn(args) -> list[dict]:
+    """The ViT's non-causal attention at its training shape ([tiles, heads, patches, head_dim], here
+    16 heads of 72 at 676 patches for so400m), forward + backward through the SDPA call the model
+    makes (models/attention.py: [s, b, n, d] views permuted to [b, n, s, d]), with PyTorch's choice and
+    with each backend forced. FLOPs: forward 4 · tiles · heads · patches² · head_dim, backward 2.5 x."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from megatron_bluelm.config.vision import VisionConfig
+
+    v = VisionConfig(preset=args.vision)
+    v.resolve()
+    heads, d = v.num_attention_heads, v.hidden_size // v.num_attention_heads
+    patches = (v.image_size // v.patch_size) ** 2
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    backends = {"auto": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    if dev == "cpu":
+        backends = {"auto": None, "math": SDPBackend.MATH}
+    results = []
+    for tiles in (int(t) for t in args.vit_attn_tiles.split(",")):
+        qkv = torch.randn(patches, tiles, heads, 3, d, device=dev, dtype=dtype, requires_grad=True)
+        grad = torch.randn(tiles, heads, patches, d, device=dev, dtype=dtype)
+        flops = 3.5 * 4 * tiles * heads * patches**2 * d
+        for name, backend in backends.items():
+            row = {"variant": f"vit_attn_{name}", "tiles": tiles, "heads": heads, "patches": patches, "head_dim": d}
+            try:
+                with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+                    sec = _timed(partial(_vit_attention_fwd_bwd, qkv, grad), args.warmup, max(args.steps, 3))
+                row.update(fwd_bwd_ms=sec * 1e3, tflops=flops / sec / 1e12)
+            except RuntimeError as e:  # a backend that does not take this shape says so
+                row["error"] = str(e).splitlines()[0][:160]
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    return results
+
+
+def _vit_attention_fwd_bwd(qkv: torch.Tensor, grad: torch.Tensor) -> None:
+    import torch.nn.functional as F
+
+    q, k, v = (qkv[..., i, :].permute(1, 2, 0, 3) for i in range(3))  # [b, n, s, d] strided views
+    F.scaled_dot_product_attention(q, k, v).backward(grad)
+
+
 # ------------------------------------------------------------------ text: reset_attention_mask cost
 
 def text_batches(vocab: int, mbs: int, seq: int, doc_mean: int, with_ids: bool, seed: int):
@@ -434,7 +481,7 @@ def section_text(args) -> list[dict]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="mm,attn,text")
+    ap.add_argument("--only", default="mm,attn,text", help="sections: mm, attn, text, vit_attn (comma-separated)")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--vision", default="vit-tiny")
     ap.add_argument("--backend", default="auto")
@@ -452,13 +499,14 @@ def main(argv=None) -> None:
                          "training.fused_wgrad_accumulation false)")
     ap.add_argument("--attn-seq", type=int, default=32768)
     ap.add_argument("--attn-docs", type=int, default=64)
+    ap.add_argument("--vit-attn-tiles", default="16,32", help="vit_attn section: tiles per call (comma-separated)")
     ap.add_argument("--attn-heads", default="20,4", help="query heads, KV heads")
     ap.add_argument("--attn-dim", type=int, default=128)
     ap.add_argument("--doc-mean", type=int, default=1024, help="text section: mean document length")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write all results as JSON")
     args = ap.parse_args(argv)
-    sections = {"mm": section_mm, "attn": section_attn, "text": section_text}
+    sections = {"mm": section_mm, "attn": section_attn, "text": section_text, "vit_attn": section_vit_attn}
     results = {}
     for name in args.only.split(","):
         if name not in sections:
