@@ -12,6 +12,7 @@ holding the ``<image>`` token (row-major over [batch, sequence]). data/images.py
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -44,8 +45,9 @@ class BlueLMVLM(MegatronModule):
         if pre_process:
             v = cfg.vision
             self.vision_model = VisionEncoder(vision_transformer_config(lm_config, v, backend), v, backend)
-            self.adapter = VisionAdapter(lm_config, v.hidden_size, v.image_size // v.patch_size,
-                                         v.adapter_hidden_size)
+            # the adapter's rows are image tokens, not sequence positions: never sequence parallel
+            self.adapter = VisionAdapter(dataclasses.replace(lm_config, sequence_parallel=False), v.hidden_size,
+                                         v.image_size // v.patch_size, v.adapter_hidden_size)
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -85,9 +87,35 @@ class BlueLMVLM(MegatronModule):
             raise ValueError(f"multimodal batch: {n_tiles} tiles give {images.shape[0]} image embeddings but the "
                              f"tokens hold {n_slots} <image> slots (data/images.py makes them equal)")
         b, s = input_ids.shape
+        images = images.to(embeds.dtype)
+        if self.config.sequence_parallel:
+            order, images = self._local_slots(order, images, host_input_ids, b, s)
+            s = embeds.shape[0]  # this rank's sequence chunk
         flat = embeds.transpose(0, 1).reshape(b * s, -1)
-        flat = flat.index_copy(0, order, images.to(flat.dtype))
+        flat = flat.index_copy(0, order, images)
         return flat.view(b, s, -1).transpose(0, 1).contiguous()
+
+    def _local_slots(self, order, images, host_input_ids, b: int, s: int):
+        """Sequence parallelism: the embeddings are this TP rank's chunk of the sequence, positions
+        [rank * s / tp, (rank + 1) * s / tp) of every row, [s / tp, b, h]. Every TP rank ran the same ViT
+        on all tiles; each splices the image embeddings whose slots fall in its chunk, at their [b, s / tp]
+        row-major index. The ranks use different rows of ``images``, so its gradient is their sum: the
+        all-reduce of ``copy_to_tensor_model_parallel_region``'s backward (the ViT's own backward then
+        sees the same gradient on every rank, as without sequence parallelism)."""
+        from megatron.core import parallel_state, tensor_parallel
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        chunk = s // tp
+        images = tensor_parallel.copy_to_tensor_model_parallel_region(images)
+        slots = order.cpu() if host_input_ids is None else \
+            (host_input_ids.cpu() == self.image_token_id).reshape(-1).nonzero().squeeze(1)
+        row, pos = slots // s, slots % s
+        mine = ((pos >= rank * chunk) & (pos < (rank + 1) * chunk)).nonzero().squeeze(1)  # host: no sync
+        local = row[mine] * chunk + pos[mine] - rank * chunk
+        from bluelm_kernels.transfer import to_device
+
+        return to_device(local, order.device), images[to_device(mine, images.device)]
 
     def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None,
                 pixel_values: Optional[torch.Tensor] = None, host_input_ids: Optional[torch.Tensor] = None,

@@ -29,9 +29,6 @@ def multimodal_config(cfg: RunConfig) -> RunConfig:
     p = cfg.parallel
     if not cfg.vision.enabled:
         raise ConfigError("vision.preset: the multimodal stage needs a vision preset (vit-tiny, vit-so400m)")
-    if p.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel: not supported by the multimodal model yet (image "
-                          "embeddings are spliced into the full sequence on the first stage)")
     if p.vpp is not None:
         raise ConfigError("parallel.vpp: not supported by the multimodal model (the ViT sits on the first chunk)")
     apply_preset(cfg.model)

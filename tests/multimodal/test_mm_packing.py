@@ -233,8 +233,9 @@ def test_bench_counts_useful_flops_only_and_runs_its_attention_section(mixture):
                 "--attn-docs", "8", "--steps", "1", "--warmup", "0"])
 
 
-def _mm_packed_vs_alone_parallel(mixture, extra):
-    """Packed rows vs their records alone through the schedule in a TP x PP layout (gradients, loss)."""
+def _mm_packed_vs_alone_parallel(mixture, extra, alone_too=True):
+    """Packed rows vs their records alone through the schedule in a TP x PP layout (gradients, loss);
+    ``alone_too=False``: the packed rows only."""
     import os
     import sys
     from functools import partial
@@ -266,10 +267,30 @@ def _mm_packed_vs_alone_parallel(mixture, extra):
                 alone.append(_alone_row([s.read(int(s.index[p]), int(s.offset[p]), int(s.length[p]), True)], tok.pad))
         as_batch = lambda r: {k: (v[None] if torch.is_tensor(v) and k != "pixel_values" else v)  # noqa: E731
                               for k, v in r.items() if k not in ("num_tiles", "useful_tokens")}
-        return {"packed": _grads_and_loss(run, [as_batch(r) for r in packed], SEQ),
-                "alone": _grads_and_loss(run, [as_batch(r) for r in alone], SEQ)}
+        out = {"packed": _grads_and_loss(run, [as_batch(r) for r in packed], SEQ)}
+        if alone_too:
+            out["alone"] = _grads_and_loss(run, [as_batch(r) for r in alone], SEQ)
+        return out
     finally:
         teardown()
+
+
+@pytest.mark.slow
+def test_sequence_parallel_multimodal_equals_one_rank(mixture):
+    """TP2 with sequence parallelism (each rank splices the image embeddings of its sequence chunk; the
+    adapter stays unsplit): the loss and every gathered gradient, ViT and adapter included, equal the
+    1-rank model's on the same packed rows."""
+    one = run_distributed(_mm_packed_vs_alone_parallel, 1, mixture, [], False)[0]["packed"]
+    sp = run_distributed(_mm_packed_vs_alone_parallel, 2, mixture,
+                         ["--parallel.tp", "2", "--parallel.sequence_parallel", "true"], False)
+    for r in sp:
+        got = r["packed"]
+        assert got["tokens"] == one["tokens"] > 0
+        assert abs(got["loss_sum"] - one["loss_sum"]) < 1e-5 * abs(one["loss_sum"])
+        assert got["grads"].keys() == one["grads"].keys()
+        assert any(k.startswith("vision_model.") for k in one["grads"])
+        for name, g in one["grads"].items():
+            torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=name)
 
 
 @pytest.mark.slow

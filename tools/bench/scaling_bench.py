@@ -11,7 +11,7 @@ multimodal stage on the bundled image-text set, every image resized to the full 
 stage's FLOPs count assumes (max_tiles + thumbnail tiles per sequence); the set is preprocessed once
 per call into a temporary folder and decoded and tiled by the loader as in training. One record per
 sample (no packing across records), padded to --seq. Layouts the multimodal model does not support
-(sequence parallel, virtual stages) are reported as skipped.
+(virtual stages) are reported as skipped.
 
 Weak scaling: every data-parallel rank keeps the same micro-batch and micro-batch count, so the
 global batch grows with DP. Per layout it prints tokens/s per GPU, model TFLOP/s per GPU, MFU (vs the
