@@ -176,7 +176,10 @@ def resolve_vision_layout(cfg: RunConfig) -> None:
     v, p = cfg.vision, cfg.parallel
     v.resolve()
     v.check(p.tp)
-    if p.pp > 1 and p.first_stage_layers is None and p.last_stage_layers is None and v.balance_pipeline:
+    # With virtual stages the layers split evenly over pp x vpp chunks (megatron-core's rule; the ViT
+    # adds to the first chunk), so the cost model's uneven first stage does not apply.
+    if (p.pp > 1 and p.vpp is None and p.first_stage_layers is None and p.last_stage_layers is None
+            and v.balance_pipeline):
         p.first_stage_layers = balanced_first_stage_layers(cfg)
 
 

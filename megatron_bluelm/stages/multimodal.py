@@ -29,8 +29,6 @@ def multimodal_config(cfg: RunConfig) -> RunConfig:
     p = cfg.parallel
     if not cfg.vision.enabled:
         raise ConfigError("vision.preset: the multimodal stage needs a vision preset (vit-tiny, vit-so400m)")
-    if p.vpp is not None:
-        raise ConfigError("parallel.vpp: not supported by the multimodal model (the ViT sits on the first chunk)")
     apply_preset(cfg.model)
     resolve_vision_layout(cfg)
     if cfg.vision.pack:  # several records per row: positions and attention per record

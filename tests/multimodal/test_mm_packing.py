@@ -276,21 +276,27 @@ def _mm_packed_vs_alone_parallel(mixture, extra, alone_too=True):
 
 
 @pytest.mark.slow
-def test_sequence_parallel_multimodal_equals_one_rank(mixture):
+def test_sequence_parallel_and_virtual_stages_equal_one_rank(mixture):
     """TP2 with sequence parallelism (each rank splices the image embeddings of its sequence chunk; the
-    adapter stays unsplit): the loss and every gathered gradient, ViT and adapter included, equal the
-    1-rank model's on the same packed rows."""
+    adapter stays unsplit) and PP2 x VPP2 (the ViT and adapter on the first chunk of the first stage,
+    the interleaved schedule): the loss and every gathered gradient, ViT and adapter included, equal
+    the 1-rank model's on the same packed rows."""
     one = run_distributed(_mm_packed_vs_alone_parallel, 1, mixture, [], False)[0]["packed"]
-    sp = run_distributed(_mm_packed_vs_alone_parallel, 2, mixture,
-                         ["--parallel.tp", "2", "--parallel.sequence_parallel", "true"], False)
-    for r in sp:
-        got = r["packed"]
-        assert got["tokens"] == one["tokens"] > 0
-        assert abs(got["loss_sum"] - one["loss_sum"]) < 1e-5 * abs(one["loss_sum"])
-        assert got["grads"].keys() == one["grads"].keys()
-        assert any(k.startswith("vision_model.") for k in one["grads"])
-        for name, g in one["grads"].items():
-            torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=name)
+    assert any(k.startswith("vision_model.") for k in one["grads"])
+    assert any(k.startswith("adapter.") for k in one["grads"])
+    layouts = {"tp2_sp": (2, ["--parallel.tp", "2", "--parallel.sequence_parallel", "true"]),
+               "pp2_vpp2": (2, ["--parallel.pp", "2", "--parallel.vpp", "2", "--training.micro_batch_size", "1"])}
+    for layout, (ranks, extra) in layouts.items():
+        results = run_distributed(_mm_packed_vs_alone_parallel, ranks, mixture, extra, False)
+        last = results[-1]["packed"]  # the last pipeline stage reports the loss
+        assert last["tokens"] == one["tokens"] > 0, layout
+        assert abs(last["loss_sum"] - one["loss_sum"]) < 1e-5 * abs(one["loss_sum"]), layout
+        for r in results:
+            got = r["packed"]["grads"]
+            assert got.keys() == one["grads"].keys(), layout
+            for name, g in one["grads"].items():
+                torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()),
+                                           msg=f"{layout}: {name}")
 
 
 @pytest.mark.slow

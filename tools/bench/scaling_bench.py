@@ -10,8 +10,8 @@ multimodal stage on the bundled image-text set, every image resized to the full 
 (``--max-tiles`` 6: 2 x 3 tiles + thumbnail), so that each sample's ViT work is exactly what the
 stage's FLOPs count assumes (max_tiles + thumbnail tiles per sequence); the set is preprocessed once
 per call into a temporary folder and decoded and tiled by the loader as in training. One record per
-sample (no packing across records), padded to --seq. Layouts the multimodal model does not support
-(virtual stages) are reported as skipped.
+sample (no packing across records), padded to --seq. A layout the stage's config check rejects is
+reported as skipped, with the reason.
 
 Weak scaling: every data-parallel rank keeps the same micro-batch and micro-batch count, so the
 global batch grows with DP. Per layout it prints tokens/s per GPU, model TFLOP/s per GPU, MFU (vs the
