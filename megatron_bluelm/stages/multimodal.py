@@ -26,7 +26,6 @@ def multimodal_config(cfg: RunConfig) -> RunConfig:
     from megatron_bluelm.config.presets import apply_preset
     from megatron_bluelm.models.multimodal import resolve_vision_layout
 
-    p = cfg.parallel
     if not cfg.vision.enabled:
         raise ConfigError("vision.preset: the multimodal stage needs a vision preset (vit-tiny, vit-so400m)")
     apply_preset(cfg.model)
