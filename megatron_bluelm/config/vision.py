@@ -6,7 +6,7 @@ Numbers not published by the BlueLM-2.5-3B report are our choice (docs/MULTIMODA
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from megatron_bluelm.config.errors import ConfigError
 
@@ -43,6 +43,9 @@ class VisionConfig:
     max_tiles_per_microbatch: Optional[int] = None  # ViT batch bound; None: what the row's tokens allow
     pack_buffer: int = 4096  # records per first-fit-decreasing shuffle buffer
     recompute: Optional[str] = None  # ViT activation recomputation: none | selective | full; None: training.recompute
+    # The ViT attention's SDPA backend on CUDA: measure (the fastest for each shape, timed once per
+    # process), default (PyTorch's priority), or one forced (bluelm_kernels/sdpa_choice.py)
+    attention_backend: Literal["measure", "default", "cudnn", "flash", "efficient"] = "measure"
 
     @property
     def enabled(self) -> bool:

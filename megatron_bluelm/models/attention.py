@@ -78,8 +78,9 @@ class SDPACoreAttention(MegatronModule):
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
-                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, sdpa_choice: str = "default"):
         super().__init__(config=config)
+        self.sdpa_choice = sdpa_choice  # bluelm_kernels.sdpa_choice: measure | default | cudnn | flash | efficient
         tp = config.tensor_model_parallel_size
         self.heads = divide(config.num_attention_heads, tp)
         self.groups = divide(config.num_query_groups or config.num_attention_heads, tp)
@@ -98,6 +99,11 @@ class SDPACoreAttention(MegatronModule):
         mask = None if attention_mask is None else ~attention_mask
         causal = mask is None and attn_mask_type != AttnMaskType.no_mask
         def attend():
+            if mask is None and dropout == 0.0 and self.sdpa_choice != "default":
+                from bluelm_kernels.sdpa_choice import sdpa
+
+                return sdpa(q, k, v, causal=causal, scale=self.scale, enable_gqa=self.heads != self.groups,
+                            choose=self.sdpa_choice)
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
                 scale=self.scale, enable_gqa=self.heads != self.groups,

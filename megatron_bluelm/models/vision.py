@@ -94,10 +94,11 @@ def vision_transformer_config(lm_config: TransformerConfig, v: VisionConfig,
 
 
 @functools.lru_cache(maxsize=None)
-def vision_layer_spec(backend: str) -> ModuleSpec:
+def vision_layer_spec(backend: str, attention_backend: str = "default") -> ModuleSpec:
     """One ViT layer: Transformer Engine parts under ``te``; under ``fused`` the native-dtype LayerNorm
     and (through the config) the fused bias-GELU; plain torch otherwise. Attention is non-causal SDPA
-    on every non-TE backend (flash / cuDNN / memory-efficient kernels on CUDA)."""
+    on every non-TE backend, on the SDPA backend ``attention_backend`` names (``vision.attention_backend``:
+    bluelm_kernels/sdpa_choice.py)."""
     if backend == "te":
         from megatron.core.extensions.transformer_engine import (
             TEColumnParallelLinear,
@@ -109,7 +110,8 @@ def vision_layer_spec(backend: str) -> ModuleSpec:
         norm, column, row, core = TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
     else:
         norm = NativeLayerNorm if backend == "fused" else LayerNorm
-        column, row, core = ColumnParallelLinear, RowParallelLinear, SDPACoreAttention
+        column, row = ColumnParallelLinear, RowParallelLinear
+        core = ModuleSpec(module=SDPACoreAttention, params={"sdpa_choice": attention_backend})
     # bidirectional over the patches
     return prenorm_layer_spec(norm, column, row, core, {"attn_mask_type": AttnMaskType.no_mask})
 
@@ -123,7 +125,7 @@ class VisionEncoder(MegatronModule):
         self.patch_embedding = torch.nn.Conv2d(3, v.hidden_size, kernel_size=v.patch_size, stride=v.patch_size,
                                                dtype=config.params_dtype)
         self.position_embedding = torch.nn.Embedding(self.grid**2, v.hidden_size, dtype=config.params_dtype)
-        spec = TransformerBlockSubmodules(layer_specs=[vision_layer_spec(backend)] * v.num_layers)
+        spec = TransformerBlockSubmodules(layer_specs=[vision_layer_spec(backend, v.attention_backend)] * v.num_layers)
         self.decoder = TransformerBlock(config=config, spec=spec, pre_process=True, post_process=False)
         self.post_layernorm = (NativeLayerNorm if backend == "fused" else LayerNorm)(config, v.hidden_size, v.norm_eps)
         for name, param in self.named_parameters():
