@@ -198,6 +198,7 @@ def _vit_adapter_seconds(model, batches) -> tuple[float, float]:
 
 
 def bench_mm_variant(cfg, dataset, name: str, args, vocab: int, image_id: int) -> dict:
+    from bluelm_kernels import sdpa_choice
     from megatron_bluelm.data import build_data_iterator
     from megatron_bluelm.data.multimodal_dataset import collate
     from megatron_bluelm.models.multimodal import build_vlm
@@ -235,7 +236,9 @@ def bench_mm_variant(cfg, dataset, name: str, args, vocab: int, image_id: int) -
                "useful_tokens_per_s": useful / args.steps / step_s, "tiles_per_step": tiles / args.steps,
                "tflops": flops / step_s / 1e12, "mfu": (flops / step_s / 1e12 / peak) if peak else None,
                "peak_mem_gib": mem, "loader_s": loader, "vit_s": vit, "adapter_s": adapter,
-               "decoder_optimizer_s": step_s - loader - vit - adapter}
+               "decoder_optimizer_s": step_s - loader - vit - adapter,
+               # the ViT attention's SDPA backend per shape (vision.attention_backend measure)
+               "vit_sdpa_backends": sorted({str(c) for c in sdpa_choice.CHOICES.values()})}
         return out
     finally:
         teardown()
