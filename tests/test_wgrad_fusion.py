@@ -22,16 +22,17 @@ def _grads(fused: bool) -> dict:
     from megatron_bluelm.training import model_setup
     from megatron_bluelm.training.loop import prepare_config, setup_run
 
-    cfg = load_config(None, tiny_overrides(["--training.fused_wgrad_accumulation", str(fused).lower(),
-                                            "--training.global_batch_size", "3"]))
+    cfg = load_config(None, tiny_overrides(["--training.global_batch_size", "3"]))
     prepare_config(cfg)
     vocab = cfg.model.vocab_size or load_tokenizer(cfg.data.tokenizer_model).vocab_size
     inner = model_setup.wgrad_accumulate
     counted = []
-    # count what reaches the fused GEMM: the first wrap of the process installs the function it finds
+    # count what reaches the fused GEMM: the first switch of the process installs the function it finds
     model_setup.wgrad_accumulate = lambda *a: (counted.append(tuple(a[2].shape)), inner(*a))[1]
     try:
-        run = setup_run(cfg, partial(build_decoder, cfg, vocab), 0.0)
+        run = setup_run(cfg, partial(build_decoder, cfg, vocab), 0.0)  # on the CPU: unfused
+        if fused:  # what wrap_ddp does on CUDA with training.fused_wgrad_accumulation
+            model_setup.use_fused_wgrad_accumulation(run.model)
     finally:
         model_setup.wgrad_accumulate = inner
     try:

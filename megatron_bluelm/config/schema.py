@@ -88,8 +88,8 @@ class TrainingConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     recompute: Literal["none", "selective", "full"] = "none"  # selective: the attention core; full: whole layers
     recompute_num_layers: int = 1  # full recompute: layers per recompute block
-    # Weight-gradient GEMMs add into the fp32 main gradients (one GEMM, no separate bf16 gradient + add
-    # pass per micro-batch); false: megatron-core's unfused path (training/model_setup.py)
+    # CUDA: weight-gradient GEMMs add into the fp32 main gradients (one GEMM, no separate bf16 gradient +
+    # add pass per micro-batch); false, and on the CPU: megatron-core's unfused path (training/model_setup.py)
     fused_wgrad_accumulation: bool = True
     eval_interval: int = 25  # 0 disables periodic evaluation
     eval_steps: int = 2  # validation batches per evaluation

@@ -56,7 +56,9 @@ def wrap_ddp(cfg: RunConfig, chunks: List[torch.nn.Module]) -> List[DistributedD
         ))
     for model in wrapped:
         model.broadcast_params()  # identical already (same seed); cheap insurance for DP replicas
-    if cfg.training.fused_wgrad_accumulation:
+    # CUDA only: on the CPU the fused path is the slower one (a test layout took 20.4 vs 16.3 s), and
+    # CPU runs are tests and demos; tests/test_wgrad_fusion.py switches it on there to check it
+    if cfg.training.fused_wgrad_accumulation and next(chunks[0].parameters()).is_cuda:
         use_fused_wgrad_accumulation(chunks)
     return wrapped
 
