@@ -58,7 +58,7 @@ def wrap_ddp(cfg: RunConfig, chunks: List[torch.nn.Module]) -> List[DistributedD
         model.broadcast_params()  # identical already (same seed); cheap insurance for DP replicas
     # CUDA only: on the CPU the fused path is the slower one (a test layout took 20.4 vs 16.3 s), and
     # CPU runs are tests and demos; tests/test_wgrad_fusion.py switches it on there to check it
-    if cfg.training.fused_wgrad_accumulation and next(chunks[0].parameters()).is_cuda:
+    if cfg.training.fused_wgrad_accumulation and any(p.is_cuda for c in chunks for p in c.parameters()):
         use_fused_wgrad_accumulation(chunks)
     return wrapped
 
