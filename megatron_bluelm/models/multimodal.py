@@ -70,8 +70,11 @@ class BlueLMVLM(MegatronModule):
                              "differ in shape")
         from bluelm_kernels.transfer import to_device
 
-        return to_device((host_input_ids.cpu() == self.image_token_id).reshape(-1).nonzero().squeeze(1),
-                         input_ids.device)
+        return to_device(self._host_slots(host_input_ids), input_ids.device)
+
+    def _host_slots(self, host_input_ids: torch.Tensor) -> torch.Tensor:
+        """The ``<image>`` positions, row-major over [b, s], computed on the host."""
+        return (host_input_ids.cpu() == self.image_token_id).reshape(-1).nonzero().squeeze(1)
 
     def _decoder_input(self, input_ids, position_ids, pixel_values, host_input_ids=None):
         embeds = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
@@ -108,8 +111,7 @@ class BlueLMVLM(MegatronModule):
         rank = parallel_state.get_tensor_model_parallel_rank()
         chunk = s // tp
         images = tensor_parallel.copy_to_tensor_model_parallel_region(images)
-        slots = order.cpu() if host_input_ids is None else \
-            (host_input_ids.cpu() == self.image_token_id).reshape(-1).nonzero().squeeze(1)
+        slots = order.cpu() if host_input_ids is None else self._host_slots(host_input_ids)
         row, pos = slots // s, slots % s
         mine = ((pos >= rank * chunk) & (pos < (rank + 1) * chunk)).nonzero().squeeze(1)  # host: no sync
         local = row[mine] * chunk + pos[mine] - rank * chunk

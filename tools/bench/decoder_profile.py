@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import gc
 import json
 import os
 import sys
@@ -375,13 +374,6 @@ class ForwardClock:
             h.remove()
 
 
-def release_memory() -> None:
-    """The previous variant's model and optimizer (~40 GiB at 3B) before the next one is built."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 TABLE_KEYS = ("wall_ms", "wall_unprofiled_ms", "gpu_busy_ms", "gpu_idle_ms", *CATEGORIES, "pageable_copy_ms",
               "mask_build_host_ms", "mask_build_kernels_ms", "vit_forward_ms", "aten_ops", "launches")
 
@@ -437,10 +429,10 @@ def main(argv=None) -> None:
             for masked, flex in text[part]:
                 rows.append(text_variant(args, masked, flex, args.logdir, single=part == "text_masked_single"))
                 say(json.dumps(rows[-1]))
-                release_memory()
+                mmb.release_memory()
         elif part == "mm":
             step_row, vit_row = mm_variants(args, args.logdir)
-            release_memory()
+            mmb.release_memory()
             rows += [step_row, vit_row, difference(step_row, vit_row, "mm_decoder_side")]
             for r in rows[-3:]:
                 say(json.dumps(r))
