@@ -30,6 +30,7 @@ def rmsnorm_ref(x, weight, eps=1e-5, residual=None):
 def _rmsnorm_fwd_kernel(
     X, R, S, Y, W, RSTD, stride_x, stride_r, stride_s, stride_y, M, H, eps,
     HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+    PARTS: tl.constexpr = 1, stride_part=0, ROUND: tl.constexpr = False,
 ):
     # A [BLOCK_M, H] tile of rows per program: more bytes in flight per program.
     rows1 = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -37,6 +38,12 @@ def _rmsnorm_fwd_kernel(
     cols = tl.arange(0, BLOCK)[None, :]
     mask = (rows < M) & (cols < H)
     xf = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if ROUND:
+        # x is the fp32 split-K partials of a matmul ([PARTS, M, H]): their sum, rounded to the
+        # activation dtype once, is the matmul's output (what an unsplit GEMM would have written)
+        for p in tl.static_range(1, PARTS):
+            xf += tl.load(X + p * stride_part + rows * stride_x + cols, mask=mask, other=0.0)
+        xf = xf.to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
     if HAS_RES:
         # Add in fp32, round once to the I/O dtype (= torch's x + r); the norm must see the
         # rounded `s` that we return.
@@ -330,6 +337,31 @@ class _RMSNorm(torch.autograd.Function):
         dx = dx.view(ctx.shape)
         # x and residual get the same gradient (s = x + residual); autograd copies on accumulate.
         return dx, dw, (dx if ctx.has_res else None), None
+
+
+def rmsnorm_partials(parts, weight, eps=1e-5, residual=None, dtype=None):
+    """Forward-only RMSNorm of a matmul given as its fp32 split-K partials ``parts`` [P, M, H]
+    (``split_k.partials``): the norm of ``parts.sum(0)`` rounded to ``dtype`` (default: the
+    residual's), with the residual add as in ``rmsnorm``. The sum happens in this kernel, so a
+    split matmul costs no reduction launch of its own."""
+    dtype = dtype or (residual.dtype if residual is not None else weight.dtype)
+    if parts.dim() != 3 or parts.dtype != torch.float32:
+        raise ValueError(f"rmsnorm_partials: expected fp32 partials [P, M, H], got {parts.dtype} {tuple(parts.shape)}")
+    if not use_triton(parts):
+        return rmsnorm_ref(parts.sum(0).to(dtype), weight, eps, residual)
+    p, m, h = parts.shape
+    parts = parts.contiguous()
+    r2 = residual.reshape(-1, h).contiguous() if residual is not None else parts[0]
+    y = torch.empty(m, h, device=parts.device, dtype=dtype)
+    s = torch.empty_like(y) if residual is not None else y
+    rstd = torch.empty(m, device=parts.device, dtype=torch.float32)
+    bm = TUNE["fwd_rows"]
+    _rmsnorm_fwd_kernel[(triton.cdiv(m, bm),)](
+        parts, r2, s, y, weight, rstd, parts.stride(1), r2.stride(0), s.stride(0), y.stride(0),
+        m, h, eps, HAS_RES=residual is not None, BLOCK_M=bm, BLOCK=_block(h),
+        PARTS=p, stride_part=parts.stride(0), ROUND=True, num_warps=_warps(h, "fwd_warps"),
+    )
+    return y if residual is None else (y, s)
 
 
 def rmsnorm(x, weight, eps=1e-5, residual=None):

@@ -28,11 +28,20 @@ def _tile(NCB, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_fwd_kernel(X, Y, M, F_, NCB, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+def _swiglu_fwd_kernel(X, Y, M, F_, NCB, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+                       PARTS: tl.constexpr = 1, STRIDE_PART=0, ROUND: tl.constexpr = False):
     rows, cols = _tile(NCB, BLOCK_M, BLOCK)
     mask = (rows < M) & (cols < F_)
     g = tl.load(X + rows * 2 * F_ + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(X + rows * 2 * F_ + F_ + cols, mask=mask, other=0.0).to(tl.float32)
+    if ROUND:
+        # X holds the fp32 split-K partials of fc1 ([PARTS, M, 2F]): sum, then round once to the
+        # activation dtype (the unsplit matmul's output)
+        for p in tl.static_range(1, PARTS):
+            g += tl.load(X + p * STRIDE_PART + rows * 2 * F_ + cols, mask=mask, other=0.0)
+            u += tl.load(X + p * STRIDE_PART + rows * 2 * F_ + F_ + cols, mask=mask, other=0.0)
+        g = g.to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+        u = u.to(Y.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
     y = g / (1.0 + tl.exp(-g)) * u
     tl.store(Y + rows * F_ + cols, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -56,7 +65,7 @@ def _swiglu_bwd_kernel(X, DY, DX, M, F_, NCB, BLOCK_M: tl.constexpr, BLOCK: tl.c
 TUNE = {"block": 2048, "rows": 1, "warps": 8, "bwd_block": 1024, "bwd_rows": 2, "bwd_warps": 8}
 
 
-def _launch(kernel, m, f, pre, *tensors):
+def _launch(kernel, m, f, pre, *tensors, **extra):
     if m == 0:
         return
     block = min(TUNE[pre + "block"], triton.next_power_of_2(f))
@@ -64,7 +73,7 @@ def _launch(kernel, m, f, pre, *tensors):
     ncb = triton.cdiv(f, block)
     warps = max(1, min(TUNE[pre + "warps"], block * rows // 256))
     kernel[(triton.cdiv(m, rows) * ncb,)](*tensors, m, f, ncb, BLOCK_M=rows, BLOCK=block,
-                                          num_warps=warps)
+                                          num_warps=warps, **extra)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -95,3 +104,18 @@ def swiglu(x):
     if not use_triton(x):
         return swiglu_ref(x)
     return _SwiGLU.apply(x)
+
+
+def swiglu_partials(parts, dtype):
+    """Forward-only SwiGLU of fc1 given as its fp32 split-K partials ``parts`` [P, M, 2F]
+    (``split_k.partials``): ``swiglu(parts.sum(0).to(dtype))``, the sum inside this kernel."""
+    if parts.dim() != 3 or parts.dtype != torch.float32 or parts.shape[-1] % 2:
+        raise ValueError(f"swiglu_partials: expected fp32 partials [P, M, 2F], got {parts.dtype} "
+                         f"{tuple(parts.shape)}")
+    if not use_triton(parts):
+        return swiglu_ref(parts.sum(0).to(dtype))
+    p, m, f2 = parts.shape
+    parts = parts.contiguous()
+    y = torch.empty(m, f2 // 2, device=parts.device, dtype=dtype)
+    _launch(_swiglu_fwd_kernel, m, f2 // 2, "", parts, y, PARTS=p, STRIDE_PART=parts.stride(0), ROUND=True)
+    return y

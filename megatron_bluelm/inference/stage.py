@@ -182,22 +182,42 @@ class StageWeights:
     def _decode_fused(self, x, pos, cache, cos, sin, rows):
         """The same step in 8 launches per layer: Triton RMSNorm with the residual add fused in,
         RoPE + cache write + decode attention with its key-chunk merge in one kernel, SwiGLU; cuBLAS for
-        the matmuls (a fused few-row GEMV measured slower than cuBLAS on the H200: docs/KERNELS.md)."""
-        from bluelm_kernels.rmsnorm import rmsnorm
-        from bluelm_kernels.swiglu import swiglu
+        the matmuls (a fused few-row GEMV measured slower than cuBLAS on the H200: docs/KERNELS.md).
+        At a few rows, proj, fc1 and fc2 run split over K (``bluelm_kernels.split_k``): their fp32
+        partials are summed by the RMSNorm / SwiGLU kernel that reads them. proj and fc2 are split only
+        without TP (their all-reduce would carry every partial)."""
+        from bluelm_kernels import split_k
+        from bluelm_kernels.rmsnorm import rmsnorm, rmsnorm_partials
+        from bluelm_kernels.swiglu import swiglu, swiglu_partials
 
         lengths, splits = pos + 1, cache.splits(rows)
+        ffn = self.layers[0].fc2.shape[1] if self.layers else 0
+        sp = {"proj": split_k.splits_for("proj", rows, self.heads * self.head_dim) if self.tp == 1 else 1,
+              "fc1": split_k.splits_for("fc1", rows, self.hidden),
+              "fc2": split_k.splits_for("fc2", rows, ffn) if self.tp == 1 else 1}
+
+        def norm(y, w, residual):
+            if y.dim() == 3:  # split-K partials
+                return rmsnorm_partials(y, w, self.eps, residual=residual)
+            return rmsnorm(y, w, self.eps, residual=residual)
+
+        def matmul(a, w, name):
+            if sp[name] > 1:
+                return split_k.partials(a, w, sp[name])
+            return self._all_reduce(a @ w.t())
+
         h = rmsnorm(x, self.layers[0].norm1, self.eps) if self.layers else x
         for i, lw in enumerate(self.layers):
             kc, vc = cache.k[i], cache.v[i]
             o = rope_cache_attention(h @ lw.qkv.t(), lengths, cos, sin, kc, vc, self.heads, self.groups,
                                      splits)
-            h, x = rmsnorm(self._all_reduce(o.reshape(rows, -1) @ lw.proj.t()), lw.norm2, self.eps, residual=x)
-            o = self._all_reduce(swiglu(h @ lw.fc1.t()) @ lw.fc2.t())
+            h, x = norm(matmul(o.reshape(rows, -1), lw.proj, "proj"), lw.norm2, x)
+            f = split_k.partials(h, lw.fc1, sp["fc1"]) if sp["fc1"] > 1 else h @ lw.fc1.t()
+            o = matmul(swiglu_partials(f, self.dtype) if sp["fc1"] > 1 else swiglu(f), lw.fc2, "fc2")
             if i + 1 < len(self.layers):
-                h, x = rmsnorm(o, self.layers[i + 1].norm1, self.eps, residual=x)
+                h, x = norm(o, self.layers[i + 1].norm1, x)
             else:
-                x = x + o
+                x = x + (o.sum(0).to(x.dtype) if o.dim() == 3 else o)
         return x
 
     def prefill(self, x: torch.Tensor, start: int, slots: list[list[int]], cache,
