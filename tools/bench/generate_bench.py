@@ -238,6 +238,32 @@ def check_against_reference(engine, im, prompts=4, new=32) -> dict:
     return {"max_abs_logprob_diff": worst, "argmax_agreement": agree / total}
 
 
+def ab_split_k(engine, im, rounds: int) -> dict:
+    """ms per decode step with and without the split-K products, alternating (the order flips every
+    round), the graphs released and recaptured at every switch: {case: {"split": [...], "plain": [...]}}."""
+    from bluelm_kernels import split_k
+
+    on = dict(split_k.TUNE)
+    off = dict(on, proj=1, fc1=1, fc2=1)
+    out: dict = {}
+    try:
+        for rnd in range(rounds):
+            order = (("plain", off), ("split", on)) if rnd % 2 == 0 else (("split", on), ("plain", off))
+            for name, tune in order:
+                split_k.TUNE.update(tune)
+                engine.release()
+                for case in ((1, 128, 256), (8, 128, 256)):
+                    r = run_ours(engine, im, *case)
+                    key = "x".join(map(str, case))
+                    out.setdefault(key, {"split": [], "plain": []})[name].append(round(r["ms_per_step"], 4))
+                    print(f"split-K A/B round {rnd} {name} {key}: {r['ms_per_step']:.4f} ms/step, "
+                          f"{r['tok_s']:.0f} tok/s", flush=True)
+    finally:
+        split_k.TUNE.update(on)
+        engine.release()
+    return out
+
+
 def run_hf(kind, cfg, batch, prompt, new, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -291,6 +317,9 @@ def main() -> None:
     ap.add_argument("--small-prefill-tokens", type=int, default=None,
                     help="the engine's small_prefill_tokens (graph-captured small prefills; 0: off; default: the "
                          "engine's)")
+    ap.add_argument("--ab-split-k", type=int, default=0, metavar="ROUNDS",
+                    help="alternate the 1x128x256 and 8x128x256 cases with and without the split-K decode "
+                         "products (bluelm_kernels.split_k), ROUNDS times, graphs recaptured for each")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
     mix = None
@@ -318,6 +347,7 @@ def main() -> None:
               json.dumps({f"{b}x{L}": attention_time(im, b, L) for b, L in ((1, 384), (256, 256), (256, 1152))}),
               flush=True)
         print("sampling + state ms/step:", json.dumps({b: sampling_time(b, device) for b in (1, 256)}), flush=True)
+    ab = ab_split_k(engine, im, a.ab_split_k) if a.ab_split_k else None
     bw = copy_bandwidth(device)
     kv_tok = kv_bytes_per_token(im.cfg)
     rows = []
@@ -361,9 +391,14 @@ def main() -> None:
         print(f"{r['case']:>14} {r['system']:>11} {r['tok_s']:>10.0f} {r.get('ms_per_step', float('nan')):>8.2f} "
               f"{r.get('pct_roofline', float('nan')):>6.1f} {r.get('busy', float('nan')):>5.2f} "
               f"{r.get('prefill_s', float('nan')):>9.3f}")
+    if ab:
+        for case, by in ab.items():
+            med = {k: sorted(v)[len(v) // 2] for k, v in by.items()}
+            print(f"split-K A/B {case}: median ms/step split {med['split']:.4f} vs plain {med['plain']:.4f} "
+                  f"({med['plain'] / med['split']:.3f}x), rounds {json.dumps(by)}")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"copy_bandwidth": bw, "rows": rows}, f, indent=1)
+            json.dump({"copy_bandwidth": bw, "rows": rows, "ab_split_k": ab}, f, indent=1)
 
 
 if __name__ == "__main__":
