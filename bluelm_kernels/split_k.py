@@ -8,10 +8,11 @@ blocks. The P partials come back in fp32 and their consumer sums them (``rmsnorm
 ``swiglu_partials``): no reduction kernel, and the sum rounded once to the activation dtype is what
 the unsplit product would have written, up to the fp32 summation order.
 
-H200, batch 1, every layer's weights (``bluelm_kernels/bench/results/split_k_matmul_h200.log``):
-proj 2560x2560 6.95 -> 6.07 us (P=4), fc2 2560x6912 13.2 -> 11.5 us (P=4; cuBLAS splits it already
-but adds a reduction kernel), fc1 13824x2560 20.2 -> 19.2 us (P=2); qkv 3584x2560 gains < 4% and
-stays unsplit. At 256 rows the partials would cost more bytes than the product: ``TUNE['max_rows']``.
+H200, batch 1, every layer's weights (``python -m bluelm_kernels.bench.split_k_bench``,
+``bluelm_kernels/bench/results/split_k_matmul_h200.log``): proj 2560x2560 6.95 -> 6.10 us (P=4), fc2
+2560x6912 13.2 -> 11.6 us (P=4; cuBLAS splits it already but adds a reduction kernel), fc1 13824x2560
+20.0 -> 19.4 us (P=2); qkv 3584x2560 gains ~3% and stays unsplit. At 256 rows the partials would cost
+more bytes than the product saves: ``TUNE['max_rows']``.
 """
 
 import torch
