@@ -34,3 +34,16 @@ def profile():
 ])
 def test_kernel_categories(profile, name, category):
     assert profile.category(name) == category
+
+
+def test_kernels_are_attributed_to_their_op_and_autograd_node(profile):
+    from types import SimpleNamespace as NS
+
+    node = NS(name="autograd::engine::evaluate_function: SplitBackward0", cpu_parent=None)
+    split = NS(name="SplitBackward0", cpu_parent=node)
+    cat = NS(name="aten::cat", cpu_parent=split, kernels=[NS(name="CatArrayBatchedCopy", duration=3000.0)])
+    fwd = NS(name="aten::copy_", cpu_parent=NS(name="aten::contiguous", cpu_parent=None),
+             kernels=[NS(name="elementwise_kernel", duration=1000.0), NS(name="elementwise_kernel", duration=1000.0)])
+    rows = profile.kernels_by_op([split, cat, fwd, NS(name="aten::empty", cpu_parent=None, kernels=[])], n=2, top=5)
+    assert rows == [("SplitBackward0 | aten::cat | CatArrayBatchedCopy", 1.5),
+                    ("forward | aten::copy_ | elementwise_kernel", 1.0)]

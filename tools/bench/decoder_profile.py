@@ -168,8 +168,28 @@ class SyncSites:
         return [(site, round(count / n, 2)) for site, count in self.sites.most_common(15)]
 
 
+def kernels_by_op(events, n: int, top: int) -> list:
+    """GPU time per (autograd node, launching torch op, kernel) per micro-batch, largest first: which op
+    a kernel comes from (a copy kernel's name alone does not say), and in the backward which autograd
+    function ran it (``SplitBackward0`` -> ``aten::cat`` -> a concatenation kernel)."""
+    acc = collections.Counter()
+    for evt in events:
+        ks = getattr(evt, "kernels", None)
+        if not ks:
+            continue
+        node, up = "forward", evt.cpu_parent
+        while up is not None:
+            if up.name.startswith("autograd::engine::evaluate_function: "):
+                node = up.name.split(": ", 1)[1]
+                break
+            up = up.cpu_parent
+        for k in ks:
+            acc[(node, evt.name, k.name[:120])] += k.duration / 1e3  # us -> ms
+    return [(f"{node} | {op} | {kernel}", round(ms / n, 3)) for (node, op, kernel), ms in acc.most_common(top)]
+
+
 def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str, traces: bool,
-                  sync_debug: bool = False, on_start=None, top: int = 8) -> dict:
+                  sync_debug: bool = False, on_start=None, top: int = 8, kernel_ops: int = 0) -> dict:
     """Run ``step_fn`` ``steps`` times without, then ``steps`` times under the profiler; per-micro-batch
     figures (module docstring). ``on_start()``: called between the two (counters to reset)."""
     from bluelm_kernels.attention import PATHS
@@ -219,6 +239,7 @@ def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str
             "wall_unprofiled_ms": unprofiled * 1e3 / n, "aten_ops": host["ops"] / n, "launches": host["launches"] / n,
             "pageable_copy_ms": host["pageable_copy_ms"] / n,
             "top_kernels": [(k[:90], round(v / n, 3)) for k, v in kernels.most_common(top)],
+            **({"kernels_by_op": kernels_by_op(prof.events(), n, kernel_ops)} if kernel_ops else {}),
             # the caching allocator freeing and retrying (fragmentation near the memory limit) stalls the step
             "alloc_retries": (torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries) if cuda else 0,
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
@@ -264,7 +285,7 @@ def text_variant(args, masked: bool, flex: bool, logdir: str, single: bool = Fal
             for _ in range(args.warmup):
                 step()
             return profile_steps(step, args.steps, args.microbatches, name, logdir, args.traces, args.sync_debug,
-                                 top=args.top_kernels)
+                                 top=args.top_kernels, kernel_ops=args.kernel_ops)
     finally:
         teardown()
 
@@ -319,7 +340,7 @@ def mm_variants(args, logdir: str) -> list[dict]:
                 vlm = vlm.module
             clock = ForwardClock(vlm.vision_model)
             step_row = profile_steps(step, args.steps, mbs, "mm_packed", logdir, args.traces, args.sync_debug,
-                                     top=args.top_kernels,
+                                     top=args.top_kernels, kernel_ops=args.kernel_ops,
                                      on_start=lambda: (clock.take_ms(), it.seen.clear()))
             seen = list(it.seen)
             step_row["tiles_per_micro_batch"] = sum(int(b["pixel_values"].shape[0]) for b in seen) / len(seen)
@@ -332,7 +353,7 @@ def mm_variants(args, logdir: str) -> list[dict]:
             clock.take_ms()
             # profile_steps counts len(seen) micro-batches for one call: the same unit as step_row
             vit_row = profile_steps(vit, 1, len(seen), "mm_vit", logdir, args.traces, args.sync_debug,
-                                    top=args.top_kernels,
+                                    top=args.top_kernels, kernel_ops=args.kernel_ops,
                                     on_start=clock.take_ms)
             vit_row["vit_forward_ms"] = clock.take_ms() / len(seen)
             clock.remove()
@@ -403,6 +424,8 @@ def main(argv=None) -> None:
     ap.add_argument("--mm-microbatches", type=int, default=8)
     ap.add_argument("--mm-mbs", type=int, default=1, help="mm variant: rows per micro-batch")
     ap.add_argument("--top-kernels", type=int, default=8, help="kernels listed per variant, by GPU time")
+    ap.add_argument("--kernel-ops", type=int, default=0,
+                    help="also list this many (autograd node | torch op | kernel) triples per variant, by GPU time")
     ap.add_argument("--records", type=int, default=400, help="image-text records for the mm variant")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2)
