@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 from ckpt_workers import loaded_loss, pretrain, tiny_overrides
-from distributed import run_distributed
+from distributed import phase, phases, run_distributed
 
 from megatron_bluelm.training.checkpointing import LATEST, META, list_iterations, read_latest
 
@@ -39,37 +39,49 @@ def test_keep_last_and_latest(reference_run, tmp_path):
     assert open(os.path.join(save, LATEST)).read() == "6"
 
 
+@pytest.fixture(scope="module")
+def tp2pp2(reference_run, demo_prefix, tmp_path_factory):
+    """The TP2 x PP2 runs of the two tests below, in one start of 4 ranks (one layout; each run has
+    its own process group): the distributed-optimizer run saved at 3 and its resume from there; the
+    TP1 reference's step-3 checkpoint continued in TP2 x PP2, then that run's checkpoint loaded alone."""
+    _, ref_save = reference_run
+    tmp = tmp_path_factory.mktemp("tp2pp2")
+    dist_save, up_save = str(tmp / "save"), str(tmp / "up_save")
+    kw = dict(tp=2, pp=2, distopt=True)
+    results = run_distributed(phases, 4, [
+        phase(pretrain, tiny_overrides(demo_prefix, str(tmp / "s"), save=dist_save, save_interval=3, **kw)),
+        phase(pretrain, tiny_overrides(demo_prefix, str(tmp / "r"), load=os.path.join(dist_save, "iter_0000003"),
+                                       **kw)),
+        phase(pretrain, tiny_overrides(demo_prefix, str(tmp / "u"), tp=2, pp=2, save=up_save,
+                                       load=os.path.join(ref_save, "iter_0000003"))),
+        phase(loaded_loss, tiny_overrides(demo_prefix, str(tmp / "b"), tp=2, pp=2, load=up_save))])
+    straight, resumed, up, loss_tp2pp2 = results[-1]  # the last rank holds the last pipeline stage
+    return {"straight": straight, "resumed": resumed, "up": up, "up_save": up_save, "loss_tp2pp2": loss_tp2pp2}
+
+
 @pytest.mark.slow
-def test_tp2pp2_distributed_optimizer_resume_is_exact(reference_run, demo_prefix, tmp_path):
+def test_tp2pp2_distributed_optimizer_resume_is_exact(reference_run, tp2pp2):
     """TP2 x PP2 with the distributed optimizer: resuming at 3 equals the straight run; and the TP1
     reference and the TP2 x PP2 run agree (layout equivalence, to fp32 tolerance)."""
     ref, _ = reference_run
-    save = str(tmp_path / "save")
-    kw = dict(tp=2, pp=2, distopt=True)
-    straight = run_distributed(pretrain, 4, tiny_overrides(demo_prefix, str(tmp_path), save=save,
-                                                             save_interval=3, **kw))[-1]
-    resumed = run_distributed(pretrain, 4, tiny_overrides(demo_prefix, str(tmp_path / "r"),
-                                                            load=os.path.join(save, "iter_0000003"), **kw))[-1]
+    straight, resumed = tp2pp2["straight"], tp2pp2["resumed"]
     assert resumed["losses"] == straight["losses"][3:]
     assert_same_params(resumed["params"], straight["params"])
     torch.testing.assert_close(straight["losses"], ref["losses"], rtol=1e-4, atol=0)
 
 
 @pytest.mark.slow
-def test_reshard_tp2pp2_to_tp1_and_back(reference_run, demo_prefix, tmp_path):
+def test_reshard_tp2pp2_to_tp1_and_back(reference_run, demo_prefix, tp2pp2, tmp_path):
     """Model and optimizer reshard both ways: TP1 checkpoint -> TP2 x PP2 run, and that run's
     checkpoint -> TP1, continue training like the straight TP1 run; identical weights give the same loss."""
-    ref, ref_save = reference_run
-    save = str(tmp_path / "save")
-    up = run_distributed(pretrain, 4, tiny_overrides(demo_prefix, str(tmp_path), tp=2, pp=2, save=save,
-                                                       load=os.path.join(ref_save, "iter_0000003")))[-1]
+    ref, _ = reference_run
+    up = tp2pp2["up"]
     torch.testing.assert_close(up["losses"], ref["losses"][3:], rtol=1e-4, atol=0)
     assert_same_params(up["params"], ref["params"], exact=False)
     # Back to TP1: the weights load exactly, and give the TP2 x PP2 model's loss.
-    loss_tp1 = run_distributed(loaded_loss, 1, tiny_overrides(demo_prefix, str(tmp_path / "a"), load=save))[0]
-    loss_tp2pp2 = run_distributed(loaded_loss, 4, tiny_overrides(demo_prefix, str(tmp_path / "b"), tp=2, pp=2,
-                                                                   load=save))[-1]
-    torch.testing.assert_close(loss_tp1, loss_tp2pp2, rtol=1e-5, atol=0)
+    loss_tp1 = run_distributed(loaded_loss, 1, tiny_overrides(demo_prefix, str(tmp_path / "a"),
+                                                              load=tp2pp2["up_save"]))[0]
+    torch.testing.assert_close(loss_tp1, tp2pp2["loss_tp2pp2"], rtol=1e-5, atol=0)
 
 
 def test_fused_backend_saves_and_loads_the_same_checkpoints(reference_run, demo_prefix, tmp_path):

@@ -2,7 +2,7 @@
 parameters), the loss falls; freezing and the text -> multimodal checkpoint carry-over work."""
 import pytest
 import torch
-from distributed import run_distributed
+from distributed import phase, phases, run_distributed
 from mm_workers import overrides, train_mm, train_text
 
 STEPS = 4
@@ -40,9 +40,11 @@ def test_text_checkpoint_initializes_decoder_and_freezing_holds(mm_prefix, demo_
                  "--logging.tensorboard", "false", "--checkpoint.save", ckpt, "--data.cache_dir", str(tmp_path / "c")]
     text = run_distributed(train_text, 1, text_args)[0]["params"]
     stage1 = ["--vision.freeze", "vision,decoder", "--parallel.pp", "2"]
-    before = run_distributed(train_mm, 2, overrides(mm_prefix, str(tmp_path / "a"), 1, stage1 + [
-        "--optimizer.lr", "0", "--optimizer.min_lr", "0"]), ckpt)[0]["params"]
-    after = run_distributed(train_mm, 2, overrides(mm_prefix, str(tmp_path / "b"), 2, stage1), ckpt)[0]["params"]
+    # both PP2 runs in one start of the 2 ranks (one layout; each run has its own process group)
+    before, after = (r["params"] for r in run_distributed(phases, 2, [
+        phase(train_mm, overrides(mm_prefix, str(tmp_path / "a"), 1, stage1 + [
+            "--optimizer.lr", "0", "--optimizer.min_lr", "0"]), ckpt),
+        phase(train_mm, overrides(mm_prefix, str(tmp_path / "b"), 2, stage1), ckpt)])[0])
     for name, value in text.items():  # the decoder is the text model's
         torch.testing.assert_close(after[f"language_model.{name}"], value, rtol=0, atol=0)
     changed = {n for n in after if not torch.equal(after[n], before[n])}
