@@ -2,7 +2,7 @@
 optimizer steps match the 1-rank run (fp32, gloo ranks on CPU)."""
 import pytest
 import torch
-from distributed import run_distributed
+from distributed import phase, phases, run_distributed
 
 STEPS = 3
 TOL = dict(rtol=1e-5, atol=2e-5)
@@ -30,10 +30,30 @@ def train_and_gather(overrides):
     return {"losses": result["losses"], "params": result["collected"]}
 
 
+# 1-rank runs besides the baseline (one process start for all of them, the baseline first)
+ONE_RANK = {
+    # The fused backend (bluelm_kernels/; torch references on CPU) incl. the fused linear cross-entropy is
+    # the same model as the torch backend of the baseline.
+    "fused_backend": ["--model.backend", "fused"],
+    # Selective and full activation recomputation change memory, not the math.
+    "recompute_selective": ["--training.recompute", "selective"],
+    "recompute_full": ["--training.recompute", "full"],
+}
+
+
 @pytest.fixture(scope="module")
-def baseline(demo_prefix, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("base"))
-    return run_distributed(train_and_gather, 1, _overrides(demo_prefix, out, []))[0]
+def one_rank(demo_prefix, tmp_path_factory):
+    """The baseline and every ONE_RANK run, in one process, each with its own process group."""
+    out = tmp_path_factory.mktemp("one_rank")
+    runs = {"baseline": [], **ONE_RANK}
+    results = run_distributed(phases, 1, [phase(train_and_gather, _overrides(demo_prefix, str(out / name), extra))
+                                          for name, extra in runs.items()])[0]
+    return dict(zip(runs, results))
+
+
+@pytest.fixture(scope="module")
+def baseline(one_rank):
+    return one_rank["baseline"]
 
 
 def _last_rank_losses(results):
@@ -59,22 +79,45 @@ LAYOUTS = {
     "tp2_sp_dp2_distopt": (4, ["--parallel.tp", "2", "--parallel.sequence_parallel", "true",
                                "--parallel.distributed_optimizer", "true"]),
     "pp2_vpp2_tp2": (4, ["--parallel.tp", "2", "--parallel.pp", "2", "--parallel.vpp", "2"]),
-    # The fused backend (bluelm_kernels/; torch references on CPU) incl. the fused linear cross-entropy is
-    # the same model as the torch backend of the baseline, also vocab-parallel under TP + SP.
-    "fused_backend": (1, ["--model.backend", "fused"]),
+    # The fused backend is the torch backend's model also vocab-parallel under TP + SP.
     "fused_tp2_sp_pp2": (4, ["--model.backend", "fused", "--parallel.tp", "2", "--parallel.pp", "2",
                              "--parallel.sequence_parallel", "true"]),
     "dp2_distopt_overlap": (2, ["--parallel.distributed_optimizer", "true",
                                 "--parallel.overlap_grad_reduce", "true"]),
 }
+# Layouts of the same TP x PP x DP grid run in one start of their ranks, one after the other (each its
+# own process group): what differs (SP, the distributed optimizer, the backend) is per-run config.
+SHARED_START = (("tp2_pp2", "fused_tp2_sp_pp2"), ("tp2_dp2", "tp2_sp_dp2_distopt"))
+
+
+@pytest.fixture(scope="module")
+def layout_results(demo_prefix, tmp_path_factory):
+    """layout -> every rank's result, running the layout's SHARED_START group on first use."""
+    done = {}
+
+    def get(layout):
+        if layout not in done:
+            group = next((g for g in SHARED_START if layout in g), (layout,))
+            out = tmp_path_factory.mktemp(layout)
+            calls = [phase(train_and_gather, _overrides(demo_prefix, str(out / name), LAYOUTS[name][1]))
+                     for name in group]
+            results = run_distributed(phases, LAYOUTS[layout][0], calls)
+            done.update({name: [rank[i] for rank in results] for i, name in enumerate(group)})
+        return done[layout]
+
+    return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_layout_matches_single_rank(layout, baseline, demo_prefix, tmp_path):
-    world, extra = LAYOUTS[layout]
-    results = run_distributed(train_and_gather, world, _overrides(demo_prefix, str(tmp_path), extra))
-    _assert_same(baseline, results)
+def test_layout_matches_single_rank(layout, baseline, layout_results):
+    _assert_same(baseline, layout_results(layout))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", sorted(ONE_RANK))
+def test_one_rank_variant_matches(run, baseline, one_rank):
+    _assert_same(baseline, [one_rank[run]])
 
 
 @pytest.mark.slow
@@ -82,12 +125,3 @@ def test_tp2_pp2_dp2_eight_ranks(baseline, demo_prefix, tmp_path):
     extra = ["--parallel.tp", "2", "--parallel.pp", "2", "--parallel.distributed_optimizer", "true"]
     results = run_distributed(train_and_gather, 8, _overrides(demo_prefix, str(tmp_path), extra))
     _assert_same(baseline, results)
-
-
-@pytest.mark.slow
-def test_recompute_matches(baseline, demo_prefix, tmp_path):
-    """Selective and full activation recomputation change memory, not the math."""
-    for mode in ("selective", "full"):
-        results = run_distributed(train_and_gather, 1,
-                                  _overrides(demo_prefix, str(tmp_path / mode), ["--training.recompute", mode]))
-        _assert_same(baseline, results)
