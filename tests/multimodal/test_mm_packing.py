@@ -3,7 +3,7 @@ packed row trains like its records one by one (losses and gradients through the 
 import numpy as np
 import pytest
 import torch
-from distributed import run_distributed
+from distributed import phase, phases, run_distributed
 
 from megatron_bluelm.config.loader import load_config
 
@@ -241,6 +241,7 @@ def _mm_packed_vs_alone_parallel(mixture, extra, alone_too=True):
     from functools import partial
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data"))
+    from megatron.core import parallel_state
     from packed_workers import _grads_and_loss  # the schedule + gathered-gradient helper of the text tests
 
     from megatron_bluelm.data import load_tokenizer
@@ -267,7 +268,11 @@ def _mm_packed_vs_alone_parallel(mixture, extra, alone_too=True):
                 alone.append(_alone_row([s.read(int(s.index[p]), int(s.offset[p]), int(s.length[p]), True)], tok.pad))
         as_batch = lambda r: {k: (v[None] if torch.is_tensor(v) and k != "pixel_values" else v)  # noqa: E731
                               for k, v in r.items() if k not in ("num_tiles", "useful_tokens")}
-        out = {"packed": _grads_and_loss(run, [as_batch(r) for r in packed], SEQ)}
+        out = {"packed": _grads_and_loss(run, [as_batch(r) for r in packed], SEQ),
+               "layout": {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+                          "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+                          "vpp": parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+                          "sp": run.cfg.parallel.sequence_parallel}}
         if alone_too:
             out["alone"] = _grads_and_loss(run, [as_batch(r) for r in alone], SEQ)
         return out
@@ -284,10 +289,17 @@ def test_sequence_parallel_and_virtual_stages_equal_one_rank(mixture):
     one = run_distributed(_mm_packed_vs_alone_parallel, 1, mixture, [], False)[0]["packed"]
     assert any(k.startswith("vision_model.") for k in one["grads"])
     assert any(k.startswith("adapter.") for k in one["grads"])
-    layouts = {"tp2_sp": (2, ["--parallel.tp", "2", "--parallel.sequence_parallel", "true"]),
-               "pp2_vpp2": (2, ["--parallel.pp", "2", "--parallel.vpp", "2", "--training.micro_batch_size", "1"])}
-    for layout, (ranks, extra) in layouts.items():
-        results = run_distributed(_mm_packed_vs_alone_parallel, ranks, mixture, extra, False)
+    layouts = {"tp2_sp": (["--parallel.tp", "2", "--parallel.sequence_parallel", "true"],
+                          {"tp": 2, "pp": 1, "vpp": None, "sp": True}),
+               "pp2_vpp2": (["--parallel.pp", "2", "--parallel.vpp", "2", "--training.micro_batch_size", "1"],
+                            {"tp": 1, "pp": 2, "vpp": 2, "sp": False})}
+    # both layouts in one start of the 2 ranks, one after the other (each its own process group; no
+    # checkpoint, so no state of the first layout's carries over), each checked to run as asked
+    both = run_distributed(phases, 2, [phase(_mm_packed_vs_alone_parallel, mixture, extra, False)
+                                       for extra, _ in layouts.values()])
+    for i, (layout, (_, want)) in enumerate(layouts.items()):
+        results = [rank[i] for rank in both]
+        assert all(r["layout"] == want for r in results), (layout, [r["layout"] for r in results])
         last = results[-1]["packed"]  # the last pipeline stage reports the loss
         assert last["tokens"] == one["tokens"] > 0, layout
         assert abs(last["loss_sum"] - one["loss_sum"]) < 1e-5 * abs(one["loss_sum"]), layout
