@@ -14,12 +14,49 @@ re-initialization (seen: checkpoint replica ids).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import pickle
 import socket
 import traceback
 
+import torch
 import torch.multiprocessing as mp
+
+
+def _defer_torch_compile() -> None:
+    """In a rank that run_distributed starts (it imports this module before the function it runs):
+    megatron-core wraps its fusion functions in ``torch.compile`` when it is imported, and that call
+    imports torch._dynamo and inductor, ~1.3 s of CPU in every rank's start, for functions the CPU
+    path never runs. ``torch.compile`` compiles a function at its first call anyway; here the import
+    waits for that call too. Modules go to torch.compile as they are."""
+    real = torch.compile
+    if getattr(real, "deferred", False):
+        return
+
+    def compile(model=None, **kwargs):
+        if model is None:  # @torch.compile(...) with options
+            return lambda fn: compile(fn, **kwargs)
+        if not inspect.isfunction(model):
+            return real(model, **kwargs)
+        compiled = []
+
+        @functools.wraps(model)
+        def first_call_compiles(*args, **kw):
+            if not compiled:
+                compiled.append(real(model, **kwargs))
+            return compiled[0](*args, **kw)
+
+        return first_call_compiles
+
+    compile.deferred = True
+    torch.compile = compile
+
+
+_RANK_ENV = "BLUELM_TEST_RANK"  # set for the ranks run_distributed starts, so this runs in them only
+if os.environ.get(_RANK_ENV):
+    _defer_torch_compile()
 
 
 def free_port() -> int:
@@ -72,8 +109,12 @@ def _run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
+    os.environ[_RANK_ENV] = "1"  # a spawned process starts with the environment of this moment
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        os.environ.pop(_RANK_ENV)
     results, errors = [None] * world_size, []
     try:
         for _ in range(world_size):
