@@ -79,12 +79,13 @@ def logged_train(log_dir) -> list[dict]:
 # ----------------------------------------------------------------------------- stale weights
 
 def test_overlap_param_gather_checkpoint_holds_the_current_weights(demo_prefix, tmp_path):
-    """DP4, distributed optimizer, both overlaps: the checkpoint's weights, loaded alone, equal bit for
-    bit the weights the ranks hold once their pending all-gather is done (not the previous step's)."""
+    """DP2, distributed optimizer, both overlaps: the checkpoint's weights, loaded alone, equal bit for
+    bit the weights the ranks hold once their pending all-gather is done (not the previous step's;
+    without the save's finish_param_gather 14 of the 27 tensors are)."""
     save = str(tmp_path / "save")
     args = tiny_overrides(demo_prefix, str(tmp_path), steps=2, distopt=True, save=save) + [
         "--parallel.overlap_grad_reduce", "true", "--parallel.overlap_param_gather", "true"]
-    res = run_distributed(pretrain_synced, 4, args)[0]
+    res = run_distributed(pretrain_synced, 2, args)[0]
     live, saved = res["live"], res["saved"]
     assert set(live) <= set(saved)
     stale = [name for name in live if not torch.equal(live[name], saved[name])]
