@@ -281,22 +281,31 @@ def _sum_rows(part, dtype):
     return out
 
 
+def _forward(x, weight, eps, r2, dtype, parts=None):
+    """Launch the forward on rows x [M, H] (or, with ``parts``, on the fp32 split-K partials
+    [P, M, H]) with residual rows r2 [M, H] or None: (y, s, rstd) in ``dtype``; s is x itself
+    without a residual."""
+    m, h = x.shape[-2], x.shape[-1]
+    y = torch.empty(m, h, device=x.device, dtype=dtype)
+    s = torch.empty_like(y) if r2 is not None else x
+    rstd = torch.empty(m, device=x.device, dtype=torch.float32)
+    bm = TUNE["fwd_rows"]
+    split = {} if parts is None else dict(PARTS=x.shape[0], stride_part=x.stride(0), ROUND=True)
+    _rmsnorm_fwd_kernel[(triton.cdiv(m, bm),)](
+        x, x if r2 is None else r2, s, y, weight, rstd, x.stride(-2), (x if r2 is None else r2).stride(-2),
+        s.stride(-2), y.stride(0), m, h, eps, HAS_RES=r2 is not None, BLOCK_M=bm, BLOCK=_block(h),
+        num_warps=_warps(h, "fwd_warps"), **split,
+    )
+    return y, s, rstd
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, residual, eps):
         shape, h = x.shape, x.shape[-1]
         x2 = x.reshape(-1, h).contiguous()
-        r2 = residual.reshape(-1, h).contiguous() if residual is not None else x2
-        m = x2.shape[0]
-        y = torch.empty_like(x2)
-        s = torch.empty_like(x2) if residual is not None else x2
-        rstd = torch.empty(m, device=x.device, dtype=torch.float32)
-        bm = TUNE["fwd_rows"]
-        _rmsnorm_fwd_kernel[(triton.cdiv(m, bm),)](
-            x2, r2, s, y, weight, rstd, x2.stride(0), r2.stride(0), s.stride(0), y.stride(0),
-            m, h, eps, HAS_RES=residual is not None, BLOCK_M=bm, BLOCK=_block(h),
-            num_warps=_warps(h, "fwd_warps"),
-        )
+        r2 = residual.reshape(-1, h).contiguous() if residual is not None else None
+        y, s, rstd = _forward(x2, weight, eps, r2, x2.dtype)
         ctx.save_for_backward(s, weight, rstd)
         ctx.has_res, ctx.shape = residual is not None, shape
         if residual is None:
@@ -349,18 +358,9 @@ def rmsnorm_partials(parts, weight, eps=1e-5, residual=None, dtype=None):
         raise ValueError(f"rmsnorm_partials: expected fp32 partials [P, M, H], got {parts.dtype} {tuple(parts.shape)}")
     if not use_triton(parts):
         return rmsnorm_ref(parts.sum(0).to(dtype), weight, eps, residual)
-    p, m, h = parts.shape
-    parts = parts.contiguous()
-    r2 = residual.reshape(-1, h).contiguous() if residual is not None else parts[0]
-    y = torch.empty(m, h, device=parts.device, dtype=dtype)
-    s = torch.empty_like(y) if residual is not None else y
-    rstd = torch.empty(m, device=parts.device, dtype=torch.float32)
-    bm = TUNE["fwd_rows"]
-    _rmsnorm_fwd_kernel[(triton.cdiv(m, bm),)](
-        parts, r2, s, y, weight, rstd, parts.stride(1), r2.stride(0), s.stride(0), y.stride(0),
-        m, h, eps, HAS_RES=residual is not None, BLOCK_M=bm, BLOCK=_block(h),
-        PARTS=p, stride_part=parts.stride(0), ROUND=True, num_warps=_warps(h, "fwd_warps"),
-    )
+    h = parts.shape[-1]
+    r2 = residual.reshape(-1, h).contiguous() if residual is not None else None
+    y, s, _ = _forward(parts.contiguous(), weight, eps, r2, dtype, parts=True)
     return y if residual is None else (y, s)
 
 

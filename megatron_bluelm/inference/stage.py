@@ -201,19 +201,18 @@ class StageWeights:
                 return rmsnorm_partials(y, w, self.eps, residual=residual)
             return rmsnorm(y, w, self.eps, residual=residual)
 
-        def matmul(a, w, name):
-            if sp[name] > 1:
-                return split_k.partials(a, w, sp[name])
-            return self._all_reduce(a @ w.t())
+        def product(a, w, name):  # a @ w.T, as fp32 split-K partials where it is split
+            return split_k.partials(a, w, sp[name]) if sp[name] > 1 else a @ w.t()
 
         h = rmsnorm(x, self.layers[0].norm1, self.eps) if self.layers else x
         for i, lw in enumerate(self.layers):
             kc, vc = cache.k[i], cache.v[i]
             o = rope_cache_attention(h @ lw.qkv.t(), lengths, cos, sin, kc, vc, self.heads, self.groups,
                                      splits)
-            h, x = norm(matmul(o.reshape(rows, -1), lw.proj, "proj"), lw.norm2, x)
-            f = split_k.partials(h, lw.fc1, sp["fc1"]) if sp["fc1"] > 1 else h @ lw.fc1.t()
-            o = matmul(swiglu_partials(f, self.dtype) if sp["fc1"] > 1 else swiglu(f), lw.fc2, "fc2")
+            # the all-reduces are no-ops where proj / fc2 are split (TP 1)
+            h, x = norm(self._all_reduce(product(o.reshape(rows, -1), lw.proj, "proj")), lw.norm2, x)
+            f = product(h, lw.fc1, "fc1")
+            o = self._all_reduce(product(swiglu_partials(f, self.dtype) if f.dim() == 3 else swiglu(f), lw.fc2, "fc2"))
             if i + 1 < len(self.layers):
                 h, x = norm(o, self.layers[i + 1].norm1, x)
             else:
