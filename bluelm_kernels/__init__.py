@@ -7,6 +7,7 @@ Each op has a Triton kernel (forward and backward, torch.autograd-capable) and a
 from .attention import attention, attention_ref
 from .cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
 from .dispatch import triton_available, use_triton
+from .layernorm import layernorm, layernorm_ref
 from .rmsnorm import FusedRMSNorm, rmsnorm, rmsnorm_ref
 from .rope import apply_rope, apply_rope_qk, apply_rope_qk_, apply_rope_ref
 from .swiglu import swiglu, swiglu_ref
@@ -21,6 +22,8 @@ __all__ = [
     "attention_ref",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_ref",
+    "layernorm",
+    "layernorm_ref",
     "rmsnorm",
     "rmsnorm_ref",
     "swiglu",

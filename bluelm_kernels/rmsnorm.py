@@ -206,21 +206,23 @@ def _block(h):
     return triton.next_power_of_2(h)
 
 
-def _warps(h, key):
-    return max(1, min(TUNE[key], _block(h) // 128))
+def _warps(h, key, tune=None):
+    return max(1, min((TUNE if tune is None else tune)[key], _block(h) // 128))
 
 
-def _bwd_programs(m, device, rows, per_sm):
+def _bwd_programs(m, device, rows, per_sm, tune=None):
     """Programs of the grid-stride backward: at most per_sm per SM, and as few as give every
     program the same number of row tiles (8192 tiles on 264 slots: 256 programs x 32 tiles, not
-    264 with 8 of them doing a 32nd tile alone at the end)."""
+    264 with 8 of them doing a 32nd tile alone at the end). ``tune``: a kernel's launch table
+    (default this module's TUNE; bluelm_kernels/layernorm.py passes its own)."""
+    tune = TUNE if tune is None else tune
     tiles = triton.cdiv(m, rows)
     if device.type == "cuda":
         slots = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     else:
-        slots = TUNE["bwd_programs_cpu"]  # interpreter: few programs
+        slots = tune["bwd_programs_cpu"]  # interpreter: few programs
     slots = max(1, min(tiles, slots))
-    if TUNE["bwd_even"]:
+    if tune["bwd_even"]:
         return triton.cdiv(tiles, triton.cdiv(tiles, slots))
     return slots
 
@@ -237,19 +239,20 @@ def _bwd_stages(device, stages, per_sm, tile_bytes):
     return max(1, min(stages, (3 * smem // 4) // (per_sm * tile_bytes)))
 
 
-def _col_parts(h):
-    """Column parts of the backward: (next_pow2(h), 0), or with bwd_split two powers of two
-    covering h (2560 -> 2048 + 512; 100 -> 64 + 64)."""
+def _col_parts(h, split=None):
+    """Column parts of the backward: (next_pow2(h), 0), or with bwd_split (or ``split``) two
+    powers of two covering h (2560 -> 2048 + 512; 100 -> 64 + 64)."""
     full = _block(h)
-    if not TUNE["bwd_split"] or full == h or h <= 32:
+    if not (TUNE["bwd_split"] if split is None else split) or full == h or h <= 32:
         return full, 0
     return full // 2, _block(h - full // 2)
 
 
-def _reg_cap(device):
+def _reg_cap(device, tune=None):
     """bwd_maxnreg > 0 caps the backward's registers per thread (PTX .maxnreg; CUDA only), so more
     programs fit on an SM at the price of possible spills."""
-    return {"maxnreg": TUNE["bwd_maxnreg"]} if TUNE["bwd_maxnreg"] and device.type == "cuda" else {}
+    cap = (TUNE if tune is None else tune)["bwd_maxnreg"]
+    return {"maxnreg": cap} if cap and device.type == "cuda" else {}
 
 
 _WORKSPACES = {}

@@ -17,6 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication, custom_fwd
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -58,6 +59,62 @@ class NativeLayerNorm(LayerNorm):
         return F.layer_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
+class FusedLayerNorm(NativeLayerNorm):
+    """The fused backend's LayerNorm: ``bluelm_kernels.layernorm`` (Triton) where Triton runs, i.e. on
+    CUDA: one pass over x each way, fp32 statistics, and the weight / bias gradients summed inside the
+    backward's launch (PyTorch's LayerNorm backward spends longer on them than on dx). Elsewhere (CPU,
+    no Triton) the native ``F.layer_norm`` above. Same parameters (names, dtype) as the others."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from bluelm_kernels.dispatch import use_triton
+        from bluelm_kernels.layernorm import layernorm
+
+        if use_triton(x):
+            return layernorm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+class _BiasEpilogueLinear(LinearWithGradAccumulationAndAsyncCommunication):
+    """megatron-core's linear function (same arguments, same backward: input gradient, weight gradient
+    or its accumulation into ``main_grad``, bias gradient, TP all-reduce) with the bias added by the
+    GEMM itself (``torch.addmm``: cuBLASLt's bias epilogue), not by a broadcast add over the output
+    afterwards: one pass less over [patches x tiles, 3 x hidden] per layer. Without sequence
+    parallelism only (the ViT never uses it), where the forward has no all-gather."""
+
+    @staticmethod
+    @custom_fwd
+    def forward(ctx, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
+                grad_output_buffer, wgrad_deferral_limit, tp_group):
+        assert not sequence_parallel and bias is not None
+        ctx.save_for_backward(input, weight)
+        # the fields megatron-core's backward reads
+        ctx.main_grad = weight.main_grad if gradient_accumulation_fusion and hasattr(weight, "main_grad") else None
+        ctx.use_bias = True
+        ctx.gradient_accumulation_fusion = gradient_accumulation_fusion
+        ctx.allreduce_dgrad = allreduce_dgrad
+        ctx.sequence_parallel = False
+        ctx.wgrad_deferral_limit = wgrad_deferral_limit
+        ctx.grad_output_buffer = grad_output_buffer
+        ctx.tp_group = tp_group
+        out = torch.addmm(bias, input.reshape(-1, input.shape[-1]), weight.t())
+        return out.view(*input.shape[:-1], out.shape[-1])
+
+
+class EpilogueColumnParallelLinear(ColumnParallelLinear):
+    """The fused backend's column-parallel linear of the ViT: the bias in the GEMM's epilogue
+    (``_BiasEpilogueLinear``) where megatron-core would add it in a separate pass (a trained weight, a
+    bias it adds itself, no sequence parallelism); everything else, and every other case (frozen
+    weights, ``skip_bias_add``), is megatron-core's."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        bias = kwargs.get("bias")
+        if args or not weight.requires_grad or bias is None or kwargs.get("sequence_parallel"):
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        return _BiasEpilogueLinear.apply(
+            input, weight, bias, kwargs["gradient_accumulation_fusion"], kwargs["allreduce_dgrad"], False,
+            kwargs.get("grad_output_buffer"), kwargs.get("wgrad_deferral_limit"), kwargs.get("tp_group", self.tp_group))
+
+
 def _vision_recompute(lm_config: TransformerConfig, v: VisionConfig) -> dict:
     """``vision.recompute``: none | selective (the attention core) | full (every layer); unset: the
     decoder's ``training.recompute``."""
@@ -77,7 +134,10 @@ def vision_transformer_config(lm_config: TransformerConfig, v: VisionConfig,
     """The decoder's config (precision, TP) with the ViT's shape; no pipeline split: the whole ViT
     lives on the first pipeline stage. The fused backend adds the bias and applies GELU(tanh) in one
     fused kernel (megatron-core's bias-GELU, which *is* the tanh approximation; its config names the
-    activation ``F.gelu`` because that is how megatron-core selects it)."""
+    activation ``F.gelu`` because that is how megatron-core selects it), and adds the attention
+    projection's and fc2's biases with the residual in one (megatron-core's fused bias-dropout-add,
+    dropout 0: ``x + bias + residual``, one pass where its unfused form makes two, the first a
+    broadcast add)."""
     fused = backend == "fused"
     return dataclasses.replace(
         lm_config,
@@ -85,7 +145,7 @@ def vision_transformer_config(lm_config: TransformerConfig, v: VisionConfig,
         num_attention_heads=v.num_attention_heads, num_query_groups=v.num_attention_heads,
         kv_channels=v.hidden_size // v.num_attention_heads, layernorm_epsilon=v.norm_eps,
         normalization="LayerNorm", add_bias_linear=True, gated_linear_unit=False,
-        activation_func=F.gelu if fused else gelu_tanh, bias_activation_fusion=fused,
+        activation_func=F.gelu if fused else gelu_tanh, bias_activation_fusion=fused, bias_dropout_fusion=fused,
         use_te_activation_func=False, sequence_parallel=False,
         pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
         num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
@@ -95,7 +155,7 @@ def vision_transformer_config(lm_config: TransformerConfig, v: VisionConfig,
 
 @functools.lru_cache(maxsize=None)
 def vision_layer_spec(backend: str, attention_backend: str = "default") -> ModuleSpec:
-    """One ViT layer: Transformer Engine parts under ``te``; under ``fused`` the native-dtype LayerNorm
+    """One ViT layer: Transformer Engine parts under ``te``; under ``fused`` our Triton LayerNorm
     and (through the config) the fused bias-GELU; plain torch otherwise. Attention is non-causal SDPA
     on every non-TE backend, on the SDPA backend ``attention_backend`` names (``vision.attention_backend``:
     bluelm_kernels/sdpa_choice.py)."""
@@ -109,7 +169,7 @@ def vision_layer_spec(backend: str, attention_backend: str = "default") -> Modul
 
         norm, column, row, core = TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
     else:
-        norm = NativeLayerNorm if backend == "fused" else LayerNorm
+        norm = FusedLayerNorm if backend == "fused" else LayerNorm
         column, row = ColumnParallelLinear, RowParallelLinear
         core = ModuleSpec(module=SDPACoreAttention, params={"sdpa_choice": attention_backend})
     # bidirectional over the patches
@@ -127,7 +187,7 @@ class VisionEncoder(MegatronModule):
         self.position_embedding = torch.nn.Embedding(self.grid**2, v.hidden_size, dtype=config.params_dtype)
         spec = TransformerBlockSubmodules(layer_specs=[vision_layer_spec(backend, v.attention_backend)] * v.num_layers)
         self.decoder = TransformerBlock(config=config, spec=spec, pre_process=True, post_process=False)
-        self.post_layernorm = (NativeLayerNorm if backend == "fused" else LayerNorm)(config, v.hidden_size, v.norm_eps)
+        self.post_layernorm = (FusedLayerNorm if backend == "fused" else LayerNorm)(config, v.hidden_size, v.norm_eps)
         for name, param in self.named_parameters():
             if name.endswith("mlp.linear_fc1.weight"):
                 param.glu = False  # one GELU matrix, not a [gate; up] pair (models/init.py)

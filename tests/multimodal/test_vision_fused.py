@@ -1,4 +1,4 @@
-"""The vision tower's fused backend (native-dtype LayerNorm, fused bias-GELU(tanh), non-causal SDPA)
+"""The vision tower's fused backend (our LayerNorm: F.layer_norm on CPU, fused bias-GELU(tanh), non-causal SDPA)
 and its recompute option compute the torch backend's ViT: same features and gradients."""
 import pytest
 import torch
@@ -31,7 +31,7 @@ def _vit(backend, recompute=None):
 
 
 def _features_and_grads():
-    from megatron_bluelm.models.vision import NativeLayerNorm
+    from megatron_bluelm.models.vision import FusedLayerNorm
 
     torch.manual_seed(0)
     ref, _ = _vit("torch")
@@ -45,7 +45,7 @@ def _features_and_grads():
         vit, vcfg = _vit(backend, recompute) if name != "torch" else (ref, None)
         if vit is not ref:
             vit.load_state_dict(ref.state_dict())
-            assert any(isinstance(m, NativeLayerNorm) for m in vit.modules())
+            assert any(isinstance(m, FusedLayerNorm) for m in vit.modules())
             assert vcfg.bias_activation_fusion and (vcfg.recompute_granularity == "full") == (recompute == "full")
         vit.train()
         vit.zero_grad()
