@@ -7,6 +7,7 @@ into micro-batches and data-parallel ranks, which the layout tests rely on.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator, List, Optional
@@ -22,8 +23,76 @@ from bluelm_kernels.transfer import to_device  # the loader pins its batches on 
 # document_ids [b, s]: which packed document each position belongs to (None: one causal sequence).
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask", "document_ids")
 _OPTIONAL_INPUTS = ("pixel_values",)  # passed to the model only when the batch has them (multimodal)
+_ROW_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids")  # [b, s] per position
 
 
+def fold_rows(batch: dict) -> dict:
+    """A micro-batch of ``b`` packed rows [b, s] as one row [1, b * s] (host tensors, before the copy to
+    the device). The model computes the same thing: every position's loss, RoPE and embedding are its
+    own, and attention never crosses a row end (as unfolded) because the ids of row ``r`` are offset
+    past those of rows ``< r``. What it saves: megatron-core's activations are
+    [s, b, h]; with b > 1 the document attention's token stream ([b * s] in row order) and the splice of
+    image embeddings are transposed copies in both directions at every layer; with b == 1 they are
+    views. Tiles (``pixel_values``) are already in row order, the order of the folded ``<image>`` slots.
+    The dense ``attention_mask``, if the batch has one besides its ids, is dropped: the ids supersede it
+    (``model_attention_mask``)."""
+    ids = batch.get("document_ids")
+    if ids is None:
+        raise ValueError("fold_rows: the micro-batch has no document_ids (rows without documents attend across "
+                         "their whole row and cannot be folded into one)")
+    if ids.dim() != 2:
+        raise ValueError(f"fold_rows: document_ids must be [batch, sequence], got {tuple(ids.shape)}")
+    b, s = ids.shape
+    out = dict(batch)
+    if b == 1:
+        return out
+    width = ids.amax(dim=1).to(torch.int64) + 1
+    offset = torch.cumsum(width, 0) - width
+    out["document_ids"] = ids.to(torch.int64) + offset[:, None]
+    for key in _ROW_KEYS:
+        t = out.get(key)
+        if t is None:
+            continue
+        if tuple(t.shape[:2]) != (b, s):
+            raise ValueError(f"fold_rows: {key} {tuple(t.shape)} does not match document_ids {(b, s)}")
+        out[key] = t.reshape(1, b * s, *t.shape[2:])
+    out["attention_mask"] = None
+    return out
+
+
+def _rope_per_token(model) -> bool:
+    """Whether the decoder takes its rotary positions from ``position_ids`` (models/decoder.py): only
+    then does a folded row keep every position's angle (else row r's would shift by r * s)."""
+    flags = []
+    for chunk in model:
+        while hasattr(chunk, "module"):  # DDP / Float16Module wrappers
+            chunk = chunk.module
+        flags.append(bool(getattr(getattr(chunk, "language_model", chunk), "per_token_rope", False)))
+    return bool(flags) and all(flags)
+
+
+def plan_row_folding(model, iterators: List[Iterator], micro_batch_size: int) -> tuple[List[Iterator], bool]:
+    """Whether this step runs each micro-batch's rows folded into one (``fold_rows``): when every
+    micro-batch holds more than one row of packed documents and the model's RoPE is per position.
+    Decided from the first micro-batch of each iterator (put back in front of it), and agreed over the
+    pipeline group, whose stages must exchange activations of one shape ([b * s, 1, h] folded,
+    [s, b, h] not)."""
+    if micro_batch_size <= 1 or not _rope_per_token(model):  # the same on every rank of a run
+        return iterators, False
+    fold = all(it is not None for it in iterators)
+    if fold:
+        firsts = [next(it) for it in iterators]
+        fold = all(first.get("document_ids") is not None for first in firsts)
+        iterators = [itertools.chain([first], it) for first, it in zip(firsts, iterators)]
+    if dist.is_initialized() and parallel_state.model_parallel_is_initialized() \
+            and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        group = parallel_state.get_pipeline_model_parallel_group()
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+            else torch.device("cpu")
+        flag = torch.tensor([int(fold)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        fold = bool(flag.item())
+    return iterators, fold
 
 
 def batch_to_device(batch: dict, device: torch.device) -> dict:
@@ -53,9 +122,12 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss, num_tokens, {"lm loss": report}
 
 
-def make_forward_step(device: torch.device):
+def make_forward_step(device: torch.device, fold: bool = False):
+    """megatron-core's forward step; ``fold``: each micro-batch's rows run as one (``fold_rows``)."""
     def forward_step(data_iterator: Iterator, model):
         host = next(data_iterator)
+        if fold:
+            host = fold_rows(host)
         batch = batch_to_device(host, device)
         extra = {k: batch[k] for k in _OPTIONAL_INPUTS if k in batch}
         if "pixel_values" in extra:  # the splice finds its <image> slots in the CPU tokens: no device sync
@@ -112,9 +184,14 @@ def _data_arg(iterators: List[Iterator]):
 
 
 def _run_schedule(model, iterators: List[Iterator], forward_only: bool, **shape) -> list:
-    """All micro-batches of one step through megatron-core's schedule for this layout."""
+    """All micro-batches of one step through megatron-core's schedule for this layout; micro-batches of
+    packed rows run folded into one row each (``plan_row_folding``)."""
+    iterators, fold = plan_row_folding(model, list(iterators), shape["micro_batch_size"])
+    if fold:
+        shape["seq_length"] *= shape["micro_batch_size"]
+        shape["micro_batch_size"] = 1
     return get_forward_backward_func()(
-        forward_step_func=make_forward_step(shape.pop("device")), data_iterator=_data_arg(iterators),
+        forward_step_func=make_forward_step(shape.pop("device"), fold), data_iterator=_data_arg(iterators),
         model=model, forward_only=forward_only, **shape)
 
 

@@ -64,20 +64,36 @@ def full_grads(model) -> dict:
             p.data = d
 
 
-def _grads_and_loss(run, batches, seq: int = SEQ) -> dict:
+def stack_rows(batches) -> dict:
+    """One micro-batch of the given one-row batches."""
+    return {k: None if batches[0][k] is None else torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def _grads_and_loss(run, batches, seq: int = SEQ, mbs: int = 1) -> dict:
     from megatron.core import parallel_state
 
-    from megatron_bluelm.training.step import _run_schedule
+    from megatron_bluelm.training import step
 
     for chunk in run.model:
         chunk.zero_grad_buffer()
-    reports = _run_schedule(run.model, [iter(list(batches)) for _ in run.model], False,
-                            num_microbatches=len(batches), seq_length=seq, micro_batch_size=1,
-                            device=run.info.device)
+    folded = []
+    original = step.fold_rows
+    def recording(batch):
+        out = original(batch)
+        folded.append(tuple(out["tokens"].shape))
+        return out
+
+    step.fold_rows = recording
+    try:
+        reports = step._run_schedule(run.model, [iter(list(batches)) for _ in run.model], False,
+                                     num_microbatches=len(batches), seq_length=seq, micro_batch_size=mbs,
+                                     device=run.info.device)
+    finally:
+        step.fold_rows = original
     total = sum((r["lm loss"].double().cpu() for r in reports), torch.zeros(2, dtype=torch.float64))
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     return {"loss_sum": float(total[0]) if last else None, "tokens": int(total[1]) if last else None,
-            "grads": full_grads(run.model)}
+            "grads": full_grads(run.model), "folded": folded}
 
 
 def packed_vs_alone(extra: list[str]) -> dict:
@@ -96,7 +112,12 @@ def packed_vs_alone(extra: list[str]) -> dict:
     try:
         rows = documents()
         packed = _grads_and_loss(run, [packed_batch(r) for r in rows])
+        # both rows in one micro-batch (two micro-batches, the rows swapped in the second: virtual
+        # stages need as many as there are stages): the step folds each into one row of 2 * SEQ
+        # (training/step.py); every token counts twice, so the token-mean gradients are the same
+        pair = [packed_batch(r) for r in rows]
+        two_rows = _grads_and_loss(run, [stack_rows(pair), stack_rows(pair[::-1])], mbs=2)
         alone = _grads_and_loss(run, [alone_batch(d) for r in rows for d in r])
-        return {"packed": packed, "alone": alone}
+        return {"packed": packed, "two_rows": two_rows, "alone": alone}
     finally:
         teardown()

@@ -185,9 +185,76 @@ def test_packed_rows_train_like_documents_alone_tp2_pp2(layout):
     assert last["packed"]["tokens"] == last["alone"]["tokens"] == sum(n - 1 for r in documents() for n in
                                                                        map(len, r))
     assert abs(last["packed"]["loss_sum"] - last["alone"]["loss_sum"]) < 1e-4 * abs(last["alone"]["loss_sum"])
+    # both packed rows in one micro-batch run folded into one row of 2 * SEQ (training/step.fold_rows),
+    # through the pipeline's p2p shapes, sequence parallelism and the recomputed attention
+    assert last["two_rows"]["folded"] == [(1, 2 * SEQ)] * 4 and last["packed"]["folded"] == []  # 2 x 2 chunks
+    assert last["two_rows"]["tokens"] == 2 * last["alone"]["tokens"]
+    assert abs(last["two_rows"]["loss_sum"] - 2 * last["alone"]["loss_sum"]) < 2e-4 * abs(last["alone"]["loss_sum"])
     for r in results:
         for name, g in r["alone"]["grads"].items():
             torch.testing.assert_close(r["packed"]["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(r["two_rows"]["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------- folding rows
+
+def _two_rows():
+    from packed_workers import packed_batch, stack_rows
+
+    return stack_rows([packed_batch(r) for r in documents()])
+
+
+def test_fold_rows_offsets_documents_past_earlier_rows():
+    from megatron_bluelm.training.step import fold_rows
+
+    batch = _two_rows()
+    batch["attention_mask"] = torch.ones(2, 1, SEQ, SEQ, dtype=torch.bool)
+    folded = fold_rows(batch)
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        assert torch.equal(folded[key], batch[key].reshape(1, 2 * SEQ)), key
+    ids = folded["document_ids"][0]
+    first = batch["document_ids"][0]
+    assert torch.equal(ids[:SEQ], first)
+    assert torch.equal(ids[SEQ:], batch["document_ids"][1] + int(first.max()) + 1)
+    assert bool((ids[1:] >= ids[:-1]).all())  # still one sorted run per document: the varlen path
+    assert folded["attention_mask"] is None
+    with pytest.raises(ValueError, match="no document_ids"):
+        fold_rows({"tokens": batch["tokens"], "document_ids": None})
+    with pytest.raises(ValueError, match="loss_mask"):
+        fold_rows(dict(batch, loss_mask=batch["loss_mask"][:, :-1]))
+
+
+def _folding():
+    from megatron_bluelm.training.step import fold_rows, plan_row_folding
+
+    model = _model(["--data.reset_attention_mask", "true"])
+    model.eval()
+    batch = _two_rows()
+    def losses(b):  # per-token losses [rows, s]
+        return model(b["tokens"], b["position_ids"], b["document_ids"], labels=b["labels"])
+
+    with torch.no_grad():
+        rows, folded = losses(batch), losses(fold_rows(batch))
+        crossing = losses(dict(fold_rows(batch), document_ids=batch["document_ids"].reshape(1, -1)))
+    second = dict(batch, tokens=batch["tokens"] + 1)
+    iterators, fold = plan_row_folding([model], [iter([batch, second])], 2)
+    plain = {k: v for k, v in batch.items() if k != "document_ids"}
+    return {"rows": rows, "folded": folded, "crossing": crossing, "fold": fold,
+            "order": [torch.equal(b["tokens"], want["tokens"]) for b, want in zip(iterators[0], [batch, second])],
+            "fold_one_row": plan_row_folding([model], [iter([batch])], 1)[1],
+            "fold_plain": plan_row_folding([model], [iter([plain])], 2)[1]}
+
+
+def test_folded_row_computes_what_its_rows_do():
+    """The model on the folded [1, 2s] row gives the per-token losses of the [2, s] micro-batch; with the
+    ids not offset, the second row's first document would attend to the first row's (same id): that
+    mutation changes them. The step folds only micro-batches of several rows of documents, and its
+    peek at the first micro-batch loses none."""
+    got = run_distributed(_folding, 1)[0]
+    torch.testing.assert_close(got["folded"].reshape(2, SEQ), got["rows"], rtol=1e-5, atol=1e-5)
+    assert (got["crossing"].reshape(2, SEQ)[1] - got["rows"][1]).abs().max() > 1e-3
+    assert got["fold"] and got["order"] == [True, True]
+    assert not got["fold_one_row"] and not got["fold_plain"]
 
 
 # ---------------------------------------------------------------------------- SFT rows

@@ -31,7 +31,7 @@ def _vit(backend, recompute=None):
 
 
 def _features_and_grads():
-    from megatron_bluelm.models.vision import FusedLayerNorm
+    from megatron_bluelm.models.vision import EpilogueColumnParallelLinear, FusedLayerNorm
 
     torch.manual_seed(0)
     ref, _ = _vit("torch")
@@ -46,6 +46,8 @@ def _features_and_grads():
         if vit is not ref:
             vit.load_state_dict(ref.state_dict())
             assert any(isinstance(m, FusedLayerNorm) for m in vit.modules())
+            assert isinstance(vit.decoder.layers[0].self_attention.linear_qkv, EpilogueColumnParallelLinear)
+            assert vcfg.bias_dropout_fusion
             assert vcfg.bias_activation_fusion and (vcfg.recompute_granularity == "full") == (recompute == "full")
         vit.train()
         vit.zero_grad()
