@@ -96,7 +96,7 @@ def run(m, h, dev, timed, impls):
     return res
 
 
-FWD_SWEEP = {"fwd_rows": (1, 2, 4), "fwd_warps": (4, 8), "fwd_split": (0, 1)}
+FWD_SWEEP = {"fwd_rows": (1, 2, 4, 8), "fwd_warps": (4, 8, 16), "fwd_split": (0, 1)}
 BWD_SWEEP = {"bwd_rows": (1, 2), "bwd_per_sm": (1, 2, 4), "bwd_stages": (2, 4, 6), "bwd_warps": (4, 8)}
 
 
