@@ -155,8 +155,9 @@ def vision_transformer_config(lm_config: TransformerConfig, v: VisionConfig,
 
 @functools.lru_cache(maxsize=None)
 def vision_layer_spec(backend: str, attention_backend: str = "default") -> ModuleSpec:
-    """One ViT layer: Transformer Engine parts under ``te``; under ``fused`` our Triton LayerNorm
-    and (through the config) the fused bias-GELU; plain torch otherwise. Attention is non-causal SDPA
+    """One ViT layer: Transformer Engine parts under ``te``; under ``fused`` our Triton LayerNorm, the
+    QKV bias in its GEMM (``EpilogueColumnParallelLinear``) and (through the config) the fused bias-GELU
+    and bias + residual adds; plain torch otherwise. Attention is non-causal SDPA
     on every non-TE backend, on the SDPA backend ``attention_backend`` names (``vision.attention_backend``:
     bluelm_kernels/sdpa_choice.py)."""
     if backend == "te":
@@ -170,7 +171,8 @@ def vision_layer_spec(backend: str, attention_backend: str = "default") -> Modul
         norm, column, row, core = TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
     else:
         norm = FusedLayerNorm if backend == "fused" else LayerNorm
-        column, row = ColumnParallelLinear, RowParallelLinear
+        column = EpilogueColumnParallelLinear if backend == "fused" else ColumnParallelLinear
+        row = RowParallelLinear
         core = ModuleSpec(module=SDPACoreAttention, params={"sdpa_choice": attention_backend})
     # bidirectional over the patches
     return prenorm_layer_spec(norm, column, row, core, {"attn_mask_type": AttnMaskType.no_mask})
