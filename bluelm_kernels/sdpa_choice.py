@@ -4,7 +4,8 @@ PyTorch chooses an SDPA backend by a fixed priority (cuDNN first on Hopper), not
 some shapes another one is faster: the backends pad an odd head dimension differently (the so400m
 ViT: 16 heads of 72 at 676 patches). ``sdpa(..., choose="measure")`` times each CUDA backend that
 accepts the call once per process and shape (the batch size excluded), forward + backward on copies
-of the inputs (forward only under inference mode, where nothing can need a gradient), at the first
+of the inputs (in their layout, grown to at least ``MIN_MEASURE_BATCH`` rows: the choice serves every
+batch size) (forward only under inference mode, where nothing can need a gradient), at the first
 call of that shape, and from then on runs the fastest; ``CHOICES`` holds what was picked. Training
 decides at its first forward (also under activation recomputation, whose first forward runs without
 gradients: the timing does not depend on how it is called). The backends compute the same attention (up to bf16
@@ -37,22 +38,47 @@ def _key(q, k, causal: bool, gqa: bool, grad: bool) -> tuple:  # grad: timed wit
     return (q.device, q.dtype, tuple(q.shape[1:]), tuple(k.shape[1:]), _layout(q), _layout(k), causal, gqa, grad)
 
 
-def _seconds(fn: Callable[[], None], repeats: int = 3) -> float:
-    fn()  # warm-up: kernel selection, workspace
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
+# The choice holds for every batch size of the shape, so it is timed at no fewer rows than this (the
+# first call's batch can be a few tiles, where launch overheads, not the kernels, decide).
+MIN_MEASURE_BATCH = 16
+
+
+def _seconds(fn: Callable[[], None], repeats: int = 5) -> float:
+    """The fastest of ``repeats`` timed calls, after two untimed (kernel selection, workspace, plans)."""
+    fn()
+    fn()
+    best = float("inf")
     for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _measure_copy(t: torch.Tensor, batch: int, grad: bool) -> torch.Tensor:
+    """A copy of ``t`` with ``batch`` rows (its rows repeated) in ``t``'s memory layout (what the
+    backends' speed depends on), detached."""
+    order = _layout(t)
+    shape = list(t.shape)
+    shape[0] = batch
+    base = torch.empty([shape[i] for i in order], dtype=t.dtype, device=t.device)
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    out = base.permute(inverse)
+    with torch.no_grad():
+        out.copy_(t.detach()[torch.arange(batch, device=t.device) % t.shape[0]])
+    return out.requires_grad_(grad)
 
 
 def measure(q, k, v, *, causal: bool, scale, gqa: bool, grad: bool,
             timer: Callable[[Callable[[], None]], float] = _seconds) -> Optional[str]:
-    """The fastest backend for this call, timed on copies of q, k, v (same strides); None if no
-    backend takes it. A backend that rejects the call (RuntimeError) is skipped."""
+    """The fastest backend for this call, timed on copies of q, k, v (same layout, at least
+    ``MIN_MEASURE_BATCH`` rows); None if no backend takes it. A backend that rejects the call
+    (RuntimeError) is skipped."""
+    batch = max(q.shape[0], MIN_MEASURE_BATCH)
     with torch.enable_grad():
-        qs, ks, vs = (t.detach().clone().requires_grad_(grad) for t in (q, k, v))
+        qs, ks, vs = (_measure_copy(t, batch, grad) for t in (q, k, v))
     times = {}
     for name, backend in BACKENDS.items():
         def run(backend=backend):

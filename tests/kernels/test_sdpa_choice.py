@@ -47,6 +47,23 @@ def test_measure_runs_forward_and_backward_on_copies():
     assert all(t.grad is None for t in (q, k, v))  # the caller's tensors are never touched
 
 
+def test_measure_copies_keep_the_layout_and_grow_the_batch():
+    sbnd = torch.randn(24, 3, 4, 16).permute(1, 2, 0, 3)  # the ViT's [s, b, n, d] views, b = 3
+    grown = sdpa_choice._measure_copy(sbnd, 16, True)
+    assert grown.shape == (16, 4, 24, 16) and grown.requires_grad and grown.is_leaf
+    assert sdpa_choice._layout(grown) == sdpa_choice._layout(sbnd)
+    assert torch.equal(grown[:3], sbnd) and torch.equal(grown[3:6], sbnd) and torch.equal(grown[15], sbnd[0])
+    q, k, v = _qkv(b=2)
+    shapes = []  # the batch of every timed call
+    original = F.scaled_dot_product_attention
+    try:
+        F.scaled_dot_product_attention = lambda q, *a, **kw: shapes.append(q.shape[0]) or original(q, *a, **kw)
+        sdpa_choice.measure(q, k, v, causal=False, scale=None, gqa=False, grad=False, timer=lambda fn: fn() or 1.0)
+    finally:
+        F.scaled_dot_product_attention = original
+    assert shapes and set(shapes) == {sdpa_choice.MIN_MEASURE_BATCH}
+
+
 def test_key_ignores_the_batch_but_not_shape_layout_or_flags():
     q, k, _ = _qkv(b=2)
     q4, k4, _ = _qkv(b=4)
