@@ -65,11 +65,13 @@ class FusedLayerNorm(NativeLayerNorm):
     backward's launch (PyTorch's LayerNorm backward spends longer on them than on dx). Elsewhere (CPU,
     no Triton) the native ``F.layer_norm`` above. Same parameters (names, dtype) as the others."""
 
+    kernel = True  # False: always the native path (benchmarks measure what the kernel saves)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from bluelm_kernels.dispatch import use_triton
         from bluelm_kernels.layernorm import layernorm
 
-        if use_triton(x):
+        if self.kernel and use_triton(x):
             return layernorm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
 
@@ -106,9 +108,11 @@ class EpilogueColumnParallelLinear(ColumnParallelLinear):
     bias it adds itself, no sequence parallelism); everything else, and every other case (frozen
     weights, ``skip_bias_add``), is megatron-core's."""
 
+    epilogue = True  # False: megatron-core's path throughout (benchmarks measure what it saves)
+
     def _forward_impl(self, input, weight, *args, **kwargs):
         bias = kwargs.get("bias")
-        if args or not weight.requires_grad or bias is None or kwargs.get("sequence_parallel"):
+        if not self.epilogue or args or not weight.requires_grad or bias is None or kwargs.get("sequence_parallel"):
             return super()._forward_impl(input, weight, *args, **kwargs)
         return _BiasEpilogueLinear.apply(
             input, weight, bias, kwargs["gradient_accumulation_fusion"], kwargs["allreduce_dgrad"], False,

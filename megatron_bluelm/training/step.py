@@ -24,6 +24,7 @@ from bluelm_kernels.transfer import to_device  # the loader pins its batches on 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask", "document_ids")
 _OPTIONAL_INPUTS = ("pixel_values",)  # passed to the model only when the batch has them (multimodal)
 _ROW_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids")  # [b, s] per position
+ROW_FOLDING = True  # False: never fold (benchmarks measure what folding saves)
 
 
 def fold_rows(batch: dict) -> dict:
@@ -77,7 +78,7 @@ def plan_row_folding(model, iterators: List[Iterator], micro_batch_size: int) ->
     Decided from the first micro-batch of each iterator (put back in front of it), and agreed over the
     pipeline group, whose stages must exchange activations of one shape ([b * s, 1, h] folded,
     [s, b, h] not)."""
-    if micro_batch_size <= 1 or not _rope_per_token(model):  # the same on every rank of a run
+    if not ROW_FOLDING or micro_batch_size <= 1 or not _rope_per_token(model):  # the same on every rank
         return iterators, False
     fold = all(it is not None for it in iterators)
     if fold:

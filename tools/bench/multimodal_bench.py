@@ -197,6 +197,53 @@ def _vit_adapter_seconds(model, batches) -> tuple[float, float]:
     return vit_s, ad_s
 
 
+AB_VARIANTS = {  # --ab: (rows folded, ViT fusions: Triton LayerNorm, QKV bias epilogue, bias + residual add)
+    "all": (True, True), "no_row_folding": (False, True), "no_vit_fusions": (True, False), "neither": (False, False)}
+
+
+def _set_switches(model, fold: bool, vit_fusions: bool, bda_fusion: bool) -> None:
+    from megatron_bluelm.models import vision
+    from megatron_bluelm.training import step
+
+    vlm = model[0]
+    while hasattr(vlm, "module"):
+        vlm = vlm.module
+    step.ROW_FOLDING = fold
+    vision.FusedLayerNorm.kernel = vit_fusions
+    vision.EpilogueColumnParallelLinear.epilogue = vit_fusions
+    # megatron-core reads it at every forward; on where the backend has it on (fused)
+    vlm.vision_model.config.bias_dropout_fusion = vit_fusions and bda_fusion
+
+
+def _ab_rounds(run, it, kw, args) -> dict:
+    """Alternate the AB_VARIANTS, ``args.steps`` steps each, ``args.ab`` rounds, on one model and one
+    data stream (each variant warmed once first); seconds per step, median over rounds."""
+    from megatron_bluelm.training.step import train_step
+
+    vlm = run.model[0]
+    while hasattr(vlm, "module"):
+        vlm = vlm.module
+    bda = vlm.vision_model.config.bias_dropout_fusion
+    times = {name: [] for name in AB_VARIANTS}
+    for switches in AB_VARIANTS.values():
+        _set_switches(run.model, *switches, bda)
+        train_step(run.model, run.optimizer, run.scheduler, [it], **kw)
+    for _ in range(args.ab):
+        for name, switches in AB_VARIANTS.items():
+            _set_switches(run.model, *switches, bda)
+            t0 = _now()
+            for _ in range(args.steps):
+                train_step(run.model, run.optimizer, run.scheduler, [it], **kw)
+            times[name].append((_now() - t0) / args.steps)
+    _set_switches(run.model, True, True, bda)
+    med = {name: float(np.median(t)) for name, t in times.items()}
+    out = {"ab_step_s": med, "ab_rounds_s": times}
+    for name in AB_VARIANTS:
+        print(f"  ab {name:16s} {med[name]:.4f} s/step ({med[name] / med['all']:.3f}x all)  rounds "
+              f"{[round(t, 4) for t in times[name]]}", flush=True)
+    return out
+
+
 def bench_mm_variant(cfg, dataset, name: str, args, vocab: int, image_id: int) -> dict:
     from bluelm_kernels import sdpa_choice
     from megatron_bluelm.data import build_data_iterator
@@ -217,6 +264,7 @@ def bench_mm_variant(cfg, dataset, name: str, args, vocab: int, image_id: int) -
                   device=run.info.device)
         for _ in range(args.warmup):
             train_step(run.model, run.optimizer, run.scheduler, [it], **kw)
+        ab = _ab_rounds(run, it, kw, args) if args.ab else {}
         it.seconds, it.seen = 0.0, []
         t0 = _now()
         for _ in range(args.steps):
@@ -238,7 +286,7 @@ def bench_mm_variant(cfg, dataset, name: str, args, vocab: int, image_id: int) -
                "peak_mem_gib": mem, "loader_s": loader, "vit_s": vit, "adapter_s": adapter,
                "decoder_optimizer_s": step_s - loader - vit - adapter,
                # the ViT attention's SDPA backend per shape (vision.attention_backend measure)
-               "vit_sdpa_backends": sorted({str(c) for c in sdpa_choice.CHOICES.values()})}
+               "vit_sdpa_backends": sorted({str(c) for c in sdpa_choice.CHOICES.values()}), **ab}
         return out
     finally:
         teardown()
@@ -288,7 +336,8 @@ def section_mm(args) -> list[dict]:
         cfg = multimodal_config(load_config(None, base + ["--data.mixture", mix]))
         apply_preset(cfg.model)
         vocab = cfg.model.vocab_size or tok.vocab_size
-        rows = args.mbs * args.microbatches * (args.warmup + args.steps)
+        steps = args.warmup + args.steps + (len(AB_VARIANTS) * (1 + args.ab * args.steps) if args.ab else 0)
+        rows = args.mbs * args.microbatches * steps
         packed = build_packed_multimodal_datasets(cfg, tok, num_samples=(rows, 0, 0), seed=args.seed)[0]
         st = packed.stats
         tiles = np.concatenate([s.tiles[s.tiles > 0] for s in packed.sources])
@@ -507,6 +556,9 @@ def main(argv=None) -> None:
     ap.add_argument("--attn-dim", type=int, default=128)
     ap.add_argument("--doc-mean", type=int, default=1024, help="text section: mean document length")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                    help="mm section: also alternate row folding and the ViT fusions on / off in one process "
+                         "(AB_VARIANTS), --steps steps each, ROUNDS rounds; medians per variant")
     ap.add_argument("--out", default=None, help="write all results as JSON")
     args = ap.parse_args(argv)
     sections = {"mm": section_mm, "attn": section_attn, "text": section_text, "vit_attn": section_vit_attn}
