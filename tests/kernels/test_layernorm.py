@@ -88,7 +88,7 @@ def test_deterministic_sum_equals_atomic_and_repeats(monkeypatch):
     # (two _sum_rows launches: dW, dB): the same gradients as the one-launch atomic sum, bit-identical
     # from call to call.
     mod = _mod()
-    _tune(monkeypatch, bwd_programs_cpu=5)
+    _tune(monkeypatch, bwd_programs_cpu=5, bwd_rows=1)
     x, w, b = _inputs((13, 200))
     dy = torch.randn(13, 200)
     atomic = _grads(lambda *a: layernorm(*a, 1e-6), x, w, b, dy)
