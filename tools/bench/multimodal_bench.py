@@ -216,24 +216,32 @@ def _set_switches(model, fold: bool, vit_fusions: bool, bda_fusion: bool) -> Non
 
 
 def _ab_rounds(run, it, kw, args) -> dict:
-    """Alternate the AB_VARIANTS, ``args.steps`` steps each, ``args.ab`` rounds, on one model and one
-    data stream (each variant warmed once first); seconds per step, median over rounds."""
+    """Alternate the AB_VARIANTS on one model, ``args.ab`` rounds, each variant replaying the same
+    ``args.steps`` steps' micro-batches (drawn once from ``it``: the work per step varies with the rows'
+    tiles and documents, so every variant times the same rows); each variant warmed once first.
+    Seconds per step, median over rounds."""
     from megatron_bluelm.training.step import train_step
 
     vlm = run.model[0]
     while hasattr(vlm, "module"):
         vlm = vlm.module
     bda = vlm.vision_model.config.bias_dropout_fusion
+    n = kw["num_microbatches"]
+    replay = [next(it) for _ in range(args.steps * n)]
+
+    def steps():
+        for i in range(args.steps):
+            train_step(run.model, run.optimizer, run.scheduler, [iter(replay[i * n:(i + 1) * n])], **kw)
+
     times = {name: [] for name in AB_VARIANTS}
     for switches in AB_VARIANTS.values():
         _set_switches(run.model, *switches, bda)
-        train_step(run.model, run.optimizer, run.scheduler, [it], **kw)
+        train_step(run.model, run.optimizer, run.scheduler, [iter(replay[:n])], **kw)
     for _ in range(args.ab):
         for name, switches in AB_VARIANTS.items():
             _set_switches(run.model, *switches, bda)
             t0 = _now()
-            for _ in range(args.steps):
-                train_step(run.model, run.optimizer, run.scheduler, [it], **kw)
+            steps()
             times[name].append((_now() - t0) / args.steps)
     _set_switches(run.model, True, True, bda)
     med = {name: float(np.median(t)) for name, t in times.items()}
@@ -336,7 +344,7 @@ def section_mm(args) -> list[dict]:
         cfg = multimodal_config(load_config(None, base + ["--data.mixture", mix]))
         apply_preset(cfg.model)
         vocab = cfg.model.vocab_size or tok.vocab_size
-        steps = args.warmup + args.steps + (len(AB_VARIANTS) * (1 + args.ab * args.steps) if args.ab else 0)
+        steps = args.warmup + args.steps + (args.steps if args.ab else 0)
         rows = args.mbs * args.microbatches * steps
         packed = build_packed_multimodal_datasets(cfg, tok, num_samples=(rows, 0, 0), seed=args.seed)[0]
         st = packed.stats
@@ -558,7 +566,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                     help="mm section: also alternate row folding and the ViT fusions on / off in one process "
-                         "(AB_VARIANTS), --steps steps each, ROUNDS rounds; medians per variant")
+                         "(AB_VARIANTS), each replaying the same --steps steps' rows, ROUNDS rounds; medians")
     ap.add_argument("--out", default=None, help="write all results as JSON")
     args = ap.parse_args(argv)
     sections = {"mm": section_mm, "attn": section_attn, "text": section_text, "vit_attn": section_vit_attn}
