@@ -18,6 +18,13 @@ SIGNATURES = [
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._set_main_param_and_optimizer_states",
      ["model_param", "tensors"],
      "training/checkpointing.py: the torch-Adam 'step' fix wraps it per instance during load_state_dict"),
+    ("megatron.core.tensor_parallel.layers", "LinearWithGradAccumulationAndAsyncCommunication.forward",
+     ["input", "weight", "bias", "gradient_accumulation_fusion", "allreduce_dgrad", "sequence_parallel",
+      "grad_output_buffer", "wgrad_deferral_limit", "tp_group"],
+     "models/vision.py: _BiasEpilogueLinear.forward takes the same arguments and sets the ctx fields its "
+     "inherited backward reads"),
+    ("megatron.core.tensor_parallel.layers", "ColumnParallelLinear._forward_impl", ["input", "weight"],
+     "models/vision.py: EpilogueColumnParallelLinear._forward_impl (megatron-core calls it with keywords)"),
 ]
 # (module, attribute, where we use it)
 ATTRIBUTES = [
@@ -25,6 +32,8 @@ ATTRIBUTES = [
      "training/checkpointing.py: the async writer's results queue (our own Manager, stopped at exit)"),
     ("megatron.core.tensor_parallel.layers", "_grad_accum_fusion_available",
      "training/model_setup.py: use_fused_wgrad_accumulation supplies fused_weight_gradient_mlp_cuda without Apex"),
+    ("megatron.core.tensor_parallel.layers", "custom_fwd",
+     "models/vision.py: _BiasEpilogueLinear.forward is decorated as megatron-core's linear function is"),
     ("megatron.core.optimizer.distrib_optimizer", "HAVE_APEX_OR_TE",
      "training/checkpointing.py: the 'step' fix applies only to the torch-Adam fallback"),
 ]
