@@ -218,8 +218,9 @@ def _set_switches(model, fold: bool, vit_fusions: bool, bda_fusion: bool) -> Non
 def _ab_rounds(run, it, kw, args) -> dict:
     """Alternate the AB_VARIANTS on one model, ``args.ab`` rounds, each variant replaying the same
     ``args.steps`` steps' micro-batches (drawn once from ``it``: the work per step varies with the rows'
-    tiles and documents, so every variant times the same rows); each variant warmed once first.
-    Seconds per step, median over rounds."""
+    tiles and documents, so every variant times the same rows); each variant warmed once first, and
+    each round starts at the next variant (no variant always runs after the same one). Seconds per
+    step, median over rounds."""
     from megatron_bluelm.training.step import train_step
 
     vlm = run.model[0]
@@ -237,9 +238,10 @@ def _ab_rounds(run, it, kw, args) -> dict:
     for switches in AB_VARIANTS.values():
         _set_switches(run.model, *switches, bda)
         train_step(run.model, run.optimizer, run.scheduler, [iter(replay[:n])], **kw)
-    for _ in range(args.ab):
-        for name, switches in AB_VARIANTS.items():
-            _set_switches(run.model, *switches, bda)
+    names = list(AB_VARIANTS)
+    for r in range(args.ab):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts one later
+            _set_switches(run.model, *AB_VARIANTS[name], bda)
             t0 = _now()
             steps()
             times[name].append((_now() - t0) / args.steps)
