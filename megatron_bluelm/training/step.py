@@ -24,7 +24,10 @@ from bluelm_kernels.transfer import to_device  # the loader pins its batches on 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask", "document_ids")
 _OPTIONAL_INPUTS = ("pixel_values",)  # passed to the model only when the batch has them (multimodal)
 _ROW_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids")  # [b, s] per position
-ROW_FOLDING = True  # False: never fold (benchmarks measure what folding saves)
+# None: fold where the document attention has a kernel whose cost is Σ len² (CUDA: varlen flash or a
+# block-sparse FlexAttention mask); CPU attends through a dense [b·s, b·s] mask, which folding would
+# make b times larger. True / False: always / never (tests; benchmarks measuring what folding saves).
+ROW_FOLDING: Optional[bool] = None
 
 
 def fold_rows(batch: dict) -> dict:
@@ -72,13 +75,19 @@ def _rope_per_token(model) -> bool:
     return bool(flags) and all(flags)
 
 
+def _on_cuda(model) -> bool:
+    return any(p.is_cuda for chunk in model for p in itertools.islice(chunk.parameters(), 1))
+
+
 def plan_row_folding(model, iterators: List[Iterator], micro_batch_size: int) -> tuple[List[Iterator], bool]:
     """Whether this step runs each micro-batch's rows folded into one (``fold_rows``): when every
-    micro-batch holds more than one row of packed documents and the model's RoPE is per position.
+    micro-batch holds more than one row of packed documents and the model's RoPE is per position
+    (and, unless ``ROW_FOLDING`` says otherwise, the model is on CUDA).
     Decided from the first micro-batch of each iterator (put back in front of it), and agreed over the
     pipeline group, whose stages must exchange activations of one shape ([b * s, 1, h] folded,
     [s, b, h] not)."""
-    if not ROW_FOLDING or micro_batch_size <= 1 or not _rope_per_token(model):  # the same on every rank
+    enabled = ROW_FOLDING if ROW_FOLDING is not None else _on_cuda(model)
+    if not enabled or micro_batch_size <= 1 or not _rope_per_token(model):  # the same on every rank
         return iterators, False
     fold = all(it is not None for it in iterators)
     if fold:

@@ -77,6 +77,7 @@ def _grads_and_loss(run, batches, seq: int = SEQ, mbs: int = 1) -> dict:
     for chunk in run.model:
         chunk.zero_grad_buffer()
     folded = []
+    step.ROW_FOLDING = True  # also on CPU (by default only CUDA folds: its attention costs Σ len²)
     original = step.fold_rows
     def recording(batch):
         out = original(batch)
@@ -89,7 +90,7 @@ def _grads_and_loss(run, batches, seq: int = SEQ, mbs: int = 1) -> dict:
                                      num_microbatches=len(batches), seq_length=seq, micro_batch_size=mbs,
                                      device=run.info.device)
     finally:
-        step.fold_rows = original
+        step.fold_rows, step.ROW_FOLDING = original, None
     total = sum((r["lm loss"].double().cpu() for r in reports), torch.zeros(2, dtype=torch.float64))
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     return {"loss_sum": float(total[0]) if last else None, "tokens": int(total[1]) if last else None,

@@ -225,6 +225,7 @@ def test_fold_rows_offsets_documents_past_earlier_rows():
 
 
 def _folding():
+    from megatron_bluelm.training import step
     from megatron_bluelm.training.step import fold_rows, plan_row_folding
 
     model = _model(["--data.reset_attention_mask", "true"])
@@ -237,9 +238,11 @@ def _folding():
         rows, folded = losses(batch), losses(fold_rows(batch))
         crossing = losses(dict(fold_rows(batch), document_ids=batch["document_ids"].reshape(1, -1)))
     second = dict(batch, tokens=batch["tokens"] + 1)
+    fold_on_cpu = plan_row_folding([model], [iter([batch])], 2)[1]  # ROW_FOLDING None: CUDA only
+    step.ROW_FOLDING = True
     iterators, fold = plan_row_folding([model], [iter([batch, second])], 2)
     plain = {k: v for k, v in batch.items() if k != "document_ids"}
-    return {"rows": rows, "folded": folded, "crossing": crossing, "fold": fold,
+    return {"rows": rows, "folded": folded, "crossing": crossing, "fold": fold, "fold_on_cpu": fold_on_cpu,
             "order": [torch.equal(b["tokens"], want["tokens"]) for b, want in zip(iterators[0], [batch, second])],
             "fold_one_row": plan_row_folding([model], [iter([batch])], 1)[1],
             "fold_plain": plan_row_folding([model], [iter([plain])], 2)[1]}
@@ -248,12 +251,13 @@ def _folding():
 def test_folded_row_computes_what_its_rows_do():
     """The model on the folded [1, 2s] row gives the per-token losses of the [2, s] micro-batch; with the
     ids not offset, the second row's first document would attend to the first row's (same id): that
-    mutation changes them. The step folds only micro-batches of several rows of documents, and its
-    peek at the first micro-batch loses none."""
+    mutation changes them. The step folds only micro-batches of several rows of documents (by default
+    only on CUDA), and its peek at the first micro-batch loses none."""
     got = run_distributed(_folding, 1)[0]
     torch.testing.assert_close(got["folded"].reshape(2, SEQ), got["rows"], rtol=1e-5, atol=1e-5)
     assert (got["crossing"].reshape(2, SEQ)[1] - got["rows"][1]).abs().max() > 1e-3
     assert got["fold"] and got["order"] == [True, True]
+    assert not got["fold_on_cpu"]  # by default CPU does not fold: its dense mask would grow b-fold
     assert not got["fold_one_row"] and not got["fold_plain"]
 
 

@@ -201,7 +201,7 @@ AB_VARIANTS = {  # --ab: (rows folded, ViT fusions: Triton LayerNorm, QKV bias e
     "all": (True, True), "no_row_folding": (False, True), "no_vit_fusions": (True, False), "neither": (False, False)}
 
 
-def _set_switches(model, fold: bool, vit_fusions: bool, bda_fusion: bool) -> None:
+def _set_switches(model, fold, vit_fusions: bool, bda_fusion: bool) -> None:
     from megatron_bluelm.models import vision
     from megatron_bluelm.training import step
 
@@ -245,7 +245,7 @@ def _ab_rounds(run, it, kw, args) -> dict:
             t0 = _now()
             steps()
             times[name].append((_now() - t0) / args.steps)
-    _set_switches(run.model, True, True, bda)
+    _set_switches(run.model, None, True, bda)  # folding back to its default
     med = {name: float(np.median(t)) for name, t in times.items()}
     out = {"ab_step_s": med, "ab_rounds_s": times}
     for name in AB_VARIANTS:
