@@ -171,11 +171,17 @@ class _Timed:
         return b
 
 
+def _vlm(model):
+    """The BlueLMVLM inside the first chunk's wrappers (DDP and any other)."""
+    vlm = model[0]
+    while hasattr(vlm, "module"):
+        vlm = vlm.module
+    return vlm
+
+
 def _vit_adapter_seconds(model, batches) -> tuple[float, float]:
     """Forward + backward of the ViT and of the adapter alone on these micro-batches' tiles."""
-    vlm = model[0]
-    while hasattr(vlm, "module"):  # DDP (and any other wrapper) around the BlueLMVLM
-        vlm = vlm.module
+    vlm = _vlm(model)
     from megatron_bluelm.training.step import to_device
 
     dev = next(vlm.parameters()).device
@@ -201,13 +207,10 @@ AB_VARIANTS = {  # --ab: (rows folded, ViT fusions: Triton LayerNorm, QKV bias e
     "all": (True, True), "no_row_folding": (False, True), "no_vit_fusions": (True, False), "neither": (False, False)}
 
 
-def _set_switches(model, fold, vit_fusions: bool, bda_fusion: bool) -> None:
+def _set_switches(vlm, fold, vit_fusions: bool, bda_fusion: bool) -> None:
     from megatron_bluelm.models import vision
     from megatron_bluelm.training import step
 
-    vlm = model[0]
-    while hasattr(vlm, "module"):
-        vlm = vlm.module
     step.ROW_FOLDING = fold
     vision.FusedLayerNorm.kernel = vit_fusions
     vision.EpilogueColumnParallelLinear.epilogue = vit_fusions
@@ -223,9 +226,7 @@ def _ab_rounds(run, it, kw, args) -> dict:
     step, median over rounds."""
     from megatron_bluelm.training.step import train_step
 
-    vlm = run.model[0]
-    while hasattr(vlm, "module"):
-        vlm = vlm.module
+    vlm = _vlm(run.model)
     bda = vlm.vision_model.config.bias_dropout_fusion
     n = kw["num_microbatches"]
     replay = [next(it) for _ in range(args.steps * n)]
@@ -236,16 +237,16 @@ def _ab_rounds(run, it, kw, args) -> dict:
 
     times = {name: [] for name in AB_VARIANTS}
     for switches in AB_VARIANTS.values():
-        _set_switches(run.model, *switches, bda)
+        _set_switches(vlm, *switches, bda)
         train_step(run.model, run.optimizer, run.scheduler, [iter(replay[:n])], **kw)
     names = list(AB_VARIANTS)
     for r in range(args.ab):
         for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts one later
-            _set_switches(run.model, *AB_VARIANTS[name], bda)
+            _set_switches(vlm, *AB_VARIANTS[name], bda)
             t0 = _now()
             steps()
             times[name].append((_now() - t0) / args.steps)
-    _set_switches(run.model, None, True, bda)  # folding back to its default
+    _set_switches(vlm, None, True, bda)  # folding back to its default
     med = {name: float(np.median(t)) for name, t in times.items()}
     out = {"ab_step_s": med, "ab_rounds_s": times}
     for name in AB_VARIANTS:
