@@ -40,12 +40,18 @@ operation that makes the host wait for the device (``.item()``, ``.cpu()``, ``no
 pageable memory, ...) is counted by its call site (the innermost frames in this project or in
 megatron-core), printed per variant as ``sync_sites`` (per micro-batch). An idle GPU between kernels
 is either such a wait or the host launching kernels slower than they run; this separates the two.
+
+``--host-lead`` (mm): one more step with a CUDA event and a host timestamp at every ViT and decoder
+layer's forward and backward: how much queued work the device still had at each point
+(``lead_<phase>_ms``: min / median / points at ~0) and the time it spent waiting on the host
+(``host_paced_ms``, per phase). Leads near zero throughout mean the step runs at the host's pace.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -310,7 +316,7 @@ def mm_variants(args, logdir: str) -> list[dict]:
         base = ["--model.preset", args.preset, "--vision.preset", args.vision, "--vision.max_tiles", "6",
                 "--data.seq_length", str(args.seq), "--data.split", "1,0,0", "--training.micro_batch_size", str(rows),
                 "--training.global_batch_size", str(rows * mbs),
-                "--training.train_steps", str(args.warmup + 2 * args.steps),
+                "--training.train_steps", str(args.warmup + 2 * args.steps + 2),
                 "--training.eval_interval", "0", "--schedule.warmup_steps", "1", "--training.recompute", "none",
                 "--logging.output_dir", os.path.join(out, "log"), "--logging.tensorboard", "false",
                 "--checkpoint.save", "none", "--model.backend", args.backend, "--vision.pack", "true"]
@@ -321,7 +327,7 @@ def mm_variants(args, logdir: str) -> list[dict]:
         cfg = multimodal_config(load_config(None, base + ["--data.mixture", mix]))
         apply_preset(cfg.model)
         vocab = cfg.model.vocab_size or tok.vocab_size
-        samples = rows * mbs * (args.warmup + 2 * args.steps)
+        samples = rows * mbs * (args.warmup + 2 * args.steps + 2)  # + 2: --host-lead's and --cprofile's
         packed = build_packed_multimodal_datasets(cfg, tok, num_samples=(samples, 0, 0), seed=args.seed)[0]
         run = setup_run(cfg, partial(build_vlm, cfg, vocab, tok.special_ids["<image>"]), 0.0)
         try:
@@ -334,6 +340,15 @@ def mm_variants(args, logdir: str) -> list[dict]:
 
             for _ in range(args.warmup):
                 step()
+            if args.prewarm:  # every tile count met once, as in a long run (multimodal_bench.prewarm_tile_counts)
+                from megatron_bluelm.data.mm_packing import tiles_per_row
+
+                say_warm = mmb.prewarm_tile_counts(run.model, cfg, tiles_per_row(cfg) * rows)
+                print(f"prewarm: {say_warm}", flush=True)
+            if args.gc == "manual":  # what a training loop with manual collection sees between its collections
+                gc.collect()
+                gc.freeze()
+                gc.disable()
             it.seen = []
             vlm = run.model[0]
             while hasattr(vlm, "module"):  # DDP (and any other wrapper) around the BlueLMVLM
@@ -357,9 +372,132 @@ def mm_variants(args, logdir: str) -> list[dict]:
                                     on_start=clock.take_ms)
             vit_row["vit_forward_ms"] = clock.take_ms() / len(seen)
             clock.remove()
+            if args.host_lead and torch.cuda.is_available():
+                lead = HostLead(vlm)
+                step_row["host_lead"] = lead.run(step, it, os.path.join(logdir, "host_lead_points.json"))
+                lead.remove()
+            if args.cprofile:
+                step_row["cprofile"] = host_profile(step, args.cprofile, os.path.join(logdir, "cprofile_step.txt"))
+            gc.enable()
             return [step_row, vit_row]
         finally:
             teardown()
+
+
+def host_profile(step_fn, top: int, path: str) -> list:
+    """One ``step_fn()`` under cProfile (the host's Python; inflated by cProfile's own per-call cost,
+    so read the shares, not the totals); the ``top`` functions by own time to ``path`` and returned."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    step_fn()
+    prof.disable()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf).sort_stats("tottime")
+    stats.print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    with open(path, "w") as f:
+        f.write(buf.getvalue())
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [(f"{os.path.basename(fn)}:{line}:{name}", calls, round(tt * 1e3, 1))
+            for (fn, line, name), (_, calls, tt, _, _) in rows]
+
+
+class HostLead:
+    """How far the host runs ahead of the device inside one step (CUDA only). A CUDA event is recorded,
+    with the host clock, at every ViT / decoder layer's forward and backward (the gradient hook on a
+    layer's input fires once its backward has been queued). The *lead*
+    at a point is (device time the event executed) - (host time it was recorded), both from a
+    synchronized origin: the milliseconds of queued work the device still had. A lead near zero means
+    the device had caught up with the host there and waited for its next launch; a segment between
+    two such points ran at the host's pace (``host_paced_ms``)."""
+
+    EPS_MS = 0.05
+
+    def __init__(self, vlm):
+        self.points, self.handles, self.armed = [], [], False
+        for name, module in (("vit", vlm.vision_model), ("adapter", vlm.adapter), ("lm", vlm.language_model)):
+            self.handles.append(module.register_forward_pre_hook(partial(self._at, f"{name}_start")))
+            self.handles.append(module.register_forward_hook(partial(self._at, f"{name}_end")))
+        stacks = (("vit", vlm.vision_model.decoder.layers), ("dec", vlm.language_model.decoder.layers))
+        for tag, layers in stacks:
+            for i, layer in enumerate(layers):
+                self.handles.append(layer.register_forward_pre_hook(partial(self._pre, f"{tag}_fwd", f"{tag}_bwd", i),
+                                                                    with_kwargs=True))
+
+    def _pre(self, fwd, bwd, index, module, args, kwargs):
+        if not self.armed:
+            return
+        self.mark(fwd, index)
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        if torch.is_tensor(x) and x.requires_grad:
+            x.register_hook(lambda grad: (self.mark(bwd, index), None)[1])
+
+    def _at(self, phase, module, *unused):
+        if self.armed:
+            self.mark(phase)
+
+    def mark(self, phase: str, index: int = 0) -> None:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self.points.append((phase, index, time.perf_counter(), ev))
+
+    def run(self, step_fn, timed=None, dump: str = None) -> dict:
+        """One ``step_fn()``; ``timed``: the step's ``multimodal_bench._Timed`` iterator (batch fetches
+        marked too); ``dump``: a JSON file for every point (phase, index, host ms, device ms)."""
+        torch.cuda.synchronize()
+        self.points, self.armed = [], True
+        inner = None
+        if timed is not None:
+            inner = timed.it
+            timed.it = self._fetches(inner)
+        self.mark("start")
+        try:
+            step_fn()
+        finally:
+            self.armed = False
+            if inner is not None:
+                timed.it = inner
+        torch.cuda.synchronize()
+        _, _, h0, e0 = self.points[0]
+        rows = [(phase, i, (h - h0) * 1e3, e0.elapsed_time(ev)) for phase, i, h, ev in self.points]
+        by_phase = collections.defaultdict(list)
+        paced = collections.Counter()
+        for (_, _, h_a, g_a), (phase, _, h_b, g_b) in zip(rows, rows[1:]):
+            lead_a, lead_b = g_a - h_a, g_b - h_b
+            by_phase[phase].append(lead_b)
+            if lead_a <= self.EPS_MS and lead_b <= self.EPS_MS:
+                paced[phase] += h_b - h_a  # the device waited on the host over this whole segment
+        if dump:
+            with open(dump, "w") as f:
+                json.dump([(p, i, round(h, 3), round(g, 3)) for p, i, h, g in rows], f)
+        wall = rows[-1][3]
+        out = {"step_device_ms": wall, "step_host_issue_ms": rows[-1][2], "host_paced_ms": dict(paced),
+               "host_paced_total_ms": sum(paced.values())}
+        for phase, leads in by_phase.items():
+            leads = sorted(leads)
+            out[f"lead_{phase}_ms"] = {"min": round(leads[0], 2), "median": round(leads[len(leads) // 2], 2),
+                                       "at_or_below_eps": sum(v <= self.EPS_MS for v in leads), "points": len(leads)}
+        return out
+
+    def _fetches(self, it):
+        while True:
+            self.mark("fetch_start")
+            batch = next(it, None)
+            tiles = batch.get("pixel_values") if isinstance(batch, dict) else None
+            self.mark("fetch_end", -1 if tiles is None else int(tiles.shape[0]))
+            if batch is None:
+                return
+            yield batch
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 class ForwardClock:
@@ -434,6 +572,14 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--traces", action="store_true", help="also write a chrome trace per variant")
     ap.add_argument("--sync-debug", action="store_true", help="count host-device synchronisations by call site")
+    ap.add_argument("--no-prewarm", dest="prewarm", action="store_false",
+                    help="mm: skip the ViT's run at every micro-batch tile count before the profile")
+    ap.add_argument("--gc", choices=("auto", "manual"), default="auto",
+                    help="manual: Python's garbage collector frozen and off after the warm-up (as a loop collecting "
+                         "between steps); auto: Python's default")
+    ap.add_argument("--cprofile", type=int, default=0, help="mm: one more step under cProfile; this many functions")
+    ap.add_argument("--host-lead", action="store_true",
+                    help="mm: one more step measuring how far the host runs ahead of the device (HostLead)")
     args = ap.parse_args(argv)
     os.makedirs(args.logdir, exist_ok=True)
     log = open(os.path.join(args.logdir, "profile.log"), "a")

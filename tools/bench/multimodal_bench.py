@@ -22,7 +22,10 @@ mm    A record distribution made from the bundled images: each image record take
         adapter   3 * tiles * tokens_per_tile * 2 * (4 * h_vit * a + a * H)
       (T_useful = record tokens, padding excluded; each document attends only to itself.) The split:
       loader = time in the data iterator; ViT and adapter = their forward + backward timed alone on
-      the same micro-batches' tiles; decoder+optimizer = the rest of the step.
+      the same micro-batches' tiles; decoder+optimizer = the rest of the step. Before timing, the ViT
+      runs once at every micro-batch tile count the packing allows (``prewarm_tile_counts``: a long
+      run's steady state; the first time a count is met costs ~0.2 s of cuDNN plan building);
+      ``--no-prewarm`` times the cold state.
 attn  Attention forward + backward at --attn-seq (32k) tokens holding many documents: FlexAttention
       with the per-micro-batch block mask (its build timed apart), the path bluelm_kernels/attention.py
       dispatches to (variable-length flash on CUDA), and causal SDPA over the whole row, equal total
@@ -203,6 +206,29 @@ def _vit_adapter_seconds(model, batches) -> tuple[float, float]:
     return vit_s, ad_s
 
 
+def prewarm_tile_counts(model, cfg, max_tiles: int) -> dict:
+    """The ViT + adapter forward + backward once at every tile count 1..``max_tiles`` (random pixels),
+    before anything is timed: the state of a long run, which has met every micro-batch tile count the
+    packing allows. What a count costs the first time it is met is host work, not GPU work: the cuDNN
+    attention builds an execution plan per shape (measured ~0.2 s per new count on one H200, in the
+    forward and the backward), and a run of a few steps meets new counts in most of its micro-batches.
+    Returns the counts warmed and the seconds it took (CUDA only; elsewhere nothing to warm)."""
+    if not torch.cuda.is_available() or max_tiles <= 0:
+        return {"prewarmed_tile_counts": 0, "prewarm_s": 0.0}
+    from megatron_bluelm.training.step import to_device
+
+    vlm = _vlm(model)
+    dev = next(vlm.parameters()).device
+    size = cfg.vision.image_size
+    t0 = _now()
+    for n in range(1, max_tiles + 1):
+        px = to_device(torch.rand(n, 3, size, size), dev)
+        vlm.adapter(vlm.vision_model(px)).float().sum().backward()
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    return {"prewarmed_tile_counts": max_tiles, "prewarm_s": _now() - t0}
+
+
 AB_VARIANTS = {  # --ab: (rows folded, ViT fusions: Triton LayerNorm, QKV bias epilogue, bias + residual add)
     "all": (True, True), "no_row_folding": (False, True), "no_vit_fusions": (True, False), "neither": (False, False)}
 
@@ -275,6 +301,9 @@ def bench_mm_variant(cfg, dataset, name: str, args, vocab: int, image_id: int) -
                   device=run.info.device)
         for _ in range(args.warmup):
             train_step(run.model, run.optimizer, run.scheduler, [it], **kw)
+        from megatron_bluelm.data.mm_packing import tiles_per_row
+
+        warm = prewarm_tile_counts(run.model, cfg, tiles_per_row(cfg) * args.mbs if args.prewarm else 0)
         ab = _ab_rounds(run, it, kw, args) if args.ab else {}
         it.seconds, it.seen = 0.0, []
         t0 = _now()
@@ -297,7 +326,7 @@ def bench_mm_variant(cfg, dataset, name: str, args, vocab: int, image_id: int) -
                "peak_mem_gib": mem, "loader_s": loader, "vit_s": vit, "adapter_s": adapter,
                "decoder_optimizer_s": step_s - loader - vit - adapter,
                # the ViT attention's SDPA backend per shape (vision.attention_backend measure)
-               "vit_sdpa_backends": sorted({str(c) for c in sdpa_choice.CHOICES.values()}), **ab}
+               "vit_sdpa_backends": sorted({str(c) for c in sdpa_choice.CHOICES.values()}), **warm, **ab}
         return out
     finally:
         teardown()
@@ -556,6 +585,9 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers (the loader time shrinks with them)")
     ap.add_argument("--recompute", default="none", choices=("none", "selective", "full"))
+    ap.add_argument("--no-prewarm", dest="prewarm", action="store_false",
+                    help="mm: do not run the ViT at every micro-batch tile count before timing (prewarm_tile_counts);"
+                         " the timed steps then include the first-seen counts' one-time cost")
     ap.add_argument("--max-tiles-per-microbatch", type=int, default=None)
     ap.add_argument("--variants", default="packed,unpacked",
                     help="mm section: packed, unpacked (one record per row), packed_unfused_wgrad (packed with "
