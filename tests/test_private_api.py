@@ -25,6 +25,11 @@ SIGNATURES = [
      "inherited backward reads"),
     ("megatron.core.tensor_parallel.layers", "ColumnParallelLinear._forward_impl", ["input", "weight"],
      "models/vision.py: EpilogueColumnParallelLinear._forward_impl (megatron-core calls it with keywords)"),
+    ("megatron.core.tensor_parallel.layers", "ColumnParallelLinear.forward",
+     ["input_", "weight", "runtime_gather_output"],
+     "models/vision.py: EpilogueColumnParallelLinear.forward (fc1's skipped bias added by the GEMM)"),
+    ("megatron.core.tensor_parallel.layers", "RowParallelLinear.forward", ["input_"],
+     "models/vision.py: EpilogueRowParallelLinear.forward (the bias in the GEMM without TP)"),
 ]
 # (module, attribute, where we use it)
 ATTRIBUTES = [
@@ -71,3 +76,12 @@ def test_use_te_activation_func_still_builds_the_spec_activation():
     src = inspect.getsource(MLP.__init__)
     assert "self.config.use_te_activation_func" in src and "submodules.activation_func" in src, (
         "MLP no longer builds submodules.activation_func under use_te_activation_func (models/decoder.py)")
+
+
+def test_mlp_adds_a_returned_bias_only_when_there_is_one():
+    """models/vision.py: fc1 (built with skip_bias_add) returns None as its bias once the GEMM added it;
+    megatron-core's MLP must then skip its own bias add (the unfused activation path)."""
+    from megatron.core.transformer.mlp import MLP
+
+    src = inspect.getsource(MLP.forward)
+    assert "if bias_parallel is not None:" in src, "MLP.forward no longer skips a None fc1 bias (models/vision.py)"

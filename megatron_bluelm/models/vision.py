@@ -104,19 +104,55 @@ class _BiasEpilogueLinear(LinearWithGradAccumulationAndAsyncCommunication):
 
 class EpilogueColumnParallelLinear(ColumnParallelLinear):
     """The fused backend's column-parallel linear of the ViT: the bias in the GEMM's epilogue
-    (``_BiasEpilogueLinear``) where megatron-core would add it in a separate pass (a trained weight, a
-    bias it adds itself, no sequence parallelism); everything else, and every other case (frozen
-    weights, ``skip_bias_add``), is megatron-core's."""
+    (``_BiasEpilogueLinear``) where megatron-core would add it in a separate pass (a trained weight, no
+    sequence parallelism); everything else, and every other case (frozen weights), is megatron-core's.
+    With ``skip_bias_add`` (megatron-core's MLP builds fc1 so, to add the bias inside its fused
+    bias-GELU) the bias is added by the GEMM all the same and the returned bias is None: the MLP then
+    applies the plain activation, one elementwise pass each way with no compiled function to call."""
 
     epilogue = True  # False: megatron-core's path throughout (benchmarks measure what it saves)
 
+    def _epilogue_applies(self, weight) -> bool:
+        return self.epilogue and self.bias is not None and weight.requires_grad and not self.sequence_parallel
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        if not (self.skip_bias_add and self._epilogue_applies(self.weight if weight is None else weight)):
+            return super().forward(input_, weight, runtime_gather_output)
+        self.skip_bias_add = False  # megatron-core then hands the bias to _forward_impl, i.e. to the GEMM
+        try:
+            output, _ = super().forward(input_, weight, runtime_gather_output)
+        finally:
+            self.skip_bias_add = True
+        return output, None
+
     def _forward_impl(self, input, weight, *args, **kwargs):
         bias = kwargs.get("bias")
-        if not self.epilogue or args or not weight.requires_grad or bias is None or kwargs.get("sequence_parallel"):
+        if args or bias is None or kwargs.get("sequence_parallel") or not self._epilogue_applies(weight):
             return super()._forward_impl(input, weight, *args, **kwargs)
         return _BiasEpilogueLinear.apply(
             input, weight, bias, kwargs["gradient_accumulation_fusion"], kwargs["allreduce_dgrad"], False,
             kwargs.get("grad_output_buffer"), kwargs.get("wgrad_deferral_limit"), kwargs.get("tp_group", self.tp_group))
+
+
+class EpilogueRowParallelLinear(RowParallelLinear):
+    """The fused backend's row-parallel linear of the ViT (attention projection, fc2): without tensor
+    parallelism the bias is added by the GEMM (``_BiasEpilogueLinear``) and the returned bias is None,
+    so the layer's bias-dropout-add is a plain residual add (one pass, nothing compiled to call) and
+    the bias gradient is megatron-core's column sum in the linear's backward. With TP the bias must be
+    added once after the all-reduce of the partial products: megatron-core's path (as for frozen
+    weights)."""
+
+    epilogue = True  # False: megatron-core's path throughout (benchmarks measure what it saves)
+
+    def forward(self, input_):
+        if (not self.epilogue or self.bias is None or not self.weight.requires_grad or self.sequence_parallel
+                or self.explicit_expert_comm or not self.input_is_parallel
+                or self.config._cpu_offloading_context is not None
+                or (self.tp_group is not None and self.tp_group.size() > 1)):
+            return super().forward(input_)
+        output = _BiasEpilogueLinear.apply(input_, self.weight, self.bias, self.gradient_accumulation_fusion, False,
+                                           False, None, 0, None)
+        return output, None
 
 
 def _vision_recompute(lm_config: TransformerConfig, v: VisionConfig) -> dict:
@@ -136,20 +172,22 @@ def _vision_recompute(lm_config: TransformerConfig, v: VisionConfig) -> dict:
 def vision_transformer_config(lm_config: TransformerConfig, v: VisionConfig,
                               backend: str = "torch") -> TransformerConfig:
     """The decoder's config (precision, TP) with the ViT's shape; no pipeline split: the whole ViT
-    lives on the first pipeline stage. The fused backend adds the bias and applies GELU(tanh) in one
-    fused kernel (megatron-core's bias-GELU, which *is* the tanh approximation; its config names the
-    activation ``F.gelu`` because that is how megatron-core selects it), and adds the attention
-    projection's and fc2's biases with the residual in one (megatron-core's fused bias-dropout-add,
-    dropout 0: ``x + bias + residual``, one pass where its unfused form makes two, the first a
-    broadcast add)."""
+    lives on the first pipeline stage. The fused backend adds every bias inside its GEMM
+    (``EpilogueColumnParallelLinear`` / ``EpilogueRowParallelLinear``), so GELU(tanh) and the residual
+    adds are plain one-pass elementwise ops: none of megatron-core's compiled bias-GELU /
+    bias-dropout-add, whose every call goes through torch.compile's guards and runtime wrappers on the
+    host (~0.15 ms each, six per layer forward and backward, in a ViT whose forward the host issues no
+    faster than the device runs it). With TP the row-parallel biases are added after the all-reduce,
+    by megatron-core's fused bias-dropout-add (dropout 0: ``x + bias + residual`` in one pass)."""
     fused = backend == "fused"
+    bda_fused = fused and lm_config.tensor_model_parallel_size > 1
     return dataclasses.replace(
         lm_config,
         num_layers=v.num_layers, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size,
         num_attention_heads=v.num_attention_heads, num_query_groups=v.num_attention_heads,
         kv_channels=v.hidden_size // v.num_attention_heads, layernorm_epsilon=v.norm_eps,
         normalization="LayerNorm", add_bias_linear=True, gated_linear_unit=False,
-        activation_func=F.gelu if fused else gelu_tanh, bias_activation_fusion=fused, bias_dropout_fusion=fused,
+        activation_func=gelu_tanh, bias_activation_fusion=False, bias_dropout_fusion=bda_fused,
         use_te_activation_func=False, sequence_parallel=False,
         pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
         num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
@@ -159,9 +197,9 @@ def vision_transformer_config(lm_config: TransformerConfig, v: VisionConfig,
 
 @functools.lru_cache(maxsize=None)
 def vision_layer_spec(backend: str, attention_backend: str = "default") -> ModuleSpec:
-    """One ViT layer: Transformer Engine parts under ``te``; under ``fused`` our Triton LayerNorm, the
-    QKV bias in its GEMM (``EpilogueColumnParallelLinear``) and (through the config) the fused bias-GELU
-    and bias + residual adds; plain torch otherwise. Attention is non-causal SDPA
+    """One ViT layer: Transformer Engine parts under ``te``; under ``fused`` our Triton LayerNorm and
+    every bias in its GEMM (``EpilogueColumnParallelLinear`` / ``EpilogueRowParallelLinear``; see
+    ``vision_transformer_config``); plain torch otherwise. Attention is non-causal SDPA
     on every non-TE backend, on the SDPA backend ``attention_backend`` names (``vision.attention_backend``:
     bluelm_kernels/sdpa_choice.py)."""
     if backend == "te":
@@ -176,7 +214,7 @@ def vision_layer_spec(backend: str, attention_backend: str = "default") -> Modul
     else:
         norm = FusedLayerNorm if backend == "fused" else LayerNorm
         column = EpilogueColumnParallelLinear if backend == "fused" else ColumnParallelLinear
-        row = RowParallelLinear
+        row = EpilogueRowParallelLinear if backend == "fused" else RowParallelLinear
         core = ModuleSpec(module=SDPACoreAttention, params={"sdpa_choice": attention_backend})
     # bidirectional over the patches
     return prenorm_layer_spec(norm, column, row, core, {"attn_mask_type": AttnMaskType.no_mask})

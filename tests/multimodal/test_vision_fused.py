@@ -1,4 +1,4 @@
-"""The vision tower's fused backend (our LayerNorm: F.layer_norm on CPU, fused bias-GELU(tanh), non-causal SDPA)
+"""The vision tower's fused backend (our LayerNorm: F.layer_norm on CPU, every bias in its GEMM, non-causal SDPA)
 and its recompute option compute the torch backend's ViT: same features and gradients."""
 import pytest
 import torch
@@ -31,7 +31,7 @@ def _vit(backend, recompute=None):
 
 
 def _features_and_grads():
-    from megatron_bluelm.models.vision import EpilogueColumnParallelLinear, FusedLayerNorm
+    from megatron_bluelm.models.vision import EpilogueColumnParallelLinear, EpilogueRowParallelLinear, FusedLayerNorm
 
     torch.manual_seed(0)
     ref, _ = _vit("torch")
@@ -46,9 +46,15 @@ def _features_and_grads():
         if vit is not ref:
             vit.load_state_dict(ref.state_dict())
             assert any(isinstance(m, FusedLayerNorm) for m in vit.modules())
-            assert isinstance(vit.decoder.layers[0].self_attention.linear_qkv, EpilogueColumnParallelLinear)
-            assert vcfg.bias_dropout_fusion
-            assert vcfg.bias_activation_fusion and (vcfg.recompute_granularity == "full") == (recompute == "full")
+            layer = vit.decoder.layers[0]
+            assert isinstance(layer.self_attention.linear_qkv, EpilogueColumnParallelLinear)
+            for linear in (layer.self_attention.linear_proj, layer.mlp.linear_fc2):
+                assert isinstance(linear, EpilogueRowParallelLinear)
+            # every bias is added by its GEMM: the MLP and the bias-dropout-adds get no bias to add
+            assert layer.mlp.linear_fc1(torch.randn(4, 1, vcfg.hidden_size))[1] is None
+            assert layer.mlp.linear_fc2(torch.randn(4, 1, vcfg.ffn_hidden_size))[1] is None
+            assert not vcfg.bias_dropout_fusion and not vcfg.bias_activation_fusion
+            assert (vcfg.recompute_granularity == "full") == (recompute == "full")
         vit.train()
         vit.zero_grad()
         feats = vit(pixels)

@@ -229,7 +229,7 @@ def prewarm_tile_counts(model, cfg, max_tiles: int) -> dict:
     return {"prewarmed_tile_counts": max_tiles, "prewarm_s": _now() - t0}
 
 
-AB_VARIANTS = {  # --ab: (rows folded, ViT fusions: Triton LayerNorm, QKV bias epilogue, bias + residual add)
+AB_VARIANTS = {  # --ab: (rows folded, ViT fusions: Triton LayerNorm, every bias in its GEMM)
     "all": (True, True), "no_row_folding": (False, True), "no_vit_fusions": (True, False), "neither": (False, False)}
 
 
@@ -240,6 +240,7 @@ def _set_switches(vlm, fold, vit_fusions: bool, bda_fusion: bool) -> None:
     step.ROW_FOLDING = fold
     vision.FusedLayerNorm.kernel = vit_fusions
     vision.EpilogueColumnParallelLinear.epilogue = vit_fusions
+    vision.EpilogueRowParallelLinear.epilogue = vit_fusions
     # megatron-core reads it at every forward; on where the backend has it on (fused)
     vlm.vision_model.config.bias_dropout_fusion = vit_fusions and bda_fusion
 
