@@ -68,10 +68,8 @@ def cudnn(q, k, v, cu, max_len, scale):
                                         scale=scale)
     out, lse, seed, offset = res[0], res[1], res[6], res[7]
 
-    no_bias = torch.empty(0, device=q.device, dtype=q.dtype)
-
     def backward(dout):
-        dq, dk, dv = aten._cudnn_attention_backward(dout, q, kx, vx, out, lse, seed, offset, no_bias, cu, cu, max_len,
+        dq, dk, dv = aten._cudnn_attention_backward(dout, q, kx, vx, out, lse, seed, offset, None, cu, cu, max_len,
                                                     max_len, 0.0, True, scale=scale)
         if rep > 1:
             dk, dv = (t.view(t.shape[0], -1, rep, t.shape[-1]).sum(2) for t in (dk, dv))
