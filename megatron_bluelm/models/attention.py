@@ -6,8 +6,10 @@ repeats K/V for GQA; that is why its no-Transformer-Engine spec runs at ~22% MFU
 repeating K/V, and the rotary embedding is a swappable function (torch or our fused kernel).
 
 The training forward below is the part of ``SelfAttention.forward`` we use: QKV projection, RoPE,
-core attention, output projection. Inference (KV cache) and THD-packed inputs go through
-megatron-core's own forward unchanged.
+core attention, output projection. The fused backend also passes ``split_rope_fn``, which takes the
+QKV split and RoPE together: its backward writes dq, dk and dv into one d(mixed_qkv) instead of
+the split's backward concatenating them (a full extra read + write of that gradient per layer).
+Inference (KV cache) and THD-packed inputs go through megatron-core's own forward unchanged.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
@@ -32,11 +35,24 @@ def torch_rope(query: torch.Tensor, key: torch.Tensor, freqs: torch.Tensor, conf
 
 class BlueLMSelfAttention(SelfAttention):
     """SelfAttention whose training path applies ``rope_fn(query, key, freqs, config) ->
-    (query, key)`` and calls the core directly."""
+    (query, key)`` and calls the core directly. With ``split_rope_fn(mixed_qkv, freqs,
+    heads_per_group) -> (query, key, value)`` (mixed_qkv: the QKV projection's output viewed as
+    megatron's [s, b, groups, (heads/groups + 2) * d]) the split and RoPE are one op wherever
+    megatron's split is a plain slicing of that output (see ``_split_rope_applies``)."""
 
-    def __init__(self, *args, rope_fn: Optional[Callable] = None, **kwargs):
+    def __init__(self, *args, rope_fn: Optional[Callable] = None, split_rope_fn: Optional[Callable] = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.rope_fn = rope_fn or torch_rope
+        self.split_rope_fn = split_rope_fn
+
+    def _split_rope_applies(self) -> bool:
+        # Where megatron's split does more than slice: query groups split over TP ranks (it gathers
+        # the projection and picks this rank's heads), q/k norms and test hooks between split and RoPE.
+        return (self.split_rope_fn is not None
+                and self.config.num_query_groups >= self.world_size
+                and all(n is None or isinstance(n, IdentityOp) for n in (self.q_layernorm, self.k_layernorm))
+                and not self.config.test_mode)
 
     def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
@@ -50,10 +66,17 @@ class BlueLMSelfAttention(SelfAttention):
                 rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
                 packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset, **kwargs,
             )
-        query, key, value = self.get_query_key_value_tensors(hidden_states, None)  # [s, b, n, d]
+        freqs = None
         if rotary_pos_emb is not None:
             freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
-            query, key = self.rope_fn(query, key, freqs, self.config)
+        if freqs is not None and self._split_rope_applies():
+            mixed_qkv, _ = self.get_query_key_value_tensors(hidden_states, None, split_qkv=False)
+            heads_per_group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+            query, key, value = self.split_rope_fn(mixed_qkv, freqs, heads_per_group)
+        else:
+            query, key, value = self.get_query_key_value_tensors(hidden_states, None)  # [s, b, n, d]
+            if freqs is not None:
+                query, key = self.rope_fn(query, key, freqs, self.config)
         if self.checkpoint_core_attention and self.training:
             core = self._checkpointed_attention_forward(query, key, value, attention_mask)
         else:

@@ -57,6 +57,13 @@ def _fused_rope(query, key, freqs, config):
     return apply_rope_qk(query, key, freqs)
 
 
+def _fused_split_rope(mixed_qkv, freqs, heads_per_group):
+    # the QKV split and RoPE in one op: its backward writes dq, dk, dv into one d(mixed_qkv) (no cat)
+    from bluelm_kernels.rope import split_rope_qkv
+
+    return split_rope_qkv(mixed_qkv, freqs, heads_per_group)
+
+
 class FusedSwiGLU(torch.nn.Module):
     """MLP activation module for the fused backend: silu(gate) * up on fc1's [gate, up] output."""
 
@@ -123,8 +130,10 @@ def prenorm_layer_spec(norm, column, row, core_attention, attention_params: dict
 @functools.lru_cache(maxsize=None)
 def decoder_layer_spec(backend: str) -> ModuleSpec:
     norm, column, row, core_attention, rope_fn, activation = _parts(backend)
-    return prenorm_layer_spec(norm, column, row, core_attention,
-                              {"attn_mask_type": AttnMaskType.causal, "rope_fn": rope_fn}, activation)
+    params = {"attn_mask_type": AttnMaskType.causal, "rope_fn": rope_fn}
+    if backend == "fused":
+        params["split_rope_fn"] = _fused_split_rope
+    return prenorm_layer_spec(norm, column, row, core_attention, params, activation)
 
 
 def decoder_block_spec(backend: str, config, vp_stage=None) -> TransformerBlockSubmodules:
