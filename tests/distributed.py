@@ -2,8 +2,9 @@
 
     results = run_distributed(fn, 4, arg1, arg2)   # results[rank] = fn(arg1, arg2) on that rank
 
-``fn`` must be importable (module-level). Each rank gets the torchrun environment variables, one
-OpenMP thread, and a free port; an exception on any rank fails the call with that rank's traceback.
+``fn`` must be importable (module-level). Each rank gets the torchrun environment variables, its
+share of the cores as OpenMP threads (``rank_threads``), and a free port; an exception on any rank
+fails the call with that rank's traceback.
 
     results = run_distributed(phases, 4, [phase(fn1, a), phase(fn2, b)])   # results[rank] = [fn1(a), fn2(b)]
 
@@ -65,12 +66,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_threads(world_size: int) -> int:
+    """Intra-op threads per rank: the machine's cores shared out among the ranks (as torchrun does,
+    one each when there are more ranks than cores). A single rank gets every core: the tiny model's
+    vocabulary GEMMs dominate the one-rank training tests, and with 1 thread of 2 they ran ~1.6x
+    slower."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // world_size)
+
+
 def _worker(rank, world_size, port, fn, args, queue):
+    threads = rank_threads(world_size)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         # Plain pickle copies tensors into the message; torch's shared-memory passing would break
         # when this process exits before the parent has read the result.
