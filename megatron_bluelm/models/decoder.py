@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_bluelm.config.errors import ConfigError
 from megatron_bluelm.config.schema import RunConfig
+from megatron_bluelm.models.embedding import use_main_grad_embedding
 from megatron_bluelm.models.spec import decoder_block_spec, resolve_backend
 
 
@@ -100,6 +101,8 @@ class BlueLMModel(GPTModel):
 
     def __init__(self, *args, per_token_rope: bool = False, fused_loss: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.pre_process:  # the token embedding's weight gradient can go straight into main_grad
+            use_main_grad_embedding(self.embedding.word_embeddings)
         self.per_token_rope = per_token_rope
         self.fused_loss = fused_loss
 

@@ -17,6 +17,7 @@ from megatron.core.tensor_parallel import layers as tp_layers
 
 from megatron_bluelm.config.schema import RunConfig
 from megatron_bluelm.models.decoder import param_dtype
+from megatron_bluelm.models.embedding import MainGradVocabParallelEmbedding
 from megatron_bluelm.models.init import init_decoder_
 
 
@@ -86,7 +87,9 @@ def use_fused_wgrad_accumulation(chunks: List[torch.nn.Module]) -> int:
     wrapped (inference, tests that call backward on a bare module) keeps the unfused path, which is
     the one that works without ``main_grad``. Linears whose weight is shared with another module (a
     tied output layer) stay unfused: megatron-core's fused path would hand autograd a placeholder
-    gradient in place of the sum over both uses. Returns how many linears were switched."""
+    gradient in place of the sum over both uses. The decoder's token embedding takes the same switch
+    (``models/embedding.py``: its rows go into ``main_grad``, no dense gradient per micro-batch).
+    Returns how many modules were switched."""
     if not tp_layers._grad_accum_fusion_available:
         tp_layers.fused_weight_gradient_mlp_cuda = SimpleNamespace(
             wgrad_gemm_accum_fp32=wgrad_accumulate, wgrad_gemm_accum_fp16=wgrad_accumulate)
@@ -94,7 +97,7 @@ def use_fused_wgrad_accumulation(chunks: List[torch.nn.Module]) -> int:
     switched = 0
     for chunk in chunks:
         for module in chunk.modules():
-            if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            if not isinstance(module, (ColumnParallelLinear, RowParallelLinear, MainGradVocabParallelEmbedding)):
                 continue
             weight = module.weight
             if weight is None or not weight.requires_grad or getattr(weight, "shared", False):
