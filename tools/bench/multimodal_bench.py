@@ -18,6 +18,9 @@ mm    A record distribution made from the bundled images: each image record take
       work only, peak memory, and a split of one step into loader / ViT / adapter / decoder+optimizer.
       Useful FLOPs of a step (forward + backward = 3 x forward, models/counting.py's convention):
         decoder   6 * P_matmul * T_useful + 12 * L * d_attn * sum_docs len_doc^2
+                  (P_matmul: the layers' matmuls + the output layer; ``mfu_head_on_loss_tokens`` counts
+                  the output layer only on the T_loss positions with a loss: 6 * P_layers * T_useful
+                  + 6 * V * H * T_loss + the attention term)
         ViT       3 * tiles * vision_flops_per_tile   (patch conv, QKV/proj/MLP, full attention)
         adapter   3 * tiles * tokens_per_tile * 2 * (4 * h_vit * a + a * H)
       (T_useful = record tokens, padding excluded; each document attends only to itself.) The split:
@@ -136,21 +139,30 @@ def mixture_for_text_share(out: str, mm: str, text: str, cfg, share: float) -> s
 
 # ------------------------------------------------------------------ FLOPs on useful work
 
-def useful_flops(cfg, vocab: int, batches: list[dict]) -> float:
-    """Model FLOPs of the useful work of these micro-batches (module docstring)."""
+def useful_flops(cfg, vocab: int, batches: list[dict], head_on: str = "tokens") -> float:
+    """Model FLOPs of the useful work of these micro-batches (module docstring). ``head_on``: where the
+    output layer (vocab x hidden) is counted: "tokens", every record token (the convention the stage's
+    logged MFU shares: every position's logits are computed); "loss", only the positions with a loss
+    (``loss_mask`` > 0): the logits of an ``<image>`` or prompt position feed nothing, so this is the
+    stricter count of useful work."""
     from megatron_bluelm.models.counting import DecoderShape, layer_matmul_params
     from megatron_bluelm.models.multimodal import adapter_flops_per_tile, vision_flops_per_tile
 
+    if head_on not in ("tokens", "loss"):
+        raise ValueError(f"useful_flops: head_on is 'tokens' or 'loss', got {head_on!r}")
     m, v = cfg.model, cfg.vision
     d = DecoderShape.from_model_config(m, vocab)
-    p_matmul = d.num_layers * layer_matmul_params(d) + d.vocab_size * d.hidden_size
+    p_layers = d.num_layers * layer_matmul_params(d)
+    p_head = d.vocab_size * d.hidden_size
     per_tile = vision_flops_per_tile(v) + adapter_flops_per_tile(v, m.hidden_size)
     total = 0.0
     for b in batches:
         for ids, useful in zip(b["document_ids"], b["useful_tokens"].tolist()):
             _, lengths = torch.unique_consecutive(ids[:useful], return_counts=True)
             sq = float((lengths.double() ** 2).sum())
-            total += 6.0 * p_matmul * useful + 12.0 * d.num_layers * d.num_attention_heads * d.head_dim * sq
+            total += 6.0 * p_layers * useful + 12.0 * d.num_layers * d.num_attention_heads * d.head_dim * sq
+        head_rows = b["useful_tokens"].sum() if head_on == "tokens" else (b["loss_mask"] > 0).sum()
+        total += 6.0 * p_head * float(head_rows)
         total += 3.0 * int(b["pixel_values"].shape[0]) * per_tile
     return total
 
@@ -318,12 +330,15 @@ def bench_mm_variant(cfg, dataset, name: str, args, vocab: int, image_id: int) -
         useful = sum(int(b["useful_tokens"].sum()) for b in rows)
         tiles = sum(int(b["pixel_values"].shape[0]) for b in rows)
         flops = useful_flops(cfg, vocab, rows) / args.steps
+        strict = useful_flops(cfg, vocab, rows, head_on="loss") / args.steps
         peak = device_peak_tflops(None)
         loader = it.seconds / args.steps
         vit, adapter = vit_s / args.steps, ad_s / args.steps
         out = {"variant": name, "step_s": step_s, "padding": 1 - useful / positions,
                "useful_tokens_per_s": useful / args.steps / step_s, "tiles_per_step": tiles / args.steps,
                "tflops": flops / step_s / 1e12, "mfu": (flops / step_s / 1e12 / peak) if peak else None,
+               "mfu_head_on_loss_tokens": (strict / step_s / 1e12 / peak) if peak else None,
+               "loss_token_share": float(sum(int((b["loss_mask"] > 0).sum()) for b in rows)) / max(useful, 1),
                "peak_mem_gib": mem, "loader_s": loader, "vit_s": vit, "adapter_s": adapter,
                "decoder_optimizer_s": step_s - loader - vit - adapter,
                # the ViT attention's SDPA backend per shape (vision.attention_backend measure)
