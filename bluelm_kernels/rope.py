@@ -35,8 +35,10 @@ def _head_offsets(h, sh, sg, G, GROUPED: tl.constexpr):
     # Head h's offset: h * sh, or for megatron's grouped QKV layout (G heads per group, groups sg
     # apart, heads sh apart inside a group) (h // G) * sg + (h % G) * sh.
     if GROUPED:
-        return (h // G) * sg + (h % G) * sh
-    return h * sh
+        off = (h // G) * sg + (h % G) * sh
+    else:
+        off = h * sh
+    return off
 
 
 @triton.jit
