@@ -12,6 +12,10 @@ t: [s, b, heads, d] (any strides with a unit last-dim stride), freqs: [s, 1, 1, 
 freqs in fp32 inside the kernel and the products too, then rounded once to t.dtype; megatron
 rounds cos/sin and each product to t.dtype first, so bf16 outputs differ by bf16 rounding (fp32:
 identical). The backward is the transpose (the inverse rotation); freqs get no gradient.
+
+``split_rope_qkv`` is megatron-core's QKV split + this RoPE as one op on the grouped QKV projection
+output (the fused backend's training attention): its backward writes dq, dk and dv into one
+d(mixed_qkv) instead of the split's backward concatenating them.
 """
 
 import torch
