@@ -105,6 +105,17 @@ class BlueLMModel(GPTModel):
             use_main_grad_embedding(self.embedding.word_embeddings)
         self.per_token_rope = per_token_rope
         self.fused_loss = fused_loss
+        self._loss_rows = None  # this forward's loss_rows, for _postprocess (GPTModel passes it no extras)
+
+    def forward(self, *args, loss_rows: Optional[torch.Tensor] = None, **kwargs):
+        """GPTModel's forward; ``loss_rows``: the flat indices of the positions with ``loss_mask > 0``
+        (training/step.py makes them on the host): the fused loss then runs its kernel on those rows
+        only (models/fused_loss.py). Ignored by the torch backend and off the last pipeline stage."""
+        self._loss_rows = loss_rows
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._loss_rows = None
 
     def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
                     packed_seq_params=None, padding_mask=None):
@@ -126,7 +137,9 @@ class BlueLMModel(GPTModel):
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
         from megatron_bluelm.models.fused_loss import fused_output_loss
 
-        return fused_output_loss(self.output_layer, hidden_states, labels, kwargs.get("loss_mask"))
+        loss_mask = kwargs.get("loss_mask")
+        return fused_output_loss(self.output_layer, hidden_states, labels, loss_mask,
+                                 self._loss_rows if loss_mask is not None else None)
 
 
 def build_decoder(cfg: RunConfig, vocab_size: int, *, pre_process: bool = True, post_process: bool = True,

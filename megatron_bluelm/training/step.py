@@ -132,6 +132,29 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss, num_tokens, {"lm loss": report}
 
 
+# True: the fused loss runs only on the positions with a loss (``loss_rows``); False: on every position,
+# as the torch backend does (benchmarks measuring what the selection saves).
+LOSS_ROWS = True
+
+
+def _takes_loss_rows(chunk) -> bool:
+    """Whether this model chunk computes the fused loss (models/decoder.py: the last pipeline stage of
+    the fused backend), the only place that uses ``loss_rows``."""
+    while hasattr(chunk, "module"):  # DDP / Float16Module wrappers
+        chunk = chunk.module
+    lm = getattr(chunk, "language_model", chunk)
+    return bool(getattr(lm, "fused_loss", False) and getattr(lm, "post_process", False))
+
+
+def loss_rows(loss_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The flat indices, in the order of ``loss_mask.reshape(-1)`` (labels' order, which the fused loss
+    flattens its rows into), of the positions with ``loss_mask > 0``; None unless the mask is on the
+    host (a device ``nonzero`` would make the host wait for the device)."""
+    if loss_mask is None or loss_mask.device.type != "cpu":
+        return None
+    return torch.nonzero(loss_mask.reshape(-1) > 0).view(-1)
+
+
 def make_forward_step(device: torch.device, fold: bool = False):
     """megatron-core's forward step; ``fold``: each micro-batch's rows run as one (``fold_rows``)."""
     def forward_step(data_iterator: Iterator, model):
@@ -142,6 +165,9 @@ def make_forward_step(device: torch.device, fold: bool = False):
         extra = {k: batch[k] for k in _OPTIONAL_INPUTS if k in batch}
         if "pixel_values" in extra:  # the splice finds its <image> slots in the CPU tokens: no device sync
             extra["host_input_ids"] = host["tokens"]
+        rows = loss_rows(host.get("loss_mask")) if LOSS_ROWS and _takes_loss_rows(model) else None
+        if rows is not None:  # from the (folded) host mask: the order of the labels the model gets
+            extra["loss_rows"] = to_device(rows, device)
         mask = model_attention_mask(batch, host)
         output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"],
                        loss_mask=batch["loss_mask"], **extra)
