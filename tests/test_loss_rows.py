@@ -186,6 +186,12 @@ def runs():
     return {name: [rank[i] for rank in results] for i, name in enumerate(LAYOUTS)}
 
 
+def _close(a, b, name, **tol):
+    # assert_close (and allclose) only for the report: on a busy 2-core CPU they take seconds a tensor
+    if not bool(((a - b).abs() <= tol["atol"] + tol["rtol"] * b.abs()).all()):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+
+
 def _last(ranks):
     return ranks[-1]  # the last pipeline stage's rank has the loss
 
@@ -219,7 +225,17 @@ def test_same_loss_tokens_and_gradients(layout, runs):
                 torch.testing.assert_close(got["loss_sum"], rank[(packed, False)]["loss_sum"], rtol=1e-6, atol=0)
             assert got["grads"].keys() == base["grads"].keys()
             for name, g in base["grads"].items():
-                torch.testing.assert_close(got["grads"][name], g, **TOL, msg=lambda m, n=name: f"{n}: {m}")
-                torch.testing.assert_close(got["grads"][name], rank[(packed, False)]["grads"][name],
-                                           rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+                _close(got["grads"][name], g, name, **TOL)
+                _close(got["grads"][name], rank[(packed, False)]["grads"][name], name, rtol=1e-5, atol=1e-7)
             assert float(got["grads"]["output_layer.weight"].abs().max()) > 0
+
+
+def test_benchmark_runs_at_a_tiny_size_and_agrees_in_fp32(capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "bench"))
+    from loss_rows_bench import main
+
+    main(["--tokens", "1024", "--hidden", "16", "--vocab", "300", "--iters", "1", "--rounds", "1",
+          "--dtype", "fp32", "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and "every row" in lines[1] and "kept rows" in lines[1]
+    assert "grad_hidden 0.0e+00" in lines[2], lines
