@@ -85,3 +85,18 @@ def test_mlp_adds_a_returned_bias_only_when_there_is_one():
 
     src = inspect.getsource(MLP.forward)
     assert "if bias_parallel is not None:" in src, "MLP.forward no longer skips a None fc1 bias (models/vision.py)"
+
+
+def test_vocab_parallel_embedding_forward_is_what_ours_repeats():
+    """models/embedding.py: MainGradVocabParallelEmbedding.forward repeats megatron-core's forward around
+    its own lookup (the mask of ids outside this rank's vocabulary shard, their zeroed output rows, the
+    all-reduce or reduce-scatter): guard those steps, so that an upgrade changing them fails here."""
+    from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+    src = inspect.getsource(VocabParallelEmbedding.forward)
+    for step in ("input_mask = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)",
+                 "masked_input = input_.clone() - self.vocab_start_index", "masked_input[input_mask] = 0",
+                 "output_parallel[input_mask, :] = 0.0", "if self.reduce_scatter_embeddings:",
+                 "output_parallel.transpose(0, 1).contiguous()", "reduce_scatter_to_sequence_parallel_region(",
+                 "reduce_from_tensor_model_parallel_region("):
+        assert step in src, f"VocabParallelEmbedding.forward no longer has {step!r} (models/embedding.py repeats it)"

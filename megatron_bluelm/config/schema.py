@@ -89,7 +89,8 @@ class TrainingConfig:
     recompute: Literal["none", "selective", "full"] = "none"  # selective: the attention core; full: whole layers
     recompute_num_layers: int = 1  # full recompute: layers per recompute block
     # CUDA: weight-gradient GEMMs add into the fp32 main gradients (one GEMM, no separate bf16 gradient +
-    # add pass per micro-batch); false, and on the CPU: megatron-core's unfused path (training/model_setup.py)
+    # add pass per micro-batch), and so do the token embedding's rows (models/embedding.py); false, and on
+    # the CPU: megatron-core's unfused path (training/model_setup.py)
     fused_wgrad_accumulation: bool = True
     eval_interval: int = 25  # 0 disables periodic evaluation
     eval_steps: int = 2  # validation batches per evaluation
