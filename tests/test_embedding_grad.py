@@ -32,16 +32,20 @@ def _batches(seed: int, n: int) -> list:
 
 
 class _OpLog(TorchDispatchMode):
-    """Counts the dense embedding backward and in-place adds into one tensor (the embedding's main_grad)."""
+    """Counts the embedding backward into a dense [vocab shard, hidden] gradient, the one into a compact
+    [distinct ids, hidden] gradient, and in-place adds into one tensor (the embedding's main_grad)."""
 
     def __init__(self, main_grad: torch.Tensor):
         super().__init__()
-        self.ptr, self.dense, self.adds = main_grad.data_ptr(), 0, 0
+        self.ptr, self.rows, self.dense, self.compact, self.adds = main_grad.data_ptr(), main_grad.shape[0], 0, 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name in ("embedding_dense_backward", "embedding_backward"):
-            self.dense += 1
+            if args[2] == self.rows:
+                self.dense += 1
+            else:
+                self.compact += 1
         if name == "add_" and isinstance(args[0], torch.Tensor) and args[0].data_ptr() == self.ptr:
             self.adds += 1
         return func(*args, **(kwargs or {}))
@@ -72,7 +76,7 @@ def _run(extra: list, into_main_grad: bool) -> dict:
         log = _OpLog(emb.weight.main_grad)
         with log:
             out = _grads_and_loss(run, _batches(10 + rank, 3))
-        out.update(dense=log.dense, adds=log.adds, flag=bool(emb.weight.grad_added_to_main_grad),
+        out.update(dense=log.dense, compact=log.compact, adds=log.adds, flag=bool(emb.weight.grad_added_to_main_grad),
                    grad_is_none=emb.weight.grad is None, local_main_grad=emb.weight.main_grad.clone(),
                    vocab_start=emb.vocab_start_index)
         losses = []
@@ -112,9 +116,10 @@ def test_main_grad_rows_equal_the_dense_path(layout, layouts):
     for r in layouts[layout]:
         old, new = r["old"], r["new"]
         # the dense path: one embedding_dense_backward and one DDP add into main_grad per micro-batch
-        assert (old["dense"], old["adds"], old["flag"]) == (3, 3, False)
-        # the new one: neither, the DDP flag set, and the placeholder .grad dropped by DDP's hook
-        assert (new["dense"], new["adds"], new["flag"], new["grad_is_none"]) == (0, 0, True, True)
+        assert (old["dense"], old["compact"], old["adds"], old["flag"]) == (3, 0, 3, False)
+        # the new one: a compact gradient of the distinct ids (known from the host tokens the step
+        # registers), no DDP add, the DDP flag set, and the placeholder .grad dropped by DDP's hook
+        assert (new["dense"], new["compact"], new["adds"], new["flag"], new["grad_is_none"]) == (0, 3, 0, True, True)
         assert new["tokens"] == old["tokens"] > 0
         assert new["loss_sum"] == old["loss_sum"]
         assert new["grads"].keys() == old["grads"].keys()
@@ -253,3 +258,53 @@ def test_benchmark_runs_at_a_tiny_size_and_agrees_in_fp32(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and all("dense" in line and "rows" in line for line in lines[1:])
     assert all("main_grad max diff 0.0e+00" in line for line in lines[1:]), lines
+
+
+@pytest.mark.parametrize("shard", [(0, 300), (0, 150), (150, 300)])
+def test_compact_rows_backward_is_the_dense_sum_bit_for_bit(shard):
+    """The registered-host-tokens path: the compact gradient of the distinct ids added at their rows
+    equals main_grad + the dense gradient exactly, for a full vocabulary and for either TP shard (ids
+    outside the shard: a zero output and no row touched); without registration, accumulate_rows."""
+    from megatron_bluelm.models.embedding import _host_tokens, _LookupIntoMainGrad, compact_rows, register_host_tokens
+
+    start, end = shard
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 300, (6, 97), generator=gen)
+    ids[:, ::3] = 7  # one id in a third of the positions (as <image> in multimodal rows)
+    slot, rows, width = compact_rows(ids, start, end)
+    inside = (ids >= start) & (ids < end)
+    assert torch.equal(rows, torch.unique(ids[inside]) - start)
+    assert width == rows.numel() + int(bool((~inside).any()))
+    assert bool((slot.view(ids.shape)[~inside] == width - 1).all()) and int(slot.max()) < width
+    weight = torch.randn(end - start, 16, generator=gen, requires_grad=True)
+    main = torch.randn(end - start, 16, generator=gen)
+    grad = torch.randn(6, 97, 16, generator=gen)
+    grad[~inside] = 0.0  # what the TP masking leaves for ids of the other shard
+    local = torch.where(inside, ids - start, 0)
+    want = _dense_reference(main, local, grad)
+
+    weight.main_grad = main.clone()
+    out = _LookupIntoMainGrad.apply(local, weight, slot, rows, width)
+    out.backward(grad)
+    assert torch.equal(weight.main_grad, want)
+    assert torch.equal(weight.main_grad[(~torch.isin(torch.arange(end - start), rows))], main[
+        ~torch.isin(torch.arange(end - start), rows)])  # rows no id of the shard uses: untouched
+    # registration: found by the same tensor, not by another with equal values; CPU ids only
+    dev_ids = ids.clone()
+    register_host_tokens(dev_ids, ids)
+    assert _host_tokens(dev_ids) is ids and _host_tokens(ids.clone()) is None
+    with pytest.raises(ValueError, match="differ in shape"):
+        register_host_tokens(dev_ids, ids[:, :5])
+
+
+def test_unregistered_tokens_take_the_device_accumulate():
+    """A lookup whose tokens were never registered (a bare model, generation) sums on the device."""
+    from megatron_bluelm.models.embedding import _LookupIntoMainGrad
+
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 50, (200,), generator=gen)
+    weight = torch.randn(50, 8, generator=gen, requires_grad=True)
+    weight.main_grad = torch.zeros(50, 8)
+    grad = torch.randn(200, 8, generator=gen)
+    _LookupIntoMainGrad.apply(ids, weight).backward(grad)
+    assert torch.equal(weight.main_grad, _dense_reference(torch.zeros(50, 8), ids, grad))

@@ -15,8 +15,22 @@ its backward adds the micro-batch's rows into ``main_grad`` in fp32 (``accumulat
 megatron-core's fused linears do, so that DDP's hook still fires (bucket bookkeeping, overlapped
 reduction) but skips its add. Every other case (no DDP, frozen weight, no grad mode, the switch off)
 is megatron-core's forward unchanged.
+
+How the rows are summed: training registers each micro-batch's device tokens with the loader's CPU
+copy (``register_host_tokens``, from training/step.py). The lookup then finds the micro-batch's
+distinct ids on the host (``torch.unique``: no device sync) and its backward is PyTorch's own
+embedding backward into a compact ``[distinct ids, hidden]`` gradient (the dense path's kernel and
+summation order, without the ``[vocab, hidden]`` fill) followed by one ``index_add_`` of those rows
+into ``main_grad`` at distinct rows (no two writes to one row: deterministic). Without registered
+host tokens (a bare model, generation) the rows are summed on the device by ``accumulate_rows``
+(sort-based), whose accumulate serializes the tokens of one id: on an H200 it took 2.03 ms a
+micro-batch vs the dense path's 1.39 with Zipf-distributed ids (1.07 vs 1.51 with uniform ones), and
+multimodal rows repeat one ``<image>`` id in most positions.
 """
 from __future__ import annotations
+
+import collections
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +39,54 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
+
+from bluelm_kernels.transfer import to_device
+
+# device tokens -> the loader's CPU copy of them, for the micro-batches about to run (a few in flight
+# under pipeline schedules; the lookup reads its entry in the forward, the backward keeps what it needs)
+_HOST_TOKENS: "collections.OrderedDict" = collections.OrderedDict()
+_HOST_TOKENS_KEPT = 8
+
+
+def _token_key(t: torch.Tensor) -> tuple:
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors keep no version counter
+        version = -1
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.device, version
+
+
+def register_host_tokens(tokens: torch.Tensor, host_tokens: torch.Tensor) -> None:
+    """Make ``host_tokens`` (CPU) known as the values of the device ``tokens`` the embedding will look
+    up, so its backward can sum the rows per distinct id without the device telling the host which
+    ids there are. The entry keeps ``tokens`` alive (no other tensor can take its address meanwhile)."""
+    if host_tokens.device.type != "cpu":  # ids already on the device: finding the distinct ones would sync
+        return
+    if tuple(host_tokens.shape) != tuple(tokens.shape):
+        raise ValueError(f"host tokens {tuple(host_tokens.shape)} and device tokens {tuple(tokens.shape)} differ "
+                         "in shape")
+    _HOST_TOKENS[_token_key(tokens)] = (tokens, host_tokens)
+    while len(_HOST_TOKENS) > _HOST_TOKENS_KEPT:
+        _HOST_TOKENS.popitem(last=False)
+
+
+def _host_tokens(tokens: torch.Tensor) -> Optional[torch.Tensor]:
+    hit = _HOST_TOKENS.get(_token_key(tokens))
+    return None if hit is None else hit[1]
+
+
+def compact_rows(host_ids: torch.Tensor, vocab_start: int, vocab_end: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """On the host, for the flat ids of a micro-batch and this rank's vocabulary shard
+    [``vocab_start``, ``vocab_end``): (``slot`` [n]: each token's row of a compact gradient,
+    ``rows`` [k]: the shard's local row of each of the first k compact rows, ``width``: the compact
+    gradient's row count). Ids outside the shard (whose output, hence gradient, is zero) share one
+    extra compact row, past the k kept ones, that is dropped."""
+    ids = host_ids.reshape(-1).to(torch.int64)
+    outside = (ids < vocab_start) | (ids >= vocab_end)
+    local = torch.where(outside, vocab_end - vocab_start, ids - vocab_start)  # outside: past every local row
+    rows, slot = torch.unique(local, sorted=True, return_inverse=True)
+    kept = int(rows.numel()) - int(bool(outside.any()))
+    return slot, rows[:kept], int(rows.numel())
 
 
 def _index_accumulate(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
@@ -71,21 +133,30 @@ def placeholder_grad(weight: torch.Tensor) -> torch.Tensor:
 
 
 class _LookupIntoMainGrad(torch.autograd.Function):
-    """``F.embedding(ids, weight)`` whose weight gradient goes into ``weight.main_grad`` (fp32)."""
+    """``F.embedding(ids, weight)`` whose weight gradient goes into ``weight.main_grad`` (fp32).
+    ``slot`` / ``rows`` / ``width`` (``compact_rows``, on ``ids``' device) when the host knew the ids:
+    the backward sums into a compact gradient and adds it at distinct rows; else ``accumulate_rows``."""
 
     @staticmethod
-    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(ids, weight)
+    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor, slot: Optional[torch.Tensor] = None,
+                rows: Optional[torch.Tensor] = None, width: int = 0) -> torch.Tensor:
+        ctx.save_for_backward(ids, weight, slot, rows)
+        ctx.width = width
         return F.embedding(ids, weight)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        ids, weight = ctx.saved_tensors
-        accumulate_rows(weight.main_grad, ids.reshape(-1), grad_output.reshape(-1, grad_output.shape[-1]))
+        ids, weight, slot, rows = ctx.saved_tensors
+        grad = grad_output.reshape(-1, grad_output.shape[-1])
+        if slot is None:
+            accumulate_rows(weight.main_grad, ids.reshape(-1), grad)
+        else:
+            sums = torch.ops.aten.embedding_dense_backward(grad, slot, ctx.width, -1, False)
+            weight.main_grad.index_add_(0, rows, sums[: rows.numel()].to(weight.main_grad.dtype))
         if not hasattr(weight, "grad_added_to_main_grad"):  # megatron-core's rule: no DDP flag, no placeholder
-            return None, None
+            return None, None, None, None, None
         weight.grad_added_to_main_grad = True
-        return None, placeholder_grad(weight)
+        return None, placeholder_grad(weight), None, None, None
 
 
 class MainGradVocabParallelEmbedding(VocabParallelEmbedding):
@@ -112,7 +183,13 @@ class MainGradVocabParallelEmbedding(VocabParallelEmbedding):
             masked_input[input_mask] = 0
         else:
             masked_input = input_
-        output_parallel = _LookupIntoMainGrad.apply(masked_input, self.weight)
+        host = _host_tokens(input_)
+        if host is None:
+            output_parallel = _LookupIntoMainGrad.apply(masked_input, self.weight)
+        else:
+            slot, rows, width = compact_rows(host, self.vocab_start_index, self.vocab_end_index)
+            output_parallel = _LookupIntoMainGrad.apply(masked_input, self.weight, to_device(slot, input_.device),
+                                                        to_device(rows, input_.device), width)
         if tp:
             output_parallel[input_mask, :] = 0.0
         if self.reduce_scatter_embeddings:

@@ -19,6 +19,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from bluelm_kernels.transfer import to_device  # the loader pins its batches on CUDA already (data/loader.py)
+from megatron_bluelm.models.embedding import register_host_tokens
 
 # document_ids [b, s]: which packed document each position belongs to (None: one causal sequence).
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask", "document_ids")
@@ -162,6 +163,8 @@ def make_forward_step(device: torch.device, fold: bool = False):
         if fold:
             host = fold_rows(host)
         batch = batch_to_device(host, device)
+        # the embedding's backward sums its rows per distinct id, known from the host tokens (models/embedding.py)
+        register_host_tokens(batch["tokens"], host["tokens"])
         extra = {k: batch[k] for k in _OPTIONAL_INPUTS if k in batch}
         if "pixel_values" in extra:  # the splice finds its <image> slots in the CPU tokens: no device sync
             extra["host_input_ids"] = host["tokens"]
