@@ -9,15 +9,17 @@ with the weight's ``.grad`` (``main_grad.add_(grad)`` unless ``grad_added_to_mai
 * dense: ``F.embedding``, whose backward (``embedding_dense_backward``) writes a zero-filled
   ``[vocab, hidden]`` gradient in the parameter dtype with the rows scattered in, which the hook adds
   into the fp32 ``main_grad``;
-* rows: ``models/embedding.py``'s lookup, whose backward adds the micro-batch's rows into
-  ``main_grad`` in fp32 (sorted, deterministic) and leaves an uninitialized placeholder ``.grad``
-  that the hook drops.
+* rows: ``models/embedding.py``'s lookup without host tokens, whose backward adds the micro-batch's
+  rows into ``main_grad`` in fp32 on the device (``accumulate_rows``: sorted, deterministic);
+* compact: the same lookup with the micro-batch's ids known on the host (what training registers):
+  the distinct ids found there (``compact_rows``, timed with the micro-batch), the backward summing
+  into a ``[distinct ids, hidden]`` gradient and adding it at those rows.
 
-Printed side by side for uniform and Zipf-distributed token ids: ms per micro-batch, peak memory
-above the weight and main_grad (CUDA), and the largest difference between the two paths' main_grad
-after the timed micro-batches relative to its largest entry (the dense path rounds each
-micro-batch's gradient to the parameter dtype first; 0 in fp32 on the CPU, where the additions are
-the same).
+Both new paths leave an uninitialized placeholder ``.grad`` that the hook drops. Printed side by side
+for uniform and Zipf-distributed token ids: ms per micro-batch, peak memory above the weight and
+main_grad (CUDA), and the largest difference of each new path's main_grad from the dense path's
+after the timed micro-batches, relative to its largest entry (0 in fp32 on the CPU, where the
+additions are the same).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from megatron_bluelm.models.embedding import _LookupIntoMainGrad  # noqa: E402
+from megatron_bluelm.models.embedding import _LookupIntoMainGrad, compact_rows  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -43,9 +45,19 @@ def _ddp_hook(weight: torch.Tensor) -> None:
     weight.grad = None
 
 
-def _micro_batch(weight, ids, dy, rows: bool) -> None:
+PATHS = ("dense", "rows", "compact")
+
+
+def _micro_batch(weight, ids, host_ids, dy, path: str) -> None:
     weight.grad_added_to_main_grad = False  # DDP resets it every step
-    out = _LookupIntoMainGrad.apply(ids, weight) if rows else F.embedding(ids, weight)
+    if path == "dense":
+        out = F.embedding(ids, weight)
+    elif path == "rows":
+        out = _LookupIntoMainGrad.apply(ids, weight)
+    else:
+        slot, rows, width = compact_rows(host_ids, 0, weight.shape[0])
+        out = _LookupIntoMainGrad.apply(ids, weight, slot.to(ids.device, non_blocking=True),
+                                        rows.to(ids.device, non_blocking=True), width)
     out.backward(dy)
     _ddp_hook(weight)
 
@@ -55,21 +67,21 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _measure(weight, ids, dy, rows: bool, iters: int) -> tuple[float, float | None]:
+def _measure(weight, ids, host_ids, dy, path: str, iters: int) -> tuple[float, float | None]:
     """(ms per micro-batch, peak MiB above what was allocated before; None off CUDA)."""
     device = weight.device
-    _micro_batch(weight, ids, dy, rows)  # warm-up (allocator, kernels)
+    _micro_batch(weight, ids, host_ids, dy, path)  # warm-up (allocator, kernels)
     _sync(device)
     peak = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        _micro_batch(weight, ids, dy, rows)
+        _micro_batch(weight, ids, host_ids, dy, path)
         _sync(device)
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     t = time.perf_counter()
     for _ in range(iters):
-        _micro_batch(weight, ids, dy, rows)
+        _micro_batch(weight, ids, host_ids, dy, path)
     _sync(device)
     return (time.perf_counter() - t) / iters * 1e3, peak
 
@@ -103,18 +115,22 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(0)
     weight = torch.nn.Parameter((torch.randn(args.vocab, args.hidden, generator=gen) * 0.02).to(device, dtype))
     for kind in ("uniform", "zipf"):
-        ids = _ids(kind, args.vocab, args.tokens, gen).to(device)
+        host_ids = _ids(kind, args.vocab, args.tokens, gen)
+        ids = host_ids.to(device)
         dy = torch.randn(args.tokens, args.hidden, generator=gen).to(device, dtype)
-        results = {}
-        for path in ("dense", "rows"):
+        ms, peak, main = {}, {}, {}
+        for path in PATHS:
             weight.main_grad = torch.zeros(args.vocab, args.hidden, device=device, dtype=torch.float32)
-            ms, peak = _measure(weight, ids, dy, path == "rows", args.iters)
-            results[path] = (ms, peak, weight.main_grad)
-        (d_ms, d_peak, d_main), (r_ms, r_peak, r_main) = results["dense"], results["rows"]
-        err = float((r_main - d_main).abs().max() / d_main.abs().max().clamp_min(1e-30))
-        mem = "" if d_peak is None else f"; peak {d_peak:.0f} vs {r_peak:.0f} MiB"
-        print(f"{kind:>7} ids ({ids.unique().numel()} distinct): dense {d_ms:.3f} ms, rows {r_ms:.3f} ms "
-              f"(x{d_ms / r_ms:.2f}){mem}; main_grad max diff {err:.1e} of its largest entry", flush=True)
+            ms[path], peak[path] = _measure(weight, ids, host_ids, dy, path, args.iters)
+            main[path] = weight.main_grad
+        scale = main["dense"].abs().max().clamp_min(1e-30)
+        err = {p: float((main[p] - main["dense"]).abs().max() / scale) for p in PATHS[1:]}
+        times = ", ".join(f"{p} {ms[p]:.3f} ms" + ("" if p == "dense" else f" (x{ms['dense'] / ms[p]:.2f})")
+                          for p in PATHS)
+        mem = "" if peak["dense"] is None else "; peak " + " / ".join(f"{peak[p]:.0f}" for p in PATHS) + " MiB"
+        diffs = ", ".join(f"{p} {err[p]:.1e}" for p in PATHS[1:])
+        print(f"{kind:>7} ids ({host_ids.unique().numel()} distinct): {times}{mem}; main_grad max diff from "
+              f"dense: {diffs} of its largest entry", flush=True)
 
 
 if __name__ == "__main__":
