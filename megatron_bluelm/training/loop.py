@@ -13,6 +13,7 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from megatron_bluelm.config.loader import to_dict
 from megatron_bluelm.config.schema import RunConfig
@@ -168,7 +169,7 @@ def train(run: Run, make_train_iterators: Callable, make_valid_iterators: Option
         run.step += 1
         run.consumed_samples += t.global_batch_size
         meter.steps += 1
-        _check_finite(run, res)
+        _check_finite(run, res, agreed=step_fn is None)
         record = {"loss": res.loss, "grad_norm": _num(res.grad_norm), "lr": run.scheduler.get_lr(
             run.optimizer.param_groups[0]), **res.metrics}
         if t.nan_policy == "skip":
@@ -208,15 +209,21 @@ class NonFiniteStep(FloatingPointError):
     skipped): the run ends; that step was not saved."""
 
 
-def _check_finite(run: Run, res: StepResult) -> None:
+def _check_finite(run: Run, res: StepResult, agreed: bool = False) -> None:
     """Apply ``training.nan_policy`` to the step just taken. A step with NaN/inf gradients was not
     applied (``training/model_setup.skip_nonfinite_steps``; every rank saw the same global norm);
-    the loss exists on the last pipeline stage only, so its check is all-reduced."""
+    the loss exists on the last pipeline stage only, so with pipeline stages its check is
+    all-reduced. ``agreed``: the step is ``train_step``'s, whose loss is the global one on every rank
+    that has it; without pipeline stages every rank then already holds the same two facts, and the
+    check reads nothing from the device (an all-reduce here would make the host wait for the
+    optimizer's kernels before it queues the next step)."""
     t = run.cfg.training
     loss_bad = res.loss is not None and not math.isfinite(res.loss)
-    flags = torch.tensor([float(loss_bad), float(bool(res.skipped))], device=run.info.device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    loss_bad, grads_bad = (bool(x > 0) for x in flags.tolist())
+    grads_bad = bool(res.skipped)
+    if not (agreed and parallel_state.get_pipeline_model_parallel_world_size() == 1):
+        flags = torch.tensor([float(loss_bad), float(grads_bad)], device=run.info.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        loss_bad, grads_bad = (bool(x > 0) for x in flags.tolist())
     if not (loss_bad or grads_bad):
         return
     what = " and ".join(([f"gradient norm {_num(res.grad_norm)}"] if grads_bad else [])

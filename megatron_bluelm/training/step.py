@@ -241,10 +241,14 @@ def train_step(model, optimizer, scheduler, iterators: List[Iterator], *, num_mi
     optimizer.zero_grad()
     losses = _run_schedule(model, iterators, False, num_microbatches=num_microbatches, seq_length=seq_length,
                            micro_batch_size=micro_batch_size, device=device)
+    # Read the loss before the update, not after: the schedule's gradient finalization has already waited
+    # for the backward (megatron-core reads the token count on the host), so this read waits for little,
+    # and after the update's kernels are queued nothing makes the host wait for them: the next step's
+    # first micro-batch is queued while the device still runs the optimizer.
+    loss, tokens = _reduce_loss(losses)
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)
-    loss, tokens = _reduce_loss(losses)
     return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, skipped=not ok)
 
 

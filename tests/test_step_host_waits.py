@@ -1,0 +1,58 @@
+"""What makes the host wait for the device at a step's end: the loss is read before the optimizer's
+kernels are queued, and the finiteness check exchanges nothing when every rank already knows it."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_bluelm.training import loop, step
+
+
+def test_train_step_reads_the_loss_before_the_update(monkeypatch):
+    calls = []
+    monkeypatch.setattr(step, "_run_schedule", lambda *a, **k: calls.append("schedule") or ["report"])
+    monkeypatch.setattr(step, "_reduce_loss", lambda losses: calls.append("loss") or (1.5, 7))
+
+    class Optimizer:
+        def zero_grad(self):
+            calls.append("zero")
+
+        def step(self):
+            calls.append("update")
+            return True, 0.25, None
+
+    chunk = SimpleNamespace(zero_grad_buffer=lambda: None)
+    res = step.train_step([chunk], Optimizer(), SimpleNamespace(step=lambda increment: calls.append("lr")), [iter([])],
+                          num_microbatches=1, seq_length=4, micro_batch_size=1, device=torch.device("cpu"))
+    assert calls == ["zero", "schedule", "loss", "update", "lr"]
+    assert (res.loss, res.tokens, res.grad_norm, res.skipped) == (1.5, 7, 0.25, False)
+
+
+def _run(policy="stop"):
+    cfg = SimpleNamespace(training=SimpleNamespace(nan_policy=policy, max_skipped_steps=3))
+    return SimpleNamespace(cfg=cfg, info=SimpleNamespace(device=torch.device("cpu")), step=5, skipped_steps=0,
+                           logger=SimpleNamespace(print=lambda *a: None))
+
+
+@pytest.mark.parametrize("pp,agreed,exchanged", [(1, True, False), (1, False, True), (2, True, True)])
+def test_finiteness_check_exchanges_only_what_a_rank_may_not_know(monkeypatch, pp, agreed, exchanged):
+    reduced = []
+
+    def all_reduce(t, op=None):
+        reduced.append(t.clone())
+        t.fill_(1.0)  # another rank's NaN
+
+    monkeypatch.setattr(loop.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(loop.parallel_state, "get_pipeline_model_parallel_world_size", lambda: pp)
+    finite = step.StepResult(loss=2.0, tokens=3, grad_norm=1.0)
+    if exchanged:  # the other rank's flags count: the step stops
+        with pytest.raises(loop.NonFiniteStep):
+            loop._check_finite(_run(), finite, agreed=agreed)
+        assert len(reduced) == 1
+    else:
+        loop._check_finite(_run(), finite, agreed=agreed)
+        assert reduced == []
+    # this rank's own NaN is seen without any exchange as well
+    with pytest.raises(loop.NonFiniteStep, match="loss not finite"):
+        loop._check_finite(_run(), step.StepResult(loss=math.nan, tokens=3, grad_norm=1.0), agreed=True)
