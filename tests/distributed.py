@@ -4,12 +4,15 @@
 
 ``fn`` must be importable (module-level). Each rank gets the torchrun environment variables, its
 share of the cores as OpenMP threads (``rank_threads``), and a free port; an exception on any rank
-fails the call with that rank's traceback.
+fails the call with that rank's traceback. Ranks fork from a fork server that has imported torch and
+megatron-core once per test session (``PRELOAD``), and take the caller's environment, stdout and
+stderr, as a spawned process would.
 
     results = run_distributed(phases, 4, [phase(fn1, a), phase(fn2, b)])   # results[rank] = [fn1(a), fn2(b)]
 
-runs several calls one after the other in the same ranks: one process start (about 6 s of imports
-per rank) for several runs. Each call sets up and tears down its own process group on its own port.
+runs several calls one after the other in the same ranks: one process start (the project's imports,
+under a second per rank) for several runs. Each call sets up and tears down its own process group on
+its own port.
 Use it for runs of one parallel layout: megatron-core keeps some state of the first layout across a
 re-initialization (seen: checkpoint replica ids).
 """
@@ -20,10 +23,29 @@ import inspect
 import os
 import pickle
 import socket
+import sys
 import traceback
 
 import torch
 import torch.multiprocessing as mp
+
+# Ranks fork from one fork server per test session that has imported these (the imports a rank would
+# otherwise repeat in every fresh interpreter: ~4-5 s of CPU per rank, 8 ranks on 2 cores ~20 s per
+# start). The server only imports: it runs no torch op, so no OpenMP pool exists to be forked, and it
+# runs no other thread than numpy's idle BLAS helper, which a fork does not copy. Nothing of this
+# project is preloaded: its modules (and Triton's choice of interpreter vs compiler, made when a
+# kernel module is imported) load in the rank, after the rank has taken the caller's environment.
+# The fork server is one per process (the preprocessing pool uses it too), so the list is set at
+# import, before anything starts it.
+PRELOAD = ["torch", "torch.distributed", "numpy", "yaml", "sentencepiece",
+           "megatron.core.parallel_state", "megatron.core.tensor_parallel", "megatron.core.models.gpt",
+           "megatron.core.transformer.transformer_block", "megatron.core.distributed", "megatron.core.optimizer",
+           "megatron.core.pipeline_parallel", "megatron.core.dist_checkpointing",
+           "megatron.core.dist_checkpointing.strategies.torch", "megatron.core.datasets.gpt_dataset",
+           "megatron.core.datasets.blended_megatron_dataset_builder"]
+_START = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+if _START == "forkserver":
+    mp.set_forkserver_preload(PRELOAD)
 
 
 def _defer_torch_compile() -> None:
@@ -31,7 +53,9 @@ def _defer_torch_compile() -> None:
     megatron-core wraps its fusion functions in ``torch.compile`` when it is imported, and that call
     imports torch._dynamo and inductor, ~1.3 s of CPU in every rank's start, for functions the CPU
     path never runs. ``torch.compile`` compiles a function at its first call anyway; here the import
-    waits for that call too. Modules go to torch.compile as they are."""
+    waits for that call too. Modules go to torch.compile as they are. (Under the fork server the
+    preloaded megatron-core paid that import once, in the server; this covers what a rank imports
+    itself, and ranks started by "spawn".)"""
     real = torch.compile
     if getattr(real, "deferred", False):
         return
@@ -75,7 +99,30 @@ def rank_threads(world_size: int) -> int:
     return max(1, cores // world_size)
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+class _CallerStdio:
+    """Sent to a rank: its stdout and stderr become the caller's of this moment (a forked rank holds
+    the fork server's; pytest's capfd reads what the ranks print)."""
+
+    def __reduce__(self):
+        from multiprocessing.reduction import DupFd
+
+        return _take_stdio, (DupFd(1), DupFd(2))
+
+
+def _take_stdio(out, err) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, dup in ((1, out), (2, err)):
+        src = dup.detach()
+        os.dup2(src, fd)
+        os.close(src)
+
+
+def _worker(rank, world_size, port, fn, args, queue, environ, stdio=None):
+    # A forked rank holds the fork server's environment (of the session's first start): take the
+    # caller's of this moment, as a spawned process would have.
+    os.environ.clear()
+    os.environ.update(environ)
     threads = rank_threads(world_size)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
@@ -116,12 +163,14 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
 
 
 def _run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(_START)
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
     os.environ[_RANK_ENV] = "1"  # a spawned process starts with the environment of this moment
     try:
+        environ = dict(os.environ)
+        procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, environ, _CallerStdio()))
+                 for r in range(world_size)]
         for p in procs:
             p.start()
     finally:
