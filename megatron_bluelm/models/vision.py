@@ -177,8 +177,9 @@ def vision_transformer_config(lm_config: TransformerConfig, v: VisionConfig,
     adds are plain one-pass elementwise ops: none of megatron-core's compiled bias-GELU /
     bias-dropout-add, whose every call goes through torch.compile's guards and runtime wrappers on the
     host (~0.3 ms a call under cProfile, six calls per layer forward and backward, in a ViT whose
-    forward the host issued more slowly than the device ran it). With TP the row-parallel biases are added after the all-reduce,
-    by megatron-core's fused bias-dropout-add (dropout 0: ``x + bias + residual`` in one pass)."""
+    forward the host issued more slowly than the device ran it). With TP the row-parallel biases are
+    added after the all-reduce, by megatron-core's fused bias-dropout-add (dropout 0: ``x + bias +
+    residual`` in one pass)."""
     fused = backend == "fused"
     bda_fused = fused and lm_config.tensor_model_parallel_size > 1
     return dataclasses.replace(

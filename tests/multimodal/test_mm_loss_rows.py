@@ -10,7 +10,6 @@ STEPS = 2
 
 def _train(args, rows: bool) -> dict:
     import bluelm_kernels.cross_entropy as ce
-
     from megatron_bluelm.training import step
 
     original, seen = ce.fused_linear_cross_entropy, []
