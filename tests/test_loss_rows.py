@@ -130,9 +130,9 @@ def _batches(seed: int, packed: bool) -> list:
 def _step_run(extra: list) -> dict:
     """Loss sums, token counts, gradients and the kernel's input rows, the loss on every position
     (``LOSS_ROWS = False``) and on the kept rows, packed (folded) and plain rows."""
-    import bluelm_kernels.cross_entropy as ce
     from packed_workers import _grads_and_loss, tiny_overrides
 
+    import bluelm_kernels.cross_entropy as ce
     from megatron_bluelm.config.loader import load_config
     from megatron_bluelm.data import load_tokenizer
     from megatron_bluelm.models.decoder import build_decoder

@@ -46,7 +46,8 @@ def multimodal_mask(tokens: int, keep: float, gen: torch.Generator) -> torch.Ten
     the answers sized so that about ``keep`` of the positions carry a loss."""
     mask, pos = torch.zeros(1, tokens), 0
     while pos < tokens:
-        masked = TILE_TOKENS * int(torch.randint(1, 9, (1,), generator=gen)) + int(torch.randint(8, 65, (1,), generator=gen))
+        masked = (TILE_TOKENS * int(torch.randint(1, 9, (1,), generator=gen))
+                  + int(torch.randint(8, 65, (1,), generator=gen)))
         kept = max(1, round(masked * keep / (1 - keep) * float(torch.empty(1).uniform_(0.5, 1.5, generator=gen))))
         mask[0, pos + masked:pos + masked + kept] = 1
         pos += masked + kept
