@@ -197,6 +197,12 @@ def _bare_and_frozen() -> dict:
                    frozen_switched=use_fused_wgrad_accumulation([model]) + emb.gradient_accumulation_fusion)
         emb.weight.requires_grad_(True)
         emb.gradient_accumulation_fusion = True
+        unknown = emb(ids)  # tokens the host did not register (as generated on the device): the dense path
+        out.update(unknown_fn=_lookup_node(unknown))
+        del unknown
+        from megatron_bluelm.models.embedding import register_host_tokens
+
+        register_host_tokens(ids, ids.clone())  # what training's forward step does with the loader's copy
         trained = emb(ids)
         trained.square().sum().backward()
         out.update(main_grad_fn=_lookup_node(trained),
@@ -213,7 +219,8 @@ def test_no_ddp_frozen_and_evaluation_take_the_dense_path(layouts):
     assert r["bare_fn"] == "EmbeddingBackward0" and r["bare_out"] and r["bare_grad"]
     assert r["eval_out"] and r["eval_fn"] is None
     assert r["frozen_out"] and r["frozen_grad_fn"] is None and r["frozen_switched"] == 0
-    # main_grad but no DDP flag: the rows go into main_grad, no placeholder (megatron-core's rule)
+    assert r["unknown_fn"] == "EmbeddingBackward0"  # tokens the host does not know
+    # registered tokens, main_grad but no DDP flag: the rows go into main_grad, no placeholder (megatron-core's rule)
     assert r["main_grad_fn"] == "_LookupIntoMainGradBackward" and r["main_grad"]
     assert r["grad_without_ddp_flag"] is None
 
@@ -297,8 +304,9 @@ def test_compact_rows_backward_is_the_dense_sum_bit_for_bit(shard):
         register_host_tokens(dev_ids, ids[:, :5])
 
 
-def test_unregistered_tokens_take_the_device_accumulate():
-    """A lookup whose tokens were never registered (a bare model, generation) sums on the device."""
+def test_lookup_without_compact_rows_sums_on_the_device():
+    """``_LookupIntoMainGrad`` given no compact rows sums with ``accumulate_rows`` (the device-only way,
+    which the module does not take: it measured slower than the dense path on Zipf ids)."""
     from megatron_bluelm.models.embedding import _LookupIntoMainGrad
 
     gen = torch.Generator().manual_seed(2)

@@ -21,11 +21,12 @@ copy (``register_host_tokens``, from training/step.py). The lookup then finds th
 distinct ids on the host (``torch.unique``: no device sync) and its backward is PyTorch's own
 embedding backward into a compact ``[distinct ids, hidden]`` gradient (the dense path's kernel and
 summation order, without the ``[vocab, hidden]`` fill) followed by one ``index_add_`` of those rows
-into ``main_grad`` at distinct rows (no two writes to one row: deterministic). Without registered
-host tokens (a bare model, generation) the rows are summed on the device by ``accumulate_rows``
-(sort-based), whose accumulate serializes the tokens of one id: on an H200 it took 2.03 ms a
-micro-batch vs the dense path's 1.39 with Zipf-distributed ids (1.07 vs 1.51 with uniform ones), and
-multimodal rows repeat one ``<image>`` id in most positions.
+into ``main_grad`` at distinct rows (no two writes to one row: deterministic). Tokens the host does
+not know (a bare model's call, RL batches generated on the device) take megatron-core's dense path:
+finding their distinct ids would make the host wait for the device, and summing on the device
+(``accumulate_rows``, sort-based; ``_LookupIntoMainGrad`` without the compact rows) serializes the
+tokens of one id: on an H200 2.03 ms a micro-batch vs the dense path's 1.39 with Zipf-distributed ids
+(1.07 vs 1.51 with uniform ones), and multimodal rows repeat one ``<image>`` id in most positions.
 """
 from __future__ import annotations
 
@@ -174,7 +175,8 @@ class MainGradVocabParallelEmbedding(VocabParallelEmbedding):
                 and hasattr(w, "main_grad"))
 
     def forward(self, input_):
-        if not self._into_main_grad():
+        host = _host_tokens(input_) if self._into_main_grad() else None
+        if host is None:  # also tokens the host does not know (generated on the device): the dense path
             return super().forward(input_)
         tp = self.tp_group.size() > 1
         if tp:
@@ -183,13 +185,9 @@ class MainGradVocabParallelEmbedding(VocabParallelEmbedding):
             masked_input[input_mask] = 0
         else:
             masked_input = input_
-        host = _host_tokens(input_)
-        if host is None:
-            output_parallel = _LookupIntoMainGrad.apply(masked_input, self.weight)
-        else:
-            slot, rows, width = compact_rows(host, self.vocab_start_index, self.vocab_end_index)
-            output_parallel = _LookupIntoMainGrad.apply(masked_input, self.weight, to_device(slot, input_.device),
-                                                        to_device(rows, input_.device), width)
+        slot, rows, width = compact_rows(host, self.vocab_start_index, self.vocab_end_index)
+        output_parallel = _LookupIntoMainGrad.apply(masked_input, self.weight, to_device(slot, input_.device),
+                                                    to_device(rows, input_.device), width)
         if tp:
             output_parallel[input_mask, :] = 0.0
         if self.reduce_scatter_embeddings:
