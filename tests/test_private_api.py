@@ -30,6 +30,9 @@ SIGNATURES = [
      "models/vision.py: EpilogueColumnParallelLinear.forward (fc1's skipped bias added by the GEMM)"),
     ("megatron.core.tensor_parallel.layers", "RowParallelLinear.forward", ["input_"],
      "models/vision.py: EpilogueRowParallelLinear.forward (the bias in the GEMM without TP)"),
+    ("megatron.core.transformer.attention", "SelfAttention.get_query_key_value_tensors",
+     ["hidden_states", "key_value_states", "output_gate", "split_qkv"],
+     "models/attention.py: BlueLMSelfAttention takes the unsplit QKV output (split_qkv=False) for split_rope_fn"),
 ]
 # (module, attribute, where we use it)
 ATTRIBUTES = [
