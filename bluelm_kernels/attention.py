@@ -29,7 +29,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .transfer import to_device
+from .transfer import tensor_key, to_device
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +182,6 @@ _ENTRIES: "collections.OrderedDict" = collections.OrderedDict()
 _CACHE_SIZE = 16
 
 
-def _key(document_ids):
-    try:
-        version = document_ids._version
-    except RuntimeError:  # inference tensors keep no version counter (and are not written outside inference)
-        version = -1
-    return document_ids.data_ptr(), tuple(document_ids.shape), document_ids.stride(), document_ids.device, version
 
 
 def _store(key, entry: _Entry) -> _Entry:
@@ -200,7 +194,7 @@ def _store(key, entry: _Entry) -> _Entry:
 def _entry(document_ids) -> _Entry:
     """The cached entry of these ids (a view or ``detach()`` of the same ids, what activation
     recomputation passes, finds the same one); on a miss the layout is computed from the ids."""
-    key = _key(document_ids)
+    key = tensor_key(document_ids)
     hit = _ENTRIES.get(key)
     if hit is not None:
         _ENTRIES.move_to_end(key)
@@ -213,7 +207,7 @@ def register_document_layout(document_ids, host_ids) -> DocumentLayout:
     loader's): the device never waits for it. Returns the layout."""
     if tuple(host_ids.shape) != tuple(document_ids.shape):
         raise ValueError(f"host ids {tuple(host_ids.shape)} and device ids {tuple(document_ids.shape)} differ in shape")
-    key = _key(document_ids)
+    key = tensor_key(document_ids)
     hit = _ENTRIES.get(key)
     if hit is not None:
         return hit.layout

@@ -41,20 +41,12 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
 )
 
-from bluelm_kernels.transfer import to_device
+from bluelm_kernels.transfer import tensor_key, to_device
 
 # device tokens -> the loader's CPU copy of them, for the micro-batches about to run (a few in flight
 # under pipeline schedules; the lookup reads its entry in the forward, the backward keeps what it needs)
 _HOST_TOKENS: "collections.OrderedDict" = collections.OrderedDict()
 _HOST_TOKENS_KEPT = 8
-
-
-def _token_key(t: torch.Tensor) -> tuple:
-    try:
-        version = t._version
-    except RuntimeError:  # inference tensors keep no version counter
-        version = -1
-    return t.data_ptr(), tuple(t.shape), t.stride(), t.device, version
 
 
 def register_host_tokens(tokens: torch.Tensor, host_tokens: torch.Tensor) -> None:
@@ -66,13 +58,13 @@ def register_host_tokens(tokens: torch.Tensor, host_tokens: torch.Tensor) -> Non
     if tuple(host_tokens.shape) != tuple(tokens.shape):
         raise ValueError(f"host tokens {tuple(host_tokens.shape)} and device tokens {tuple(tokens.shape)} differ "
                          "in shape")
-    _HOST_TOKENS[_token_key(tokens)] = (tokens, host_tokens)
+    _HOST_TOKENS[tensor_key(tokens)] = (tokens, host_tokens)
     while len(_HOST_TOKENS) > _HOST_TOKENS_KEPT:
         _HOST_TOKENS.popitem(last=False)
 
 
 def _host_tokens(tokens: torch.Tensor) -> Optional[torch.Tensor]:
-    hit = _HOST_TOKENS.get(_token_key(tokens))
+    hit = _HOST_TOKENS.get(tensor_key(tokens))
     return None if hit is None else hit[1]
 
 
