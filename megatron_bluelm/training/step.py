@@ -65,14 +65,18 @@ def fold_rows(batch: dict) -> dict:
     return out
 
 
+def _language_model(chunk):
+    """The decoder (BlueLMModel) of a model chunk, inside its DDP / Float16Module wrappers and, for the
+    multimodal model, its ``language_model``."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return getattr(chunk, "language_model", chunk)
+
+
 def _rope_per_token(model) -> bool:
     """Whether the decoder takes its rotary positions from ``position_ids`` (models/decoder.py): only
     then does a folded row keep every position's angle (else row r's would shift by r * s)."""
-    flags = []
-    for chunk in model:
-        while hasattr(chunk, "module"):  # DDP / Float16Module wrappers
-            chunk = chunk.module
-        flags.append(bool(getattr(getattr(chunk, "language_model", chunk), "per_token_rope", False)))
+    flags = [bool(getattr(_language_model(chunk), "per_token_rope", False)) for chunk in model]
     return bool(flags) and all(flags)
 
 
@@ -141,9 +145,7 @@ LOSS_ROWS = True
 def _takes_loss_rows(chunk) -> bool:
     """Whether this model chunk computes the fused loss (models/decoder.py: the last pipeline stage of
     the fused backend), the only place that uses ``loss_rows``."""
-    while hasattr(chunk, "module"):  # DDP / Float16Module wrappers
-        chunk = chunk.module
-    lm = getattr(chunk, "language_model", chunk)
+    lm = _language_model(chunk)
     return bool(getattr(lm, "fused_loss", False) and getattr(lm, "post_process", False))
 
 
