@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from bluelm_kernels.bench import graph_ms
+from bluelm_kernels.bench import finish_checks, graph_ms
 from bluelm_kernels.decode_attention import (
     _decode_attention_triton,
     decode_attention_ref,
@@ -127,13 +127,7 @@ def main():
                 torch.cuda.empty_cache()
     if not smoke:
         table(res, a.layers)
-    bad = [r for r in res if not r["ok"]]
-    print(f"\nchecks: {len(res) - len(bad)}/{len(res)} ok" + "".join(f"\n  FAILED {json.dumps(r)}" for r in bad))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
-    if bad:
-        raise SystemExit(1)
+    finish_checks(res, a.out)
 
 
 if __name__ == "__main__":

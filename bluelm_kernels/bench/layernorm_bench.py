@@ -27,6 +27,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from bluelm_kernels.bench import finish_checks
 from bluelm_kernels.bench.bench_kernels import gpu_ms, n_sets_for, poison_allocator, rel_err
 from bluelm_kernels.dispatch import interpreting
 from bluelm_kernels.layernorm import TUNE, layernorm, layernorm_ref
@@ -194,13 +195,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     swept = sweep(rows[0], hiddens[0], dev, 2 if a.smoke else None) if a.sweep else None
     table(res, a.smoke)
-    bad = [r for r in res if not r["ok"]]
-    print(f"\nchecks: {len(res) - len(bad)}/{len(res)} ok" + "".join(f"\n  FAILED {json.dumps(r)}" for r in bad))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"env": env, "results": res, "sweep": swept}, f, indent=1)
-    if bad:
-        raise SystemExit(1)
+    finish_checks(res, a.out, {"env": env, "results": res, "sweep": swept})
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import json
 
 import torch
 
+from bluelm_kernels.bench import finish_checks
 from bluelm_kernels.bench.bench_kernels import gpu_ms, n_sets_for, poison_allocator, rel_err
 from bluelm_kernels.dispatch import interpreting
 from bluelm_kernels.rope import apply_rope_qk, split_rope_qkv, split_rope_qkv_ref
@@ -153,14 +154,8 @@ def main() -> None:
         res += r
         bitwise.append(same)
     table(res, a.smoke, LAYERS)
-    bad = [r for r in res if not r["ok"]]
-    print(f"\nchecks: {len(res) - len(bad)}/{len(res)} ok; bitwise equal paths: "
-          f"{all(all(s.values()) for s in bitwise)}" + "".join(f"\n  FAILED {json.dumps(r)}" for r in bad))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"env": env, "results": res, "bitwise_equal": bitwise}, f, indent=1)
-    if bad:
-        raise SystemExit(1)
+    finish_checks(res, a.out, {"env": env, "results": res, "bitwise_equal": bitwise},
+                  f"; bitwise equal paths: {all(all(s.values()) for s in bitwise)}")
 
 
 if __name__ == "__main__":

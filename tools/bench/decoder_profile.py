@@ -343,16 +343,13 @@ def mm_variants(args, logdir: str) -> list[dict]:
             if args.prewarm:  # every tile count met once, as in a long run (multimodal_bench.prewarm_tile_counts)
                 from megatron_bluelm.data.mm_packing import tiles_per_row
 
-                say_warm = mmb.prewarm_tile_counts(run.model, cfg, tiles_per_row(cfg) * rows)
-                print(f"prewarm: {say_warm}", flush=True)
+                print(f"prewarm: {mmb.prewarm_tile_counts(run.model, cfg, tiles_per_row(cfg) * rows)}", flush=True)
             if args.gc == "manual":  # what a training loop with manual collection sees between its collections
                 gc.collect()
                 gc.freeze()
                 gc.disable()
             it.seen = []
-            vlm = run.model[0]
-            while hasattr(vlm, "module"):  # DDP (and any other wrapper) around the BlueLMVLM
-                vlm = vlm.module
+            vlm = mmb._vlm(run.model)
             clock = ForwardClock(vlm.vision_model)
             step_row = profile_steps(step, args.steps, mbs, "mm_packed", logdir, args.traces, args.sync_debug,
                                      top=args.top_kernels, kernel_ops=args.kernel_ops,
