@@ -241,13 +241,40 @@ class _Chunks:
         return lse, tgt, grad_h, grad_w
 
 
+@triton.jit
+def _scaled_accumulate_kernel(ACC, G, SCALE, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    scale = tl.load(SCALE).to(tl.float32)
+    acc = tl.load(ACC + offs, mask=m)
+    g = tl.load(G + offs, mask=m).to(tl.float32)
+    tl.store(ACC + offs, (acc.to(tl.float32) + g * scale).to(ACC.dtype.element_ty), mask=m)
+
+
+def scaled_accumulate_(acc: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """``acc += grad * scale`` in fp32 (``acc`` contiguous, e.g. an fp32 ``main_grad``; ``grad`` of its
+    shape in any float dtype; ``scale`` a one-element device tensor, read on the device, not the host):
+    one vectorized pass. PyTorch runs ``acc.add_(grad * scale)`` as two passes, the mixed-dtype add and
+    the 0-dim-tensor multiply both as unvectorized broadcast kernels."""
+    if acc.shape != grad.shape or not acc.is_contiguous() or scale.numel() != 1:
+        raise ValueError(f"scaled_accumulate_: acc {tuple(acc.shape)} (contiguous), grad {tuple(grad.shape)}, "
+                         f"scale of one element ({scale.numel()})")
+    if not use_triton(acc):
+        acc.add_(grad.to(torch.float32) * scale.to(torch.float32).reshape(()))
+        return
+    grad = grad.contiguous()
+    block = 4096 if acc.is_cuda else 256
+    _scaled_accumulate_kernel[(triton.cdiv(acc.numel(), block),)](acc, grad, scale, acc.numel(), BLOCK=block,
+                                                                   num_warps=8 if acc.is_cuda else 1)
+
+
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, tp_group, chunk_size, reduction):
+    def forward(ctx, hidden, weight, labels, ignore_index, tp_group, chunk_size, reduction, weight_grad_to):
         hidden, labels = hidden.contiguous(), labels.contiguous()
         ch = _Chunks(hidden, weight, labels, ignore_index, tp_group, chunk_size)
         valid = labels != ignore_index
-        ctx.reduction = reduction
+        ctx.reduction, ctx.weight_grad_to = reduction, weight_grad_to
         if reduction == "none":
             lse, tgt = ch.forward_stats(hidden, weight, labels)
             ctx.ch = ch
@@ -264,23 +291,32 @@ class _FusedLinearCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.reduction != "none":
             grad_h, grad_w = ctx.saved_tensors
+            if ctx.weight_grad_to is not None and ctx.needs_input_grad[1]:
+                return (grad_h * grad_out.to(grad_h.dtype), ctx.weight_grad_to(grad_w, grad_out),
+                        None, None, None, None, None, None)
             return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), \
-                None, None, None, None, None
+                None, None, None, None, None, None
         hidden, weight, labels, lse = ctx.saved_tensors
         g = torch.where(labels != ctx.ch.ignore_index, grad_out.float(), 0.0).contiguous()
         grad_h, grad_w = ctx.ch.backward(hidden, weight, labels, lse, g)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, tp_group=None,
-                               chunk_size=None, reduction="none"):
+                               chunk_size=None, reduction="none", weight_grad_to=None):
     """Cross-entropy of `hidden @ weight.T` against `labels` without the [N, V] logits.
 
     hidden [N, H], weight [V_local, H] (the vocab shard when tp_group is given), labels [N]
     (global ids). Returns the fp32 per-token loss [N] (0 where ignored), or its sum / mean over
     non-ignored tokens for reduction="sum"/"mean" (faster: gradients computed in forward).
+    ``weight_grad_to(grad_w, grad_out) -> weight gradient for autograd`` (sum / mean only): the
+    backward hands it the unscaled weight gradient and the loss's incoming gradient instead of
+    returning ``grad_w * grad_out`` (training adds it into an fp32 ``main_grad`` with
+    ``scaled_accumulate_``, models/fused_loss.py).
     """
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"reduction must be none|sum|mean, got {reduction!r}")
+    if weight_grad_to is not None and reduction == "none":
+        raise ValueError("weight_grad_to needs reduction='sum' or 'mean' (the weight gradient made in the forward)")
     return _FusedLinearCE.apply(hidden, weight, labels, ignore_index, tp_group, chunk_size,
-                                reduction)
+                                reduction, weight_grad_to)

@@ -12,9 +12,10 @@ from distributed import run_distributed
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
 
 
-def _grads(fused: bool) -> dict:
+def _grads(fused: bool, backend: str = "torch") -> dict:
     from packed_workers import _grads_and_loss, alone_batch, documents, tiny_overrides
 
+    import bluelm_kernels.cross_entropy as ce
     from megatron_bluelm.config.loader import load_config
     from megatron_bluelm.data import load_tokenizer
     from megatron_bluelm.models.decoder import build_decoder
@@ -22,11 +23,12 @@ def _grads(fused: bool) -> dict:
     from megatron_bluelm.training import model_setup
     from megatron_bluelm.training.loop import prepare_config, setup_run
 
-    cfg = load_config(None, tiny_overrides(["--training.global_batch_size", "3"]))
+    cfg = load_config(None, tiny_overrides(["--training.global_batch_size", "3"]) + ["--model.backend", backend])
     prepare_config(cfg)
     vocab = cfg.model.vocab_size or load_tokenizer(cfg.data.tokenizer_model).vocab_size
-    inner = model_setup.wgrad_accumulate
-    counted = []
+    inner, inner_ce = model_setup.wgrad_accumulate, ce.scaled_accumulate_
+    counted, sunk = [], []
+    ce.scaled_accumulate_ = lambda *a: (sunk.append(tuple(a[0].shape)), inner_ce(*a))[1]  # the fused loss's weight
     # count what reaches the fused GEMM: the first switch of the process installs the function it finds
     model_setup.wgrad_accumulate = lambda *a: (counted.append(tuple(a[2].shape)), inner(*a))[1]
     try:
@@ -39,14 +41,34 @@ def _grads(fused: bool) -> dict:
         switched = sum(bool(getattr(m, "gradient_accumulation_fusion", False)) for m in run.model[0].modules())
         batches = [alone_batch(d) for r in documents(3) for d in r][:3]  # three micro-batches: accumulation
         out = _grads_and_loss(run, batches)
-        out.update(switched=switched, calls=len(counted))
+        out.update(switched=switched, calls=len(counted), sunk=len(sunk))
         return out
     finally:
+        ce.scaled_accumulate_ = inner_ce
         teardown()
 
 
-def _fused_vs_unfused():
-    return {"fused": _grads(True), "unfused": _grads(False)}
+def _fused_vs_unfused(backend="torch"):
+    return {"fused": _grads(True, backend), "unfused": _grads(False, backend)}
+
+
+def _assert_same_grads(fused, unfused):
+    assert fused["tokens"] == unfused["tokens"] > 0
+    assert abs(fused["loss_sum"] - unfused["loss_sum"]) < 1e-6 * abs(unfused["loss_sum"])
+    assert fused["grads"].keys() == unfused["grads"].keys()
+    for name, g in unfused["grads"].items():
+        assert float(g.abs().max()) > 0, name
+        torch.testing.assert_close(fused["grads"][name], g, rtol=1e-5, atol=1e-6 * float(g.abs().max()), msg=name)
+
+
+def test_fused_loss_weight_gradient_goes_into_main_grad():
+    """The fused backend's loss (models/fused_loss.py) computes the output layer's weight gradient
+    itself: with the fusion on it is added into main_grad (scaled_accumulate_, once per micro-batch),
+    the same gradients as autograd + DDP's hook."""
+    r = run_distributed(partial(_fused_vs_unfused, "fused"), 1)[0]
+    fused, unfused = r["fused"], r["unfused"]
+    assert fused["sunk"] == 3 and unfused["sunk"] == 0
+    _assert_same_grads(fused, unfused)
 
 
 def test_fused_accumulation_gives_the_unfused_gradients():

@@ -106,3 +106,39 @@ def _tp_rank(rank, world, port, reduction):
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_tensor_parallel_two_ranks(reduction):
     mp.spawn(_tp_rank, args=(2, _free_port(), reduction), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16])
+def test_scaled_accumulate_adds_grad_times_the_device_scale(gdtype):
+    from bluelm_kernels.cross_entropy import scaled_accumulate_
+
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randn(37, 19, generator=g)  # not a multiple of the block: the masked tail
+    grad = torch.randn(37, 19, generator=g).to(gdtype)
+    scale = torch.tensor(0.37)
+    want = acc + grad.float() * 0.37
+    ptr = acc.data_ptr()
+    scaled_accumulate_(acc, grad, scale)
+    assert acc.data_ptr() == ptr
+    torch.testing.assert_close(acc, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="scale of one element"):
+        scaled_accumulate_(acc, grad, torch.ones(2))
+
+
+def test_weight_grad_to_receives_the_unscaled_gradient():
+    h, w = torch.randn(6, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    labels = torch.tensor([1, 2, -100, 4, 5, 10])
+    seen = []
+
+    def sink(grad_w, grad_out):
+        seen.append((grad_w.clone(), grad_out.clone()))
+        return grad_w * grad_out
+
+    (fused_linear_cross_entropy(h, w, labels, reduction="sum", weight_grad_to=sink) * 3.0).backward()
+    ref_h, ref_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    (fused_linear_cross_entropy(ref_h, ref_w, labels, reduction="sum") * 3.0).backward()
+    assert len(seen) == 1 and float(seen[0][1]) == 3.0
+    torch.testing.assert_close(w.grad, ref_w.grad)
+    torch.testing.assert_close(seen[0][0] * 3.0, ref_w.grad)
+    with pytest.raises(ValueError, match="weight_grad_to needs"):
+        fused_linear_cross_entropy(h, w, labels, weight_grad_to=sink)
