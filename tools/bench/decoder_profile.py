@@ -231,7 +231,10 @@ def profile_steps(step_fn, steps: int, microbatches: int, name: str, logdir: str
             host["launches"] += evt.count
         if "Pageable" in evt.key and str(evt.device_type).endswith("CUDA"):
             host["pageable_copy_ms"] += evt.self_device_time_total / 1e3
-        if str(evt.device_type).endswith("CUDA") and evt.self_device_time_total > 0:
+        # a record_function range (``Optimizer.step#AdamW.step``) also appears as a CUDA event spanning
+        # the kernels inside it: counting it would count those kernels twice (torch's own table skips it)
+        if (str(evt.device_type).endswith("CUDA") and evt.self_device_time_total > 0
+                and not getattr(evt, "is_user_annotation", False)):
             ms = evt.self_device_time_total / 1e3
             by_cat[category(evt.key)] += ms
             kernels[evt.key] += ms
