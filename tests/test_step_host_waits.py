@@ -1,5 +1,6 @@
 """What makes the host wait for the device at a step's end: the loss is read before the optimizer's
-kernels are queued, and the finiteness check exchanges nothing when every rank already knows it."""
+kernels are queued, the finiteness check exchanges nothing when every rank already knows it, and the
+throughput meter times with CUDA events, waiting only when it reports."""
 import math
 from types import SimpleNamespace
 
@@ -56,3 +57,44 @@ def test_finiteness_check_exchanges_only_what_a_rank_may_not_know(monkeypatch, p
     # this rank's own NaN is seen without any exchange as well
     with pytest.raises(loop.NonFiniteStep, match="loss not finite"):
         loop._check_finite(_run(), step.StepResult(loss=math.nan, tokens=3, grad_norm=1.0), agreed=True)
+
+
+class _Clock:
+    now = 0.0
+
+
+class _FakeEvent:
+    """A CUDA event on a device whose work completes as it is queued (the fake clock's time)."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        self.t = _Clock.now
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return (other.t - self.t) * 1e3
+
+
+def test_throughput_meter_waits_for_the_device_only_when_it_reports(monkeypatch):
+    syncs = []
+    monkeypatch.setattr(loop.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loop.torch.cuda, "synchronize", lambda *a: syncs.append(1))
+    monkeypatch.setattr(loop.torch.cuda, "Event", _FakeEvent)
+    cfg = SimpleNamespace(logging=SimpleNamespace(peak_tflops=100.0),
+                          training=SimpleNamespace(global_batch_size=2), data=SimpleNamespace(seq_length=8))
+    run = SimpleNamespace(cfg=cfg, flops_per_token=1e9, info=SimpleNamespace(world_size=1))
+    meter = loop.Throughput(run)
+    for i in range(10):
+        _Clock.now += 0.5  # the step
+        meter.steps += 1
+        meter.pause()
+        _Clock.now += 3.0 if i == 4 else 0.0  # a checkpoint save at one step end: not step time
+        meter.resume()
+    out = meter.report()
+    assert syncs == []  # events only: no synchronize per step (nor at the report: it waits on its event)
+    assert out["step_time_s"] == pytest.approx(0.5)
+    assert out["tokens_per_s"] == pytest.approx(10 * 2 * 8 / 5.0)

@@ -71,33 +71,54 @@ def _memory_gib() -> float:
 
 
 class Throughput:
-    """Tokens/s, TFLOP/s per GPU and MFU over the steps since the last report."""
+    """Tokens/s, TFLOP/s per GPU and MFU over the steps since the last report.
+
+    On CUDA the clock is CUDA events on the current stream, not host time taken after a
+    ``synchronize``: ``pause()`` / ``resume()`` (around evaluation and the step-end hooks, i.e. checkpoint
+    saves, at every step) record an event each and wait for nothing, and only ``report()`` (every
+    ``logging.log_interval`` steps) waits for the device. A paused interval on the device runs from the
+    step's last kernel to the first work queued after ``resume()``, what a synchronize at each end
+    measured, so evaluation and saves are still not step time. A synchronize at every step end made
+    the host wait for the optimizer's kernels before queuing the next step (a bubble a step)."""
 
     def __init__(self, run: Run):
         self.run = run
         self.peak = device_peak_tflops(run.cfg.logging.peak_tflops)
+        self.cuda = torch.cuda.is_available()
         self.reset()
 
+    def _event(self):
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
     def reset(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.t0, self.steps = time.perf_counter(), 0
+        self.steps, self.paused_s, self.intervals, self._paused = 0, 0.0, [], None
+        if self.cuda:
+            self.start = self._event()
+        self.t0 = time.perf_counter()
 
     def pause(self) -> None:
         """Stop the clock: evaluation and checkpoint saves are not step time."""
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.paused_at = time.perf_counter()
+        self._paused = self._event() if self.cuda else time.perf_counter()
 
     def resume(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.t0 += time.perf_counter() - self.paused_at
+        if self._paused is None:
+            return
+        if self.cuda:
+            self.intervals.append((self._paused, self._event()))
+        else:
+            self.paused_s += time.perf_counter() - self._paused
+        self._paused = None
 
     def report(self) -> dict:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        dt = max(time.perf_counter() - self.t0, 1e-9)
+        if self.cuda:
+            end = self._event()
+            end.synchronize()
+            paused = sum(a.elapsed_time(b) for a, b in self.intervals) / 1e3
+            dt = max(self.start.elapsed_time(end) / 1e3 - paused, 1e-9)
+        else:
+            dt = max(time.perf_counter() - self.t0 - self.paused_s, 1e-9)
         t = self.run.cfg.training
         tokens = self.steps * t.global_batch_size * self.run.cfg.data.seq_length
         tflops_per_gpu = tokens * self.run.flops_per_token / dt / self.run.info.world_size / 1e12
