@@ -98,3 +98,23 @@ def test_throughput_meter_waits_for_the_device_only_when_it_reports(monkeypatch)
     assert syncs == []  # events only: no synchronize per step (nor at the report: it waits on its event)
     assert out["step_time_s"] == pytest.approx(0.5)
     assert out["tokens_per_s"] == pytest.approx(10 * 2 * 8 / 5.0)
+
+
+@pytest.mark.parametrize("signalled", [True, False])
+def test_preemption_agreement_is_a_host_exchange(monkeypatch, signalled):
+    """The per-step preemption flag is a CPU tensor reduced over the checkpointer's host (gloo) group:
+    nothing on the device to wait for, whatever the run's device."""
+    from megatron_bluelm.training import checkpointing
+
+    seen = []
+
+    def all_reduce(t, op=None, group=None):
+        seen.append((t.device.type, group))
+        t.fill_(1.0)  # another rank was signalled
+
+    monkeypatch.setattr(checkpointing.dist, "all_reduce", all_reduce)
+    ckpt = checkpointing.Checkpointer.__new__(checkpointing.Checkpointer)
+    ckpt._signalled, ckpt._host_group = signalled, "host-group"
+    ckpt.run = SimpleNamespace(info=SimpleNamespace(device=torch.device("meta")))  # a device never read
+    assert ckpt._agree_on_signal() is True
+    assert seen == [("cpu", "host-group")]

@@ -728,8 +728,11 @@ class Checkpointer:
         self.save_seconds = 0.0  # time the training loop spent in saves (blocking part only)
         self.staging: Optional[HostStaging] = None  # the host copies a save writes (host_staging.py)
         self._staging_reported = False
+        self._host_group = None  # the preemption flag's group: gloo, a host-side exchange (_agree_on_signal)
         if self.cfg.save:
             check_writable(self.cfg.save)
+            if dist.get_backend() != "gloo":  # every rank builds its Checkpointer at the same point
+                self._host_group = dist.new_group(backend="gloo")
             for sig in PREEMPTION_SIGNALS:
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
 
@@ -849,8 +852,12 @@ class Checkpointer:
         return self.staging
 
     def _agree_on_signal(self) -> bool:
-        flag = torch.tensor([1.0 if self._signalled else 0.0], device=self.run.info.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        """Whether any rank was signalled: every rank saves this same step and stops. The flag is a CPU
+        tensor reduced over a gloo group (the world group where that is gloo already), an exchange
+        between hosts: with the flag on the GPU (NCCL) its read made the host wait, at every step end,
+        for the optimizer's kernels before it could queue the next step."""
+        flag = torch.tensor([1.0 if self._signalled else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group)
         return bool(flag.item() > 0)
 
     def save(self, blocking: bool = False) -> str:
