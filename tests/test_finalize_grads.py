@@ -62,3 +62,20 @@ def test_finalize_without_a_count_leaves_the_gradients(monkeypatch):
     hook, calls = _hook(monkeypatch, model)
     hook([model], None)
     assert torch.equal(model.buffers[0].grad_data, before) and len(calls) == 1
+
+
+def test_finalize_leaves_other_wrappers_to_their_own_scaling(monkeypatch):
+    """A chunk that is not megatron-core's DDP (``buffers`` is then nn.Module's method) scales itself."""
+    scaled = []
+
+    class Wrapper(torch.nn.Module):
+        config = SimpleNamespace()
+        ddp_config = SimpleNamespace(overlap_grad_reduce=False, overlap_param_gather=False)
+
+        def scale_gradients(self, s):
+            scaled.append(float(s))
+
+    chunk = Wrapper()
+    hook, _ = _hook(monkeypatch, chunk)
+    hook([chunk], torch.tensor(4, dtype=torch.int32))
+    assert scaled == [1.0 / 8]

@@ -231,8 +231,8 @@ def finalize_grads(model: List[torch.nn.Module], num_tokens: Optional[torch.Tens
     dist.all_reduce(num_tokens, group=dp_cp_group)
     scaling = torch.where(num_tokens > 0, 1.0 / num_tokens, torch.ones_like(num_tokens, dtype=torch.float))
     for chunk in model:
-        buffers = getattr(chunk, "buffers", None)
-        if buffers is None:  # not megatron-core's DDP: its own scaling (which reads the scale on the host)
+        buffers = getattr(chunk, "buffers", None)  # DDP's list of grad buffers (a plain Module's is a method)
+        if not isinstance(buffers, (list, tuple)):  # not megatron-core's DDP: the wrapper's own scaling
             chunk.scale_gradients(scaling)
             continue
         grads = [b.grad_data for b in list(buffers) + list(getattr(chunk, "expert_parallel_buffers", []))]
