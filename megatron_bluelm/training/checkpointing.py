@@ -731,7 +731,7 @@ class Checkpointer:
         self._host_group = None  # the preemption flag's group: gloo, a host-side exchange (_agree_on_signal)
         if self.cfg.save:
             check_writable(self.cfg.save)
-            if dist.get_backend() != "gloo":  # every rank builds its Checkpointer at the same point
+            if dist.is_initialized() and dist.get_backend() != "gloo":  # every rank builds it at the same point
                 self._host_group = dist.new_group(backend="gloo")
             for sig in PREEMPTION_SIGNALS:
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
