@@ -103,3 +103,14 @@ def test_vocab_parallel_embedding_forward_is_what_ours_repeats():
                  "output_parallel.transpose(0, 1).contiguous()", "reduce_scatter_to_sequence_parallel_region(",
                  "reduce_from_tensor_model_parallel_region("):
         assert step in src, f"VocabParallelEmbedding.forward no longer has {step!r} (models/embedding.py repeats it)"
+
+
+def test_linear_backward_still_reads_use_bias_from_ctx():
+    """models/vision.py's _BiasEpilogueLinear.backward clears ctx.use_bias so that megatron-core's backward
+    skips its bias sum (ours replaces it): guard that the inherited backward still decides by that field."""
+    from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication as F
+
+    src = inspect.getsource(F.backward)
+    assert "use_bias = ctx.use_bias" in src and "if use_bias else None" in src, (
+        "LinearWithGradAccumulationAndAsyncCommunication.backward no longer takes the bias gradient from "
+        "ctx.use_bias; used by models/vision.py: _BiasEpilogueLinear.backward")

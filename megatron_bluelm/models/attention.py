@@ -38,18 +38,21 @@ class BlueLMSelfAttention(SelfAttention):
     (query, key)`` and calls the core directly. With ``split_rope_fn(mixed_qkv, freqs,
     heads_per_group) -> (query, key, value)`` (mixed_qkv: the QKV projection's output viewed as
     megatron's [s, b, groups, (heads/groups + 2) * d]) the split and RoPE are one op wherever
-    megatron's split is a plain slicing of that output (see ``_split_rope_applies``)."""
+    megatron's split is a plain slicing of that output (see ``_fused_split_applies``); without RoPE (the
+    ViT), ``split_fn(mixed_qkv, heads_per_group) -> (query, key, value)`` replaces megatron's split there
+    (``bluelm_kernels.qkv_split``: its backward writes the three gradients into one buffer)."""
 
     def __init__(self, *args, rope_fn: Optional[Callable] = None, split_rope_fn: Optional[Callable] = None,
-                 **kwargs):
+                 split_fn: Optional[Callable] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.rope_fn = rope_fn or torch_rope
         self.split_rope_fn = split_rope_fn
+        self.split_fn = split_fn
 
-    def _split_rope_applies(self) -> bool:
+    def _fused_split_applies(self, fn) -> bool:
         # Where megatron's split does more than slice: query groups split over TP ranks (it gathers
         # the projection and picks this rank's heads), q/k norms and test hooks between split and RoPE.
-        return (self.split_rope_fn is not None
+        return (fn is not None
                 and self.config.num_query_groups >= self.world_size
                 and all(n is None or isinstance(n, IdentityOp) for n in (self.q_layernorm, self.k_layernorm))
                 and not self.config.test_mode)
@@ -69,10 +72,13 @@ class BlueLMSelfAttention(SelfAttention):
         freqs = None
         if rotary_pos_emb is not None:
             freqs = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
-        if freqs is not None and self._split_rope_applies():
+        heads_per_group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if freqs is not None and self._fused_split_applies(self.split_rope_fn):
             mixed_qkv, _ = self.get_query_key_value_tensors(hidden_states, None, split_qkv=False)
-            heads_per_group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
             query, key, value = self.split_rope_fn(mixed_qkv, freqs, heads_per_group)
+        elif freqs is None and self._fused_split_applies(self.split_fn):
+            mixed_qkv, _ = self.get_query_key_value_tensors(hidden_states, None, split_qkv=False)
+            query, key, value = self.split_fn(mixed_qkv, heads_per_group)
         else:
             query, key, value = self.get_query_key_value_tensors(hidden_states, None)  # [s, b, n, d]
             if freqs is not None:

@@ -98,8 +98,36 @@ class _BiasEpilogueLinear(LinearWithGradAccumulationAndAsyncCommunication):
         ctx.wgrad_deferral_limit = wgrad_deferral_limit
         ctx.grad_output_buffer = grad_output_buffer
         ctx.tp_group = tp_group
+        # the bias gradient: into the bias's fp32 main_grad where the weight's goes into its own
+        # (megatron-core's placeholder protocol, as models/embedding.py), else returned
+        ctx.bias = bias
+        ctx.bias_into_main_grad = (gradient_accumulation_fusion and hasattr(bias, "main_grad")
+                                   and hasattr(bias, "grad_added_to_main_grad"))
         out = torch.addmm(bias, input.reshape(-1, input.shape[-1]), weight.t())
         return out.view(*input.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        """megatron-core's backward for the input and weight gradients; the bias gradient by
+        ``bluelm_kernels.bias_grad`` (fp32 column sums at the copy bandwidth, PyTorch's ``sum(0)`` runs
+        at about half of it on these shapes), added straight to ``main_grad`` with the fusion on."""
+        from bluelm_kernels.bias_grad import column_sum, column_sum_into_
+
+        from megatron_bluelm.models.embedding import placeholder_grad
+
+        bias = ctx.bias
+        ctx.use_bias = False  # megatron-core's backward then skips its dy.sum(0)
+        grads = list(LinearWithGradAccumulationAndAsyncCommunication.backward(ctx, grad_output))
+        ctx.bias = None
+        if not ctx.needs_input_grad[2]:
+            grads[2] = None
+        elif ctx.bias_into_main_grad:
+            column_sum_into_(bias.main_grad, grad_output)
+            bias.grad_added_to_main_grad = True
+            grads[2] = placeholder_grad(bias)
+        else:
+            grads[2] = column_sum(grad_output, bias.dtype)
+        return tuple(grads)
 
 
 class EpilogueColumnParallelLinear(ColumnParallelLinear):
@@ -200,9 +228,9 @@ def vision_transformer_config(lm_config: TransformerConfig, v: VisionConfig,
 def vision_layer_spec(backend: str, attention_backend: str = "default") -> ModuleSpec:
     """One ViT layer: Transformer Engine parts under ``te``; under ``fused`` our Triton LayerNorm and
     every bias in its GEMM (``EpilogueColumnParallelLinear`` / ``EpilogueRowParallelLinear``; see
-    ``vision_transformer_config``); plain torch otherwise. Attention is non-causal SDPA
-    on every non-TE backend, on the SDPA backend ``attention_backend`` names (``vision.attention_backend``:
-    bluelm_kernels/sdpa_choice.py)."""
+    ``vision_transformer_config``) and the QKV split of ``bluelm_kernels.qkv_split``; plain torch
+    otherwise. Attention is non-causal SDPA on every non-TE backend, on the SDPA backend
+    ``attention_backend`` names (``vision.attention_backend``: bluelm_kernels/sdpa_choice.py)."""
     if backend == "te":
         from megatron.core.extensions.transformer_engine import (
             TEColumnParallelLinear,
@@ -217,8 +245,17 @@ def vision_layer_spec(backend: str, attention_backend: str = "default") -> Modul
         column = EpilogueColumnParallelLinear if backend == "fused" else ColumnParallelLinear
         row = EpilogueRowParallelLinear if backend == "fused" else RowParallelLinear
         core = ModuleSpec(module=SDPACoreAttention, params={"sdpa_choice": attention_backend})
-    # bidirectional over the patches
-    return prenorm_layer_spec(norm, column, row, core, {"attn_mask_type": AttnMaskType.no_mask})
+    params = {"attn_mask_type": AttnMaskType.no_mask}  # bidirectional over the patches
+    if backend == "fused":
+        params["split_fn"] = _fused_split_qkv
+    return prenorm_layer_spec(norm, column, row, core, params)
+
+
+def _fused_split_qkv(mixed_qkv, heads_per_group):
+    # megatron's QKV split whose backward writes dq, dk, dv into one d(mixed_qkv) (no cat)
+    from bluelm_kernels.qkv_split import split_qkv
+
+    return split_qkv(mixed_qkv, heads_per_group)
 
 
 class VisionEncoder(MegatronModule):

@@ -155,7 +155,7 @@ def _attention_fused_vs_unfused():
         out[name] = runs
     # groups split over TP ranks: megatron's split gathers and re-slices there; the op must not apply
     attn.world_size = 4
-    out["applies_with_groups_split"] = attn._split_rope_applies()
+    out["applies_with_groups_split"] = attn._fused_split_applies(attn.split_rope_fn)
     return out
 
 

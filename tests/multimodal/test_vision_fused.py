@@ -79,3 +79,50 @@ def test_vision_recompute_is_checked():
     cfg.vision.preset, cfg.vision.recompute = "vit-tiny", "sometimes"
     with pytest.raises(ConfigError, match="vision.recompute: one of none, selective, full"):
         cfg.vision.resolve()
+
+
+def _bias_grads_into_main_grad():
+    from megatron_bluelm.models.vision import EpilogueColumnParallelLinear, EpilogueRowParallelLinear
+    from megatron_bluelm.training.model_setup import use_fused_wgrad_accumulation
+
+    torch.manual_seed(0)
+    vit, vcfg = _vit("fused")
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.normal_(0, 0.2)
+    vit.train()
+    pixels = [torch.randn(2, 3, 112, 112) for _ in range(2)]  # two micro-batches: accumulation
+
+    def backward(px):
+        feats = vit(px)
+        (feats * torch.linspace(-1, 1, feats.shape[-1])).sum().backward()
+
+    for px in pixels:  # the reference: autograd's .grad, summed over the micro-batches
+        backward(px)
+    want = {n: p.grad.float().clone() for n, p in vit.named_parameters()}
+    vit.zero_grad(set_to_none=True)
+    for p in vit.parameters():  # what megatron-core's DDP gives every parameter
+        p.main_grad = torch.zeros(p.shape, dtype=torch.float32)
+        p.grad_added_to_main_grad = False
+    linears = [m for m in vit.modules() if isinstance(m, (EpilogueColumnParallelLinear, EpilogueRowParallelLinear))]
+    assert use_fused_wgrad_accumulation([vit]) >= len(linears) == 4 * vcfg.num_layers
+    for px in pixels:
+        backward(px)
+        for p in vit.parameters():  # DDP's backward hook: a real .grad is added, a placeholder is not
+            if p.grad is not None and not p.grad_added_to_main_grad:
+                p.main_grad.add_(p.grad)
+            p.grad = None
+    fused_biases = {id(m.bias) for m in linears}
+    for n, p in vit.named_parameters():
+        torch.testing.assert_close(p.main_grad, want[n], rtol=1e-4, atol=1e-5 * float(want[n].abs().max()), msg=n)
+        assert p.grad_added_to_main_grad == (id(p) in fused_biases or n.endswith("linear_qkv.weight")
+                                             or n.endswith("linear_proj.weight") or n.endswith("fc1.weight")
+                                             or n.endswith("fc2.weight")), n
+    return len(fused_biases)
+
+
+def test_fused_bias_gradients_go_into_main_grad():
+    """With the weight-gradient fusion on, the fused ViT linears' bias gradients are fp32 column sums added
+    to main_grad by the linear's backward (megatron-core's placeholder to autograd): the same gradients as
+    autograd's .grad over two micro-batches."""
+    assert run_distributed(_bias_grads_into_main_grad, 1)[0] == 4 * 2  # vit-tiny: 2 layers x 4 linears
