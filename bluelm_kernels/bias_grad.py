@@ -69,7 +69,8 @@ def _programs(m, n, device):
     """(row programs, rows a program) for [m, n]."""
     sms = _SMS.get(device)
     if sms is None:
-        sms = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        cuda = device.type == "cuda"
+        sms = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4
     bm, bn = TUNE["rows"], TUNE["cols"]
     strips = triton.cdiv(n, bn)
     p = max(1, min(triton.cdiv(m, bm), triton.cdiv(TUNE["per_sm"] * sms, strips)))

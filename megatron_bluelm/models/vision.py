@@ -112,7 +112,6 @@ class _BiasEpilogueLinear(LinearWithGradAccumulationAndAsyncCommunication):
         ``bluelm_kernels.bias_grad`` (fp32 column sums at the copy bandwidth, PyTorch's ``sum(0)`` runs
         at about half of it on these shapes), added straight to ``main_grad`` with the fusion on."""
         from bluelm_kernels.bias_grad import column_sum, column_sum_into_
-
         from megatron_bluelm.models.embedding import placeholder_grad
 
         bias = ctx.bias

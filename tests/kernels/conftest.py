@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 _previous = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 _MODULES = [f"bluelm_kernels.{m}" for m in ("_triton", "dispatch", "rmsnorm", "layernorm", "swiglu", "rope",
-                                             "cross_entropy", "bias_grad", "qkv_split", "attention", "decode_attention", "decode_step")]
+                                             "cross_entropy", "bias_grad", "qkv_split", "attention",
+                                             "decode_attention", "decode_step")]
 _MODULES += ["bluelm_kernels"]
 for _name in _MODULES:
     if _name in sys.modules:
