@@ -83,6 +83,8 @@ class _BiasEpilogueLinear(LinearWithGradAccumulationAndAsyncCommunication):
     afterwards: one pass less over [patches x tiles, 3 x hidden] per layer. Without sequence
     parallelism only (the ViT never uses it), where the forward has no all-gather."""
 
+    bias_kernel = True  # False: megatron-core's bias gradient (benchmarks measure what the kernel saves)
+
     @staticmethod
     @custom_fwd
     def forward(ctx, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
@@ -114,10 +116,11 @@ class _BiasEpilogueLinear(LinearWithGradAccumulationAndAsyncCommunication):
         from bluelm_kernels.bias_grad import column_sum, column_sum_into_
         from megatron_bluelm.models.embedding import placeholder_grad
 
-        bias = ctx.bias
+        bias, ctx.bias = ctx.bias, None
+        if not _BiasEpilogueLinear.bias_kernel:
+            return LinearWithGradAccumulationAndAsyncCommunication.backward(ctx, grad_output)
         ctx.use_bias = False  # megatron-core's backward then skips its dy.sum(0)
         grads = list(LinearWithGradAccumulationAndAsyncCommunication.backward(ctx, grad_output))
-        ctx.bias = None
         if not ctx.needs_input_grad[2]:
             grads[2] = None
         elif ctx.bias_into_main_grad:

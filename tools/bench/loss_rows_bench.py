@@ -126,18 +126,7 @@ def mm_ab(rounds: int, argv: list) -> None:
     sys.path.insert(0, HERE)
     import multimodal_bench as mmb
 
-    from megatron_bluelm.training import step
-
-    set_switches = mmb._set_switches
-
-    def switches(vlm, fold, vit_fusions, *rest):
-        rows, bda = (True, rest[0]) if len(rest) == 1 else rest  # its reset call passes no loss-rows flag
-        step.LOSS_ROWS = rows
-        set_switches(vlm, fold, vit_fusions, bda)
-
-    mmb._set_switches = switches
-    mmb.AB_VARIANTS = {"all": (True, True, True), "no_loss_rows": (True, True, False)}
-    mmb.main([*argv, "--ab", str(rounds)])
+    mmb.main([*argv, "--ab", str(rounds), "--ab-variants", "all,no_loss_rows"])
 
 
 def main(argv=None) -> None:

@@ -241,18 +241,32 @@ def prewarm_tile_counts(model, cfg, max_tiles: int) -> dict:
     return {"prewarmed_tile_counts": max_tiles, "prewarm_s": _now() - t0}
 
 
-AB_VARIANTS = {  # --ab: (rows folded, ViT fusions: Triton LayerNorm, every bias in its GEMM)
-    "all": (True, True), "no_row_folding": (False, True), "no_vit_fusions": (True, False), "neither": (False, False)}
+AB_VARIANTS = {  # --ab: the switches a variant turns off (rows folded; the loss on its loss rows only; ViT
+    # fusions: Triton LayerNorm, every bias in its GEMM; ViT gradient kernels: the bias gradients' column
+    # sums, the QKV split's one-launch backward)
+    "all": {},
+    "no_vit_grad_kernels": dict(vit_grad_kernels=False),
+    "no_row_folding": dict(fold=False),
+    "no_vit_fusions": dict(vit_fusions=False),
+    "no_loss_rows": dict(loss_rows=False),
+}
 
 
-def _set_switches(vlm, fold, vit_fusions: bool, bda_fusion: bool) -> None:
+def _set_switches(vlm, bda_fusion: bool, fold=None, vit_fusions: bool = True, vit_grad_kernels: bool = True,
+                  loss_rows: bool = True) -> None:
     from megatron_bluelm.models import vision
+    from megatron_bluelm.models.attention import BlueLMSelfAttention
     from megatron_bluelm.training import step
 
     step.ROW_FOLDING = fold
+    step.LOSS_ROWS = loss_rows
     vision.FusedLayerNorm.kernel = vit_fusions
     vision.EpilogueColumnParallelLinear.epilogue = vit_fusions
     vision.EpilogueRowParallelLinear.epilogue = vit_fusions
+    vision._BiasEpilogueLinear.bias_kernel = vit_grad_kernels
+    for m in vlm.vision_model.modules():
+        if isinstance(m, BlueLMSelfAttention):
+            m.split_fn = vision._fused_split_qkv if vit_grad_kernels else None
     # megatron-core reads it at every forward; on where the backend has it on (fused)
     vlm.vision_model.config.bias_dropout_fusion = vit_fusions and bda_fusion
 
@@ -274,21 +288,24 @@ def _ab_rounds(run, it, kw, args) -> dict:
         for i in range(args.steps):
             train_step(run.model, run.optimizer, run.scheduler, [iter(replay[i * n:(i + 1) * n])], **kw)
 
-    times = {name: [] for name in AB_VARIANTS}
-    for switches in AB_VARIANTS.values():
-        _set_switches(vlm, *switches, bda)
+    names = args.ab_variants.split(",")
+    unknown = [name for name in names if name not in AB_VARIANTS]
+    if unknown or "all" not in names:
+        raise SystemExit(f"--ab-variants {args.ab_variants}: names from {list(AB_VARIANTS)}, 'all' among them")
+    times = {name: [] for name in names}
+    for name in names:
+        _set_switches(vlm, bda, **AB_VARIANTS[name])
         train_step(run.model, run.optimizer, run.scheduler, [iter(replay[:n])], **kw)
-    names = list(AB_VARIANTS)
     for r in range(args.ab):
         for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts one later
-            _set_switches(vlm, *AB_VARIANTS[name], bda)
+            _set_switches(vlm, bda, **AB_VARIANTS[name])
             t0 = _now()
             steps()
             times[name].append((_now() - t0) / args.steps)
-    _set_switches(vlm, None, True, bda)  # folding back to its default
+    _set_switches(vlm, bda)  # every switch back to its default (folding: the step's own choice)
     med = {name: float(np.median(t)) for name, t in times.items()}
     out = {"ab_step_s": med, "ab_rounds_s": times}
-    for name in AB_VARIANTS:
+    for name in names:
         print(f"  ab {name:16s} {med[name]:.4f} s/step ({med[name] / med['all']:.3f}x all)  rounds "
               f"{[round(t, 4) for t in times[name]]}", flush=True)
     return out
@@ -616,8 +633,10 @@ def main(argv=None) -> None:
     ap.add_argument("--doc-mean", type=int, default=1024, help="text section: mean document length")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
-                    help="mm section: also alternate row folding and the ViT fusions on / off in one process "
-                         "(AB_VARIANTS), each replaying the same --steps steps' rows, ROUNDS rounds; medians")
+                    help="mm section: also alternate the --ab-variants (AB_VARIANTS: switches on / off) in one "
+                         "process, each replaying the same --steps steps' rows, ROUNDS rounds; medians")
+    ap.add_argument("--ab-variants", default="all,no_vit_grad_kernels",
+                    help=f"comma-separated, 'all' among them: {', '.join(AB_VARIANTS)}")
     ap.add_argument("--out", default=None, help="write all results as JSON")
     args = ap.parse_args(argv)
     sections = {"mm": section_mm, "attn": section_attn, "text": section_text, "vit_attn": section_vit_attn}
