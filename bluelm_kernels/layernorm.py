@@ -52,21 +52,33 @@ def _ln_fwd_store(Y, W, B, xc, rstd, rows, cols, stride_y, M, H):
 
 
 @triton.jit
-def _ln_fwd_kernel(X, Y, W, B, MEAN, RSTD, stride_x, stride_y, M, H, eps,
-                   BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+def _ln_fwd_load(X, R, S, rows, cols, stride_x, stride_r, stride_s, mask, HAS_RES: tl.constexpr):
+    # x of one column part in fp32; with a residual, s = x + r added in fp32 and rounded once to the
+    # I/O dtype (= torch's x + r), stored, and the norm sees that rounded s
+    x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        sv = (x + tl.load(R + rows * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(S.dtype.element_ty)
+        tl.store(S + rows * stride_s + cols, sv, mask=mask)
+        x = sv.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _ln_fwd_kernel(X, R, S, Y, W, B, MEAN, RSTD, stride_x, stride_r, stride_s, stride_y, M, H, eps,
+                   HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     # A [BLOCK_M, H] tile of rows per program, in column part A = [0, BLOCK_A) and, when
-    # BLOCK_B > 0, part B = [BLOCK_A, BLOCK_A + BLOCK_B).
+    # BLOCK_B > 0, part B = [BLOCK_A, BLOCK_A + BLOCK_B). HAS_RES: the row is s = x + r (stored to S).
     HAS_B: tl.constexpr = BLOCK_B > 0
     rows1 = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rows = rows1[:, None]
     ca = tl.arange(0, BLOCK_A)[None, :]
     cb = BLOCK_A + tl.arange(0, BLOCK_B if HAS_B else 1)[None, :]
     ma = (rows < M) & (ca < H)
-    xa = tl.load(X + rows * stride_x + ca, mask=ma, other=0.0).to(tl.float32)
+    xa = _ln_fwd_load(X, R, S, rows, ca, stride_x, stride_r, stride_s, ma, HAS_RES)
     total = tl.sum(xa, axis=1)
     if HAS_B:
         mb = (rows < M) & (cb < H)
-        xb = tl.load(X + rows * stride_x + cb, mask=mb, other=0.0).to(tl.float32)
+        xb = _ln_fwd_load(X, R, S, rows, cb, stride_x, stride_r, stride_s, mb, HAS_RES)
         total += tl.sum(xb, axis=1)
     mean = total / H
     # centred in registers; the padding lanes must stay 0 or they would count in the variance
@@ -84,17 +96,20 @@ def _ln_fwd_kernel(X, Y, W, B, MEAN, RSTD, stride_x, stride_y, M, H, eps,
 
 
 @triton.jit
-def _ln_bwd_dx(DX, g, xhat, rstd, c1, c2, rows, cols, stride_dx, M, H):
-    # dx of one column part: rstd * (g - xhat * mean(g * xhat) - mean(g)), g = dy * w
+def _ln_bwd_dx(DX, g, xhat, rstd, c1, c2, ds, rows, cols, stride_dx, M, H, HAS_DS_OUT: tl.constexpr):
+    # dx of one column part: rstd * (g - xhat * mean(g * xhat) - mean(g)), g = dy * w, plus the
+    # gradient that reached the norm's input directly (the residual stream) with HAS_DS_OUT
     dx = rstd * (g - (xhat * c1 + c2))
+    if HAS_DS_OUT:
+        dx += ds.to(tl.float32)
     tl.store(DX + rows * stride_dx + cols, dx.to(DX.dtype.element_ty),
              mask=(rows < M) & (cols < H))
 
 
 @triton.jit
 def _ln_bwd_kernel(
-    X, DY, DX, W, MEAN, RSTD, PART, ACC, COUNTER, DW, DB, stride_x, stride_dy, stride_dx, M, H,
-    BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    X, DY, DS_OUT, DX, W, MEAN, RSTD, PART, ACC, COUNTER, DW, DB, stride_x, stride_dy, stride_dso, stride_dx,
+    M, H, HAS_DS_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
     DW_ATOMIC: tl.constexpr, STAGES: tl.constexpr,
 ):
     # Program p walks the row tiles p, p + P, ... (grid-stride, P = programs) and keeps its share
@@ -115,11 +130,11 @@ def _ln_bwd_kernel(
     dbb = tl.zeros([BLOCK_M, BLOCK_B if HAS_B else 1], dtype=tl.float32)
     for t in tl.range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0), num_stages=STAGES):
         rows = (t * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
-        xa, dya, _ = _bwd_load(X, DY, DY, rows, ca, stride_x, stride_dy, stride_dy, M, H, False)
-        xb, dyb = xa, dya
+        xa, dya, dsa = _bwd_load(X, DY, DS_OUT, rows, ca, stride_x, stride_dy, stride_dso, M, H, HAS_DS_OUT)
+        xb, dyb, dsb = xa, dya, dsa
         if HAS_B:
-            xb, dyb, _ = _bwd_load(X, DY, DY, rows, cb, stride_x, stride_dy, stride_dy, M, H,
-                                   False)
+            xb, dyb, dsb = _bwd_load(X, DY, DS_OUT, rows, cb, stride_x, stride_dy, stride_dso, M, H,
+                                     HAS_DS_OUT)
         mean = tl.load(MEAN + rows, mask=rows < M, other=0.0)
         rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
         dyfa = dya.to(tl.float32)
@@ -135,11 +150,11 @@ def _ln_bwd_kernel(
             c2 += tl.sum(gb, axis=1)
         c1 = c1[:, None] / H
         c2 = c2[:, None] / H
-        _ln_bwd_dx(DX, ga, xha, rstd, c1, c2, rows, ca, stride_dx, M, H)
+        _ln_bwd_dx(DX, ga, xha, rstd, c1, c2, dsa, rows, ca, stride_dx, M, H, HAS_DS_OUT)
         dwa += dyfa * xha
         dba += dyfa
         if HAS_B:
-            _ln_bwd_dx(DX, gb, xhb, rstd, c1, c2, rows, cb, stride_dx, M, H)
+            _ln_bwd_dx(DX, gb, xhb, rstd, c1, c2, dsb, rows, cb, stride_dx, M, H, HAS_DS_OUT)
             dwb += dyfb * xhb
             dbb += dyfb
     dw_a = tl.sum(dwa, axis=0)[None, :]
@@ -193,21 +208,25 @@ def _rows(t, h):
     return t2 if t2.stride(-1) == 1 or h == 1 else t2.contiguous()
 
 
-def _forward(x2, weight, bias, eps):
+def _forward(x2, weight, bias, eps, r2=None):
+    """(y, s, mean, rstd) of rows x2 [M, H] (with residual rows r2: s = x2 + r2, else s is x2)."""
     m, h = x2.shape
     y = torch.empty(m, h, device=x2.device, dtype=x2.dtype)
+    s = torch.empty_like(y) if r2 is not None else x2
     mean = torch.empty(m, device=x2.device, dtype=torch.float32)
     rstd = torch.empty(m, device=x2.device, dtype=torch.float32)
     bm = TUNE["fwd_rows"]
     block_a, block_b = _col_parts(h, TUNE["fwd_split"])
+    r = x2 if r2 is None else r2
     _ln_fwd_kernel[(triton.cdiv(m, bm),)](
-        x2, y, weight, bias, mean, rstd, x2.stride(0), y.stride(0), m, h, eps,
-        BLOCK_M=bm, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=_warps(h, "fwd_warps", TUNE),
+        x2, r, s, y, weight, bias, mean, rstd, x2.stride(0), r.stride(0), s.stride(0), y.stride(0), m, h, eps,
+        HAS_RES=r2 is not None, BLOCK_M=bm, BLOCK_A=block_a, BLOCK_B=block_b,
+        num_warps=_warps(h, "fwd_warps", TUNE),
     )
-    return y, mean, rstd
+    return y, s, mean, rstd
 
 
-def _backward(x2, dy2, weight, bias_dtype, mean, rstd):
+def _backward(x2, dy2, weight, bias_dtype, mean, rstd, ds2=None):
     m, h = x2.shape
     dx = torch.empty(m, h, device=x2.device, dtype=x2.dtype)
     rows = TUNE["bwd_rows"]
@@ -224,11 +243,13 @@ def _backward(x2, dy2, weight, bias_dtype, mean, rstd):
         part = torch.empty(2, nprog, h, device=x2.device, dtype=torch.float32)
         acc = counter = part  # unused
     block_a, block_b = _col_parts(h, TUNE["bwd_split"])
-    tile_bytes = rows * (block_a + block_b) * x2.element_size() * 2
+    tile_bytes = rows * (block_a + block_b) * x2.element_size() * (2 if ds2 is None else 3)
     stages = _bwd_stages(x2.device, TUNE["bwd_stages"], TUNE["bwd_per_sm"], tile_bytes)
+    dso = dy2 if ds2 is None else ds2
     _ln_bwd_kernel[(nprog,)](
-        x2, dy2, dx, weight, mean, rstd, part, acc, counter, dw, db, x2.stride(0), dy2.stride(0),
-        dx.stride(0), m, h, BLOCK_M=rows, BLOCK_A=block_a, BLOCK_B=block_b, DW_ATOMIC=atomic,
+        x2, dy2, dso, dx, weight, mean, rstd, part, acc, counter, dw, db, x2.stride(0), dy2.stride(0),
+        dso.stride(0), dx.stride(0), m, h, HAS_DS_OUT=ds2 is not None, BLOCK_M=rows, BLOCK_A=block_a,
+        BLOCK_B=block_b, DW_ATOMIC=atomic,
         STAGES=stages, num_warps=_warps(h, "bwd_warps", TUNE), **_reg_cap(x2.device, TUNE),
     )
     if not atomic:
@@ -238,21 +259,32 @@ def _backward(x2, dy2, weight, bias_dtype, mean, rstd):
 
 
 class _LayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        x2 = _rows(x, x.shape[-1])
-        y, mean, rstd = _forward(x2, weight, bias, eps)
-        ctx.save_for_backward(x2, weight, mean, rstd)
-        ctx.shape, ctx.bias_dtype = x.shape, bias.dtype
-        return y.view(x.shape)
+    """y = LayerNorm(s); s = x, or s = x + residual (also returned); with ``passthrough`` (no residual)
+    x is returned as well. Either way the gradient reaching the second output is added to dx inside the
+    backward's launch (the residual stream's gradient, no autograd accumulation pass)."""
 
     @staticmethod
-    def backward(ctx, dy):
-        x2, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _backward(x2, _rows(dy, x2.shape[1]), weight, ctx.bias_dtype, mean, rstd)
+    def forward(ctx, x, weight, bias, eps, residual=None, passthrough=False):
+        h = x.shape[-1]
+        x2 = _rows(x, h)
+        r2 = None if residual is None else _rows(residual, h)
+        y, s, mean, rstd = _forward(x2, weight, bias, eps, r2)
+        ctx.save_for_backward(s, weight, mean, rstd)
+        ctx.shape, ctx.bias_dtype, ctx.has_res = x.shape, bias.dtype, residual is not None
+        if residual is not None:
+            return y.view(x.shape), s.view(x.shape)
+        return (y.view(x.shape), x.view_as(x)) if passthrough else y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy, ds_out=None):
+        s2, weight, mean, rstd = ctx.saved_tensors
+        h = s2.shape[1]
+        ds2 = None if ds_out is None else _rows(ds_out, h)
+        dx, dw, db = _backward(s2, _rows(dy, h), weight, ctx.bias_dtype, mean, rstd, ds2)
         need = ctx.needs_input_grad
-        return (dx.view(ctx.shape) if need[0] else None, dw if need[1] else None,
-                db if need[2] else None, None)
+        dx = dx.view(ctx.shape)
+        return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None,
+                dx if ctx.has_res and need[4] else None, None)
 
 
 def _check(x, weight, bias):
@@ -269,13 +301,35 @@ def _check(x, weight, bias):
             raise ValueError(f"layernorm: {name} is on {p.device}, x on {x.device}")
 
 
-def layernorm(x, weight, bias, eps=1e-6):
-    """LayerNorm over the last dim of x (any leading shape), output in x.dtype. Triton on CUDA
-    (and on CPU under TRITON_INTERPRET=1), layernorm_ref elsewhere."""
+def layernorm(x, weight, bias, eps=1e-6, residual=None):
+    """LayerNorm over the last dim of x (any leading shape), output in x.dtype. With ``residual``:
+    (LayerNorm(x + residual), x + residual), the add in the same pass and the gradient of the sum
+    added inside the backward. Triton on CUDA (and on CPU under TRITON_INTERPRET=1), layernorm_ref
+    elsewhere."""
+    _check(x, weight, bias)
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"layernorm: residual {residual.dtype} {tuple(residual.shape)} must match x's "
+                         f"{x.dtype} {tuple(x.shape)}")
+    if not use_triton(x) or x.numel() == 0:
+        if residual is None:
+            return layernorm_ref(x, weight, bias, eps)
+        s = x + residual
+        return layernorm_ref(s, weight, bias, eps), s
+    _check_width(x)
+    return _LayerNorm.apply(x, weight, bias, eps, residual, False)
+
+
+def layernorm_passthrough(x, weight, bias, eps=1e-6):
+    """(LayerNorm(x), x): x handed on through the norm (the residual stream), so that the gradient
+    reaching it joins x's inside the norm's backward launch instead of an autograd add."""
     _check(x, weight, bias)
     if not use_triton(x) or x.numel() == 0:
-        return layernorm_ref(x, weight, bias, eps)
+        return layernorm_ref(x, weight, bias, eps), x
+    _check_width(x)
+    return _LayerNorm.apply(x, weight, bias, eps, None, True)
+
+
+def _check_width(x):
     if x.shape[-1] > MAX_H:
         raise ValueError(f"layernorm: hidden size {x.shape[-1]} > {MAX_H} (MAX_H, "
                          "bluelm_kernels/layernorm.py): a row is held in registers")
-    return _LayerNorm.apply(x, weight, bias, eps)

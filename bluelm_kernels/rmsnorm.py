@@ -304,7 +304,7 @@ def _forward(x, weight, eps, r2, dtype, parts=None):
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, residual, eps):
+    def forward(ctx, x, weight, residual, eps, passthrough=False):
         shape, h = x.shape, x.shape[-1]
         x2 = x.reshape(-1, h).contiguous()
         r2 = residual.reshape(-1, h).contiguous() if residual is not None else None
@@ -312,7 +312,8 @@ class _RMSNorm(torch.autograd.Function):
         ctx.save_for_backward(s, weight, rstd)
         ctx.has_res, ctx.shape = residual is not None, shape
         if residual is None:
-            return y.view(shape)
+            # passthrough: x again, as a second output whose gradient the backward adds into dx
+            return (y.view(shape), x.view_as(x)) if passthrough else y.view(shape)
         return y.view(shape), s.view(shape)
 
     @staticmethod
@@ -348,7 +349,7 @@ class _RMSNorm(torch.autograd.Function):
             dw = _sum_rows(dw_part, weight.dtype)
         dx = dx.view(ctx.shape)
         # x and residual get the same gradient (s = x + residual); autograd copies on accumulate.
-        return dx, dw, (dx if ctx.has_res else None), None
+        return dx, dw, (dx if ctx.has_res else None), None, None
 
 
 def rmsnorm_partials(parts, weight, eps=1e-5, residual=None, dtype=None):
@@ -374,6 +375,13 @@ def rmsnorm(x, weight, eps=1e-5, residual=None):
     return _RMSNorm.apply(x, weight, residual, eps)
 
 
+def rmsnorm_passthrough(x, weight, eps=1e-5):
+    """(rmsnorm(x), x) where the gradient of the second output joins x's inside the norm's backward."""
+    if not use_triton(x):
+        return rmsnorm_ref(x, weight, eps), x
+    return _RMSNorm.apply(x, weight, None, eps, True)
+
+
 class FusedRMSNorm(torch.nn.Module):
     """megatron-core norm-module convention: `(config, hidden_size, eps)`; weight initialized to 1."""
 
@@ -387,3 +395,13 @@ class FusedRMSNorm(torch.nn.Module):
 
     def forward(self, x, residual=None):
         return rmsnorm(x, self.weight, self.eps, residual)
+
+    def add_norm(self, x, residual):
+        """(norm(x + residual), x + residual) in one pass each way: the backward adds the gradient that
+        reaches the sum directly (the residual stream) into the norm's input gradient."""
+        return rmsnorm(x, self.weight, self.eps, residual)
+
+    def norm_passthrough(self, x):
+        """(norm(x), x): x handed on (the residual stream) through the norm, so that the gradient
+        reaching it is added inside the norm's backward launch, not by autograd in a pass of its own."""
+        return rmsnorm_passthrough(x, self.weight, self.eps)

@@ -98,11 +98,13 @@ def _parts(backend: str):
     return RMSNorm, ColumnParallelLinear, RowParallelLinear, SDPACoreAttention, torch_rope, None
 
 
-def prenorm_layer_spec(norm, column, row, core_attention, attention_params: dict, activation=None) -> ModuleSpec:
+def prenorm_layer_spec(norm, column, row, core_attention, attention_params: dict, activation=None,
+                       layer=TransformerLayer) -> ModuleSpec:
     """A pre-norm transformer layer of the given parts (the decoder's and the ViT's: they differ in the
-    parts, the attention mask and the MLP activation only)."""
+    parts, the attention mask and the MLP activation only). ``layer``: megatron-core's layer, or the
+    fused backend's ``ResidualNormLayer`` (models/layer.py: the residual adds in the norms' kernels)."""
     return ModuleSpec(
-        module=TransformerLayer,
+        module=layer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
@@ -131,9 +133,13 @@ def prenorm_layer_spec(norm, column, row, core_attention, attention_params: dict
 def decoder_layer_spec(backend: str) -> ModuleSpec:
     norm, column, row, core_attention, rope_fn, activation = _parts(backend)
     params = {"attn_mask_type": AttnMaskType.causal, "rope_fn": rope_fn}
+    layer = TransformerLayer
     if backend == "fused":
+        from megatron_bluelm.models.layer import ResidualNormLayer
+
         params["split_rope_fn"] = _fused_split_rope
-    return prenorm_layer_spec(norm, column, row, core_attention, params, activation)
+        layer = ResidualNormLayer
+    return prenorm_layer_spec(norm, column, row, core_attention, params, activation, layer)
 
 
 def decoder_block_spec(backend: str, config, vp_stage=None) -> TransformerBlockSubmodules:

@@ -23,9 +23,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_bluelm.config.vision import VisionConfig
 from megatron_bluelm.models.attention import SDPACoreAttention
+from megatron_bluelm.models.layer import ResidualNormLayer
 from megatron_bluelm.models.spec import prenorm_layer_spec
 
 
@@ -74,6 +76,27 @@ class FusedLayerNorm(NativeLayerNorm):
         if self.kernel and use_triton(x):
             return layernorm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
+
+    def add_norm(self, x, residual):
+        """(norm(x + residual), x + residual); on the kernel, the add in the norm's forward pass and the
+        sum's gradient added inside its backward (models/layer.py: the pre-MLP norm)."""
+        from bluelm_kernels.dispatch import use_triton
+        from bluelm_kernels.layernorm import layernorm
+
+        if self.kernel and use_triton(x):
+            return layernorm(x, self.weight, self.bias, self.eps, residual=residual)
+        s = x + residual
+        return self.forward(s), s
+
+    def norm_passthrough(self, x):
+        """(norm(x), x); on the kernel, the gradient reaching the second output (the residual stream)
+        joins x's inside the norm's backward launch (models/layer.py: the input norm)."""
+        from bluelm_kernels.dispatch import use_triton
+        from bluelm_kernels.layernorm import layernorm_passthrough
+
+        if self.kernel and use_triton(x):
+            return layernorm_passthrough(x, self.weight, self.bias, self.eps)
+        return self.forward(x), x
 
 
 class _BiasEpilogueLinear(LinearWithGradAccumulationAndAsyncCommunication):
@@ -248,9 +271,11 @@ def vision_layer_spec(backend: str, attention_backend: str = "default") -> Modul
         row = EpilogueRowParallelLinear if backend == "fused" else RowParallelLinear
         core = ModuleSpec(module=SDPACoreAttention, params={"sdpa_choice": attention_backend})
     params = {"attn_mask_type": AttnMaskType.no_mask}  # bidirectional over the patches
+    layer = TransformerLayer
     if backend == "fused":
         params["split_fn"] = _fused_split_qkv
-    return prenorm_layer_spec(norm, column, row, core, params)
+        layer = ResidualNormLayer
+    return prenorm_layer_spec(norm, column, row, core, params, layer=layer)
 
 
 def _fused_split_qkv(mixed_qkv, heads_per_group):

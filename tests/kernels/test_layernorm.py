@@ -168,3 +168,35 @@ def test_vit_norm_module_runs_the_kernel(monkeypatch):
     x = torch.randn(13, 3, 100)
     assert_same(fused, ref, [x])
     assert calls
+
+
+@pytest.mark.parametrize("shape", [(5, 1152), (3, 7, 100)])
+@pytest.mark.parametrize("split", [0, 1])
+def test_residual_add_and_passthrough_equal_their_composition(monkeypatch, shape, split):
+    """layernorm(x, residual=r) = (LN(x + r), x + r) and layernorm_passthrough(x) = (LN(x), x): outputs
+    and every input gradient, the gradient reaching the second output included (added in the kernel)."""
+    _tune(monkeypatch, fwd_split=split, bwd_split=split)
+    x, w, b = _inputs(shape)
+    r = torch.randn(shape)
+    assert_same(lambda a, c, d, e: layernorm(a, c, d, 1e-6, residual=e),
+                lambda a, c, d, e: (layernorm_ref(a + e, c, d, 1e-6), a + e), [x, w, b, r])
+    assert_same(lambda a, c, d: _mod().layernorm_passthrough(a, c, d, 1e-6),
+                lambda a, c, d: (layernorm_ref(a, c, d, 1e-6), a), [x, w, b])
+
+
+def test_bf16_residual_sum_is_what_the_norm_sees():
+    x, w, b = _inputs((4, 100), torch.bfloat16, torch.float32)
+    r = torch.randn(4, 100).bfloat16()
+    y, s = layernorm(x, w, b, 1e-6, residual=r)
+    # the interpreter rounds fp32 -> bf16 its own way (GPUs: to nearest even, as torch's add)
+    torch.testing.assert_close(s, x + r)
+    assert torch.equal(y, layernorm(s, w, b, 1e-6))  # the norm of the rounded sum it returns
+
+
+def test_passthrough_gradient_joins_in_the_norm_backward():
+    x, w, b = _inputs((3, 100))
+    x.requires_grad_()
+    y, x2 = _mod().layernorm_passthrough(x, w, b, 1e-6)
+    assert torch.equal(x2, x) and x2.grad_fn is y.grad_fn  # one backward node: no autograd add
+    with pytest.raises(ValueError, match="residual"):
+        layernorm(x, w, b, 1e-6, residual=torch.randn(3, 99))

@@ -174,3 +174,16 @@ def test_register_cap_applies_to_cuda_launches_only(monkeypatch):
     monkeypatch.setitem(mod.TUNE, "bwd_maxnreg", 80)
     assert mod._reg_cap(torch.device("cuda")) == {"maxnreg": 80}
     assert mod._reg_cap(torch.device("cpu")) == {}  # the interpreter takes no PTX options
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_passthrough_equals_the_norm_and_its_input(shape):
+    """rmsnorm_passthrough(x) = (rmsnorm(x), x), the second output's gradient added inside the norm's
+    backward (one autograd node)."""
+    from bluelm_kernels.rmsnorm import rmsnorm_passthrough
+
+    x, w = torch.randn(shape), torch.rand(shape[-1]) + 0.5
+    assert_same(rmsnorm_passthrough, lambda a, b: (rmsnorm_ref(a, b), a), [x, w])
+    xl = x.clone().requires_grad_()
+    y, x2 = rmsnorm_passthrough(xl, w)
+    assert torch.equal(x2, x) and x2.grad_fn is y.grad_fn
