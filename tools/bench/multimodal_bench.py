@@ -243,24 +243,28 @@ def prewarm_tile_counts(model, cfg, max_tiles: int) -> dict:
 
 AB_VARIANTS = {  # --ab: the switches a variant turns off (rows folded; the loss on its loss rows only; ViT
     # fusions: Triton LayerNorm, every bias in its GEMM; ViT gradient kernels: the bias gradients' column
-    # sums, the QKV split's one-launch backward; residual norms: the layers' residual adds in the norms)
+    # sums, the QKV split's one-launch backward; residual norms: the layers' residual adds in the norms;
+    # deferred clip: the clip coefficient applied inside the fused Adam kernel)
     "all": {},
     "no_vit_grad_kernels": dict(vit_grad_kernels=False),
     "no_row_folding": dict(fold=False),
     "no_vit_fusions": dict(vit_fusions=False),
     "no_loss_rows": dict(loss_rows=False),
     "no_residual_norms": dict(residual_norms=False),
+    "no_deferred_clip": dict(deferred_clip=False),
+    "none_of_these": dict(vit_grad_kernels=False, residual_norms=False, deferred_clip=False),
 }
 
 
 def _set_switches(vlm, bda_fusion: bool, fold=None, vit_fusions: bool = True, vit_grad_kernels: bool = True,
-                  loss_rows: bool = True, residual_norms: bool = True) -> None:
+                  loss_rows: bool = True, residual_norms: bool = True, deferred_clip: bool = True) -> None:
     from megatron_bluelm.models import vision
     from megatron_bluelm.models.attention import BlueLMSelfAttention
     from megatron_bluelm.models.layer import ResidualNormLayer
-    from megatron_bluelm.training import step
+    from megatron_bluelm.training import model_setup, step
 
     ResidualNormLayer.fusion = residual_norms
+    model_setup.DEFER_CLIP = deferred_clip
     step.ROW_FOLDING = fold
     step.LOSS_ROWS = loss_rows
     vision.FusedLayerNorm.kernel = vit_fusions
@@ -638,7 +642,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                     help="mm section: also alternate the --ab-variants (AB_VARIANTS: switches on / off) in one "
                          "process, each replaying the same --steps steps' rows, ROUNDS rounds; medians")
-    ap.add_argument("--ab-variants", default="all,no_vit_grad_kernels,no_residual_norms",
+    ap.add_argument("--ab-variants", default="all,no_vit_grad_kernels,no_residual_norms,no_deferred_clip",
                     help=f"comma-separated, 'all' among them: {', '.join(AB_VARIANTS)}")
     ap.add_argument("--out", default=None, help="write all results as JSON")
     args = ap.parse_args(argv)
