@@ -10,6 +10,10 @@ second, small launch that sums the partials of each column in a fixed order and 
 result in the bias's dtype or adds it to an fp32 accumulator (DDP's ``main_grad``). Fixed partition,
 fixed order: bit-identical run to run. The fp32 sum is rounded once (or never, into ``main_grad``),
 as PyTorch's reduction rounds once.
+
+``gelu_tanh_backward_bias``: the ViT's fc1 output feeds GELU(tanh), so the gradient its bias needs is
+the GELU backward's output; that kernel writes it and sums its columns in the same pass (no re-read of the
+[rows, 4304] gradient for the bias).
 """
 
 import torch
@@ -54,6 +58,68 @@ def _colsum_final_kernel(PART, OUT, P, N, ACCUMULATE: tl.constexpr, BLOCK_P: tl.
     if ACCUMULATE:
         total += tl.load(OUT + cols, mask=cmask, other=0.0)
     tl.store(OUT + cols, total.to(OUT.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _gelu_tanh_bwd_colsum_kernel(DG, X, DX, PART, M, N, stride_dg, stride_x, stride_dx, ROWS,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # dx = dg * gelu_tanh'(x) over rows [p * ROWS, (p + 1) * ROWS) of a column strip, and the strip's
+    # fp32 column sums of dx as rounded (what the linear's GEMMs read) into PART[p]
+    p = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    start = p * ROWS
+    end = tl.minimum(start + ROWS, M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r in range(start, end, BLOCK_M):
+        rows = (r + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+        mask = (rows < end) & cmask[None, :]
+        x = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dg = tl.load(DG + rows * stride_dg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # torch's approximate="tanh": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        x_sq = x * x
+        t = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (x + 0.044715 * x_sq * x)) - 1.0  # tanh
+        dx = dg * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x_sq))
+        dx = dx.to(DX.dtype.element_ty)
+        tl.store(DX + rows * stride_dx + cols[None, :], dx, mask=mask)
+        acc += dx.to(tl.float32)
+    tl.store(PART + p.to(tl.int64) * N + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+def gelu_tanh_backward_ref(dg, x):
+    """torch's gradient of ``F.gelu(x, approximate="tanh")``."""
+    return torch.ops.aten.gelu_backward(dg, x, approximate="tanh")
+
+
+def gelu_tanh_backward_bias(dg, x, bias_dtype, acc=None):
+    """The gradient of ``F.gelu(x, approximate="tanh")`` (x: the linear's output with its bias) and that
+    linear's bias gradient from the same pass: (dx, db) with db the fp32 column sums of dx in
+    ``bias_dtype``, or (dx, None) after adding them to the fp32 ``acc`` (``main_grad``)."""
+    if dg.shape != x.shape:
+        raise ValueError(f"gelu_tanh_backward_bias: gradient {tuple(dg.shape)} and input {tuple(x.shape)} differ")
+    dg2, x2 = _rows2d(dg), _rows2d(x)
+    m, n = x2.shape
+    if acc is not None and (acc.dtype != torch.float32 or acc.shape != (n,) or not acc.is_contiguous()):
+        raise ValueError(f"gelu_tanh_backward_bias: acc must be a contiguous fp32 [{n}] tensor, got "
+                         f"{acc.dtype} {tuple(acc.shape)}")
+    if not use_triton(x2) or x2.numel() == 0:
+        dx = gelu_tanh_backward_ref(dg2, x2)
+        if acc is not None:
+            acc.add_(dx.float().sum(0))
+            return dx.view(x.shape), None
+        return dx.view(x.shape), column_sum_ref(dx, bias_dtype)
+    dx = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+    p, rows = _programs(m, n, x2.device)
+    part = torch.empty(p, n, device=x2.device, dtype=torch.float32)
+    bn = TUNE["cols"]
+    _gelu_tanh_bwd_colsum_kernel[(p, triton.cdiv(n, bn))](
+        dg2, x2, dx, part, m, n, dg2.stride(0), x2.stride(0), dx.stride(0), rows, BLOCK_M=TUNE["rows"], BLOCK_N=bn,
+        num_warps=TUNE["warps"])
+    out = acc if acc is not None else torch.empty(n, device=x2.device, dtype=bias_dtype)
+    fn = TUNE["final_cols"]
+    _colsum_final_kernel[(triton.cdiv(n, fn),)](part, out, p, n, ACCUMULATE=acc is not None,
+                                                BLOCK_P=TUNE["final_rows"], BLOCK_N=fn, num_warps=4)
+    return dx.view(x.shape), (None if acc is not None else out)
 
 
 # Launch shape: rows and columns of a tile, warps, and programs aimed at per SM (the row ranges are

@@ -99,10 +99,11 @@ def _parts(backend: str):
 
 
 def prenorm_layer_spec(norm, column, row, core_attention, attention_params: dict, activation=None,
-                       layer=TransformerLayer) -> ModuleSpec:
+                       layer=TransformerLayer, mlp=MLP) -> ModuleSpec:
     """A pre-norm transformer layer of the given parts (the decoder's and the ViT's: they differ in the
     parts, the attention mask and the MLP activation only). ``layer``: megatron-core's layer, or the
-    fused backend's ``ResidualNormLayer`` (models/layer.py: the residual adds in the norms' kernels)."""
+    fused backend's ``ResidualNormLayer`` (models/layer.py: the residual adds in the norms' kernels);
+    ``mlp``: megatron-core's MLP, or the fused ViT's ``VisionMLP`` (models/vision.py)."""
     return ModuleSpec(
         module=layer,
         submodules=TransformerLayerSubmodules(
@@ -121,7 +122,7 @@ def prenorm_layer_spec(norm, column, row, core_attention, attention_params: dict
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
             mlp=ModuleSpec(
-                module=MLP,
+                module=mlp,
                 submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row, activation_func=activation),
             ),
             mlp_bda=get_bias_dropout_add,

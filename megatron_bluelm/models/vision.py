@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication, custom_fwd
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
@@ -155,6 +156,44 @@ class _BiasEpilogueLinear(LinearWithGradAccumulationAndAsyncCommunication):
         return tuple(grads)
 
 
+class _BiasGeluLinear(_BiasEpilogueLinear):
+    """``gelu_tanh(x @ W.T + b)`` (the ViT's fc1 and its activation) as one autograd function: the
+    forward is the bias-epilogue GEMM and torch's GELU; the backward's first pass is
+    ``bluelm_kernels.bias_grad.gelu_tanh_backward_bias``, the GELU gradient and the bias gradient (its
+    column sums, into ``main_grad`` with the fusion on) together, then megatron-core's input and weight
+    gradients of the linear, as ``_BiasEpilogueLinear``'s."""
+
+    @staticmethod
+    @custom_fwd
+    def forward(ctx, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
+                grad_output_buffer, wgrad_deferral_limit, tp_group):
+        h = _BiasEpilogueLinear.forward(ctx, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
+                                        sequence_parallel, grad_output_buffer, wgrad_deferral_limit, tp_group)
+        ctx.pre_activation = h  # megatron-core's backward unpacks exactly (input, weight) from saved_tensors
+        return F.gelu(h, approximate="tanh")
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        from bluelm_kernels.bias_grad import gelu_tanh_backward_bias
+        from megatron_bluelm.models.embedding import placeholder_grad
+
+        h, bias = ctx.pre_activation, ctx.bias
+        ctx.pre_activation = ctx.bias = None
+        into = bias.main_grad if ctx.bias_into_main_grad and ctx.needs_input_grad[2] else None
+        grad_h, grad_bias = gelu_tanh_backward_bias(grad_output, h, bias.dtype, into)
+        del h
+        ctx.use_bias = False
+        grads = list(LinearWithGradAccumulationAndAsyncCommunication.backward(ctx, grad_h))
+        if not ctx.needs_input_grad[2]:
+            grads[2] = None
+        elif into is not None:
+            bias.grad_added_to_main_grad = True
+            grads[2] = placeholder_grad(bias)
+        else:
+            grads[2] = grad_bias
+        return tuple(grads)
+
+
 class EpilogueColumnParallelLinear(ColumnParallelLinear):
     """The fused backend's column-parallel linear of the ViT: the bias in the GEMM's epilogue
     (``_BiasEpilogueLinear``) where megatron-core would add it in a separate pass (a trained weight, no
@@ -164,9 +203,24 @@ class EpilogueColumnParallelLinear(ColumnParallelLinear):
     applies the plain activation, one elementwise pass each way with no compiled function to call."""
 
     epilogue = True  # False: megatron-core's path throughout (benchmarks measure what it saves)
+    gelu_fusion = True  # False: forward_gelu is this linear, then torch's GELU (benchmarks)
 
     def _epilogue_applies(self, weight) -> bool:
         return self.epilogue and self.bias is not None and weight.requires_grad and not self.sequence_parallel
+
+    def forward_gelu(self, input_):
+        """``gelu_tanh(linear(input_))`` (fc1 and the ViT MLP's activation, ``VisionMLP``): where the
+        epilogue applies, ``_BiasGeluLinear`` (the GELU and bias gradients in one backward pass)."""
+        if not (self.gelu_fusion and self.skip_bias_add and not self.gather_output
+                and self._epilogue_applies(self.weight)):
+            out, bias = self.forward(input_)
+            return gelu_tanh(out if bias is None else out + bias)
+        self._gelu = True
+        try:
+            out, _ = self.forward(input_)
+        finally:
+            self._gelu = False
+        return out
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         if not (self.skip_bias_add and self._epilogue_applies(self.weight if weight is None else weight)):
@@ -182,9 +236,23 @@ class EpilogueColumnParallelLinear(ColumnParallelLinear):
         bias = kwargs.get("bias")
         if args or bias is None or kwargs.get("sequence_parallel") or not self._epilogue_applies(weight):
             return super()._forward_impl(input, weight, *args, **kwargs)
-        return _BiasEpilogueLinear.apply(
+        fn = _BiasGeluLinear if getattr(self, "_gelu", False) else _BiasEpilogueLinear
+        return fn.apply(
             input, weight, bias, kwargs["gradient_accumulation_fusion"], kwargs["allreduce_dgrad"], False,
             kwargs.get("grad_output_buffer"), kwargs.get("wgrad_deferral_limit"), kwargs.get("tp_group", self.tp_group))
+
+
+class VisionMLP(MLP):
+    """The fused backend's ViT MLP: fc1 and GELU(tanh) as ``EpilogueColumnParallelLinear.forward_gelu``,
+    then fc2; megatron-core's MLP wherever anything else is asked of it (a per-token scale, another
+    activation, other linears)."""
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        fc1 = self.linear_fc1
+        if (per_token_scale is not None or self.activation_func is not gelu_tanh or self.config.gated_linear_unit
+                or self.config.use_te_activation_func or not isinstance(fc1, EpilogueColumnParallelLinear)):
+            return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
+        return self.linear_fc2(fc1.forward_gelu(hidden_states))
 
 
 class EpilogueRowParallelLinear(RowParallelLinear):
@@ -271,11 +339,11 @@ def vision_layer_spec(backend: str, attention_backend: str = "default") -> Modul
         row = EpilogueRowParallelLinear if backend == "fused" else RowParallelLinear
         core = ModuleSpec(module=SDPACoreAttention, params={"sdpa_choice": attention_backend})
     params = {"attn_mask_type": AttnMaskType.no_mask}  # bidirectional over the patches
-    layer = TransformerLayer
+    layer, mlp = TransformerLayer, MLP
     if backend == "fused":
         params["split_fn"] = _fused_split_qkv
-        layer = ResidualNormLayer
-    return prenorm_layer_spec(norm, column, row, core, params, layer=layer)
+        layer, mlp = ResidualNormLayer, VisionMLP
+    return prenorm_layer_spec(norm, column, row, core, params, layer=layer, mlp=mlp)
 
 
 def _fused_split_qkv(mixed_qkv, heads_per_group):

@@ -55,3 +55,29 @@ def test_programs_cover_the_rows():
     for m, n in [(21632, 1152), (21632, 4304), (7, 3), (1000, 100000)]:
         p, rows = bg._programs(m, n, torch.device("cpu"))
         assert rows % bg.TUNE["rows"] == 0 and (p - 1) * rows < m <= p * rows
+
+
+@pytest.mark.parametrize("m,n", [(37, 300), (5, 40)])
+@pytest.mark.parametrize("into", [False, True])
+def test_gelu_backward_with_the_bias_gradient(m, n, into, monkeypatch):
+    """dx = torch's GELU(tanh) backward, db = the column sums of dx (returned, or added to main_grad)."""
+    monkeypatch.setitem(bg.TUNE, "rows", 4)
+    monkeypatch.setitem(bg.TUNE, "cols", 16)
+    x = torch.randn(m, n) * 3
+    dg = torch.randn(m, n)
+    want = bg.gelu_tanh_backward_ref(dg, x)
+    acc = torch.randn(n) if into else None
+    start = acc.clone() if into else None
+    dx, db = bg.gelu_tanh_backward_bias(dg.view(m, 1, n), x.view(m, 1, n), torch.float32, acc)
+    assert dx.shape == (m, 1, n)
+    torch.testing.assert_close(dx.view(m, n), want, rtol=1e-5, atol=1e-5)  # tanh through sigmoid: ~1e-6
+    if into:
+        assert db is None
+        torch.testing.assert_close(acc, start + want.sum(0), rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(db, want.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_backward_bias_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="differ"):
+        bg.gelu_tanh_backward_bias(torch.randn(3, 4), torch.randn(3, 5), torch.float32)

@@ -243,8 +243,8 @@ def prewarm_tile_counts(model, cfg, max_tiles: int) -> dict:
 
 AB_VARIANTS = {  # --ab: the switches a variant turns off (rows folded; the loss on its loss rows only; ViT
     # fusions: Triton LayerNorm, every bias in its GEMM; ViT gradient kernels: the bias gradients' column
-    # sums, the QKV split's one-launch backward; residual norms: the layers' residual adds in the norms;
-    # deferred clip: the clip coefficient applied inside the fused Adam kernel)
+    # sums (fc1's in its GELU backward), the QKV split's one-launch backward; residual norms: the layers'
+    # residual adds in the norms; deferred clip: the clip coefficient applied inside the fused Adam kernel)
     "all": {},
     "no_vit_grad_kernels": dict(vit_grad_kernels=False),
     "no_row_folding": dict(fold=False),
@@ -271,6 +271,7 @@ def _set_switches(vlm, bda_fusion: bool, fold=None, vit_fusions: bool = True, vi
     vision.EpilogueColumnParallelLinear.epilogue = vit_fusions
     vision.EpilogueRowParallelLinear.epilogue = vit_fusions
     vision._BiasEpilogueLinear.bias_kernel = vit_grad_kernels
+    vision.EpilogueColumnParallelLinear.gelu_fusion = vit_grad_kernels
     for m in vlm.vision_model.modules():
         if isinstance(m, BlueLMSelfAttention):
             m.split_fn = vision._fused_split_qkv if vit_grad_kernels else None
