@@ -4,7 +4,9 @@
   ``column_sum_into_`` (into the fp32 ``main_grad``) against ``sum(0)`` + DDP's ``main_grad.add_``, at
   the four ViT linears' widths (qkv 3456, proj 1152, fc1 4304, fc2 1152);
 * the QKV split's backward: ``qkv_split.cat_heads`` against ``torch.cat`` (``SplitWithSizesBackward``),
-  with dq, dk, dv in the layout cuDNN's attention backward returns ([b, heads, s, d] storage).
+  with dq, dk, dv in [b, heads, s, d] storage;
+* fc1's GELU backward with its bias gradient: ``bias_grad.gelu_tanh_backward_bias`` (one pass, into
+  ``main_grad``) against ``gelu_backward`` + ``sum(0)`` + ``add_``.
 
     python -m bluelm_kernels.bench.vit_grad_passes_bench --out vit_grad_passes_h200.json     # CUDA
     TRITON_INTERPRET=1 python -m bluelm_kernels.bench.vit_grad_passes_bench --smoke           # CPU: checks
@@ -70,6 +72,31 @@ def bench_bias(dev, rows, widths, copy_gbs, sweep):
     return res
 
 
+def bench_gelu(dev, rows, n, copy_gbs):
+    """fc1's GELU backward and bias gradient: torch's gelu_backward, then sum(0) + main_grad.add_ (the
+    unfused path) against ``gelu_tanh_backward_bias`` into main_grad (one pass)."""
+    nbytes = 3 * rows * n * 2  # read dg, x, write dx
+    sets = [(torch.randn(rows, n, device=dev, dtype=torch.bfloat16),
+             torch.randn(rows, n, device=dev, dtype=torch.bfloat16) * 2) for _ in range(n_sets_for(nbytes))]
+    accs = [torch.zeros(n, device=dev) for _ in sets]
+    dg, x = sets[0]
+    want = bias_grad.gelu_tanh_backward_ref(dg.float(), x.float())
+    acc = torch.zeros(n, device=dev)
+    dx, _ = bias_grad.gelu_tanh_backward_bias(dg, x, torch.bfloat16, acc)
+    errs = {"dx": rel_err(dx, want), "db": rel_err(acc, want.sum(0))}
+
+    def unfused(i):
+        g = bias_grad.gelu_tanh_backward_ref(*sets[i])
+        accs[i].add_(g.sum(0))
+
+    op = f"gelu_backward+bias_grad[fc1 {rows}x{n}]"
+    torch_ms = gpu_ms(unfused, len(sets))[0]
+    ours_ms = gpu_ms(lambda i: bias_grad.gelu_tanh_backward_bias(*sets[i], torch.bfloat16, accs[i]), len(sets))[0]
+    return [_row(op, "torch gelu_backward + sum(0) + add_", torch_ms, nbytes, copy_gbs, ok=True),
+            _row(op, "gelu_tanh_backward_bias", ours_ms, nbytes, copy_gbs, ok=max(errs.values()) < 1e-2, errors=errs,
+                 speedup=torch_ms / ours_ms)]
+
+
 def _grads_bhsd(tiles, patches, heads, d, dev):
     # cuDNN's backward returns dq, dk, dv contiguous [b, heads, s, d]; the model sees [s, b, heads, d]
     return [torch.randn(tiles, heads, patches, d, device=dev, dtype=torch.bfloat16).permute(2, 0, 1, 3)
@@ -115,6 +142,7 @@ def main(argv=None):
     rows = tiles * patches
     res = bench_bias(dev, rows, widths, copy_gbs, args.sweep and not args.smoke)
     res += bench_split(dev, tiles, patches, heads, d, copy_gbs, args.sweep and not args.smoke)
+    res += bench_gelu(dev, rows, max(widths.values()), copy_gbs)
     for r in res:
         print(json.dumps(r))
     best = {}
