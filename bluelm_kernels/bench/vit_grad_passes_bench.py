@@ -72,7 +72,7 @@ def bench_bias(dev, rows, widths, copy_gbs, sweep):
     return res
 
 
-def bench_gelu(dev, rows, n, copy_gbs):
+def bench_gelu(dev, rows, n, copy_gbs, sweep=False):
     """fc1's GELU backward and bias gradient: torch's gelu_backward, then sum(0) + main_grad.add_ (the
     unfused path) against ``gelu_tanh_backward_bias`` into main_grad (one pass)."""
     nbytes = 3 * rows * n * 2  # read dg, x, write dx
@@ -92,9 +92,17 @@ def bench_gelu(dev, rows, n, copy_gbs):
     op = f"gelu_backward+bias_grad[fc1 {rows}x{n}]"
     torch_ms = gpu_ms(unfused, len(sets))[0]
     ours_ms = gpu_ms(lambda i: bias_grad.gelu_tanh_backward_bias(*sets[i], torch.bfloat16, accs[i]), len(sets))[0]
-    return [_row(op, "torch gelu_backward + sum(0) + add_", torch_ms, nbytes, copy_gbs, ok=True),
-            _row(op, "gelu_tanh_backward_bias", ours_ms, nbytes, copy_gbs, ok=max(errs.values()) < 1e-2, errors=errs,
-                 speedup=torch_ms / ours_ms)]
+    res = [_row(op, "torch gelu_backward + sum(0) + add_", torch_ms, nbytes, copy_gbs, ok=True),
+           _row(op, "gelu_tanh_backward_bias", ours_ms, nbytes, copy_gbs, ok=max(errs.values()) < 1e-2, errors=errs,
+                speedup=torch_ms / ours_ms)]
+    if sweep:
+        saved = dict(bias_grad.GELU_TUNE)
+        for r, c, w, p in itertools.product((8, 16, 32), (64, 128, 256), (4, 8), (2, 4, 8)):
+            bias_grad.GELU_TUNE.update(rows=r, cols=c, warps=w, per_sm=p)
+            ms = gpu_ms(lambda i: bias_grad.gelu_tanh_backward_bias(*sets[i], torch.bfloat16, accs[i]), len(sets))[0]
+            res.append(_row(op, f"sweep rows={r} cols={c} warps={w} per_sm={p}", ms, nbytes, copy_gbs, ok=True))
+        bias_grad.GELU_TUNE.update(saved)
+    return res
 
 
 def _grads_bhsd(tiles, patches, heads, d, dev):
@@ -127,6 +135,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU under TRITON_INTERPRET=1): checks only")
     ap.add_argument("--sweep", action="store_true", help="also time other launch shapes")
+    ap.add_argument("--only-gelu", action="store_true", help="the GELU backward rows only (with --sweep: its sweep)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.smoke:
@@ -140,16 +149,19 @@ def main(argv=None):
         dev, tiles, patches, heads, d, widths = "cuda", TILES, PATCHES, HEADS, HEAD_DIM, WIDTHS
     copy_gbs = copy_bandwidth(dev) if dev == "cuda" else 0.0
     rows = tiles * patches
-    res = bench_bias(dev, rows, widths, copy_gbs, args.sweep and not args.smoke)
-    res += bench_split(dev, tiles, patches, heads, d, copy_gbs, args.sweep and not args.smoke)
-    res += bench_gelu(dev, rows, max(widths.values()), copy_gbs)
+    sweep = args.sweep and not args.smoke
+    res = []
+    if not args.only_gelu:
+        res += bench_bias(dev, rows, widths, copy_gbs, sweep)
+        res += bench_split(dev, tiles, patches, heads, d, copy_gbs, sweep)
+    res += bench_gelu(dev, rows, max(widths.values()), copy_gbs, sweep)
     for r in res:
         print(json.dumps(r))
     best = {}
     for r in res:
         if not r["impl"].startswith("sweep"):
             best.setdefault(r["op"], {})[r["impl"]] = r["ms"]
-    if not args.smoke:  # one micro-batch: 27 layers, the four biases and one split each
+    if not args.smoke and not args.only_gelu:  # one micro-batch: 27 layers, the four biases and one split each
         def per_mb(impl_of):
             return LAYERS * sum(ms for op, impls in best.items() for impl, ms in impls.items() if impl_of(op, impl))
         torch_ms = per_mb(lambda op, impl: (op.startswith("bias_into") and impl.startswith("torch"))
