@@ -57,7 +57,8 @@ def _both(clip):
 def test_deferred_clip_gives_megatrons_updates():
     got = run_distributed(partial(_both, 1e-3), 1)[0]  # every step's norm is far above 1e-3: clipped
     deferred, ref = got[True], got[False]
-    assert min(ref["norms"]) > 1e-3 and deferred["norms"] == ref["norms"]
+    assert min(ref["norms"]) > 1e-3
+    torch.testing.assert_close(deferred["norms"], ref["norms"], rtol=1e-5, atol=0)
     assert ref["scale_calls"] == 3 and deferred["scale_calls"] == 0  # megatron's multiply: only without
     assert not deferred["leftover"]  # the scale is dropped after each step
     for n, p in ref["params"].items():

@@ -8,8 +8,9 @@ backward, autograd adds the residual stream's gradient to each norm's input grad
 ``layernorm``): ``norm2.add_norm(attn, x)`` writes h and norm2(h) in one pass and its backward adds the
 gradient that reached h directly; ``norm1.norm_passthrough(x)`` hands x on as the residual through the
 norm, so its backward adds that gradient too. Per layer: one elementwise pass fewer forward, two fewer
-backward (on an H200, ~3.4 ms of each 2 x 4096 micro-batch of the multimodal model: the ViT's 27 layers
-and the decoder's 28). Same values: the sum is rounded once to the activation dtype, as torch's add.
+backward (on an H200, ~3.9 ms less kernel time in each 2 x 4096 micro-batch of the multimodal model, the
+ViT's 27 layers and the decoder's 28, and the step 0.8-0.9% faster: docs/MULTIMODAL.md). Same values:
+the sum is rounded once to the activation dtype, as torch's add.
 
 Where anything else happens between those ops (inference, recomputed norms, activation offloading,
 cross-attention, hidden dropout in training, FP8) it is megatron-core's forward, unchanged.

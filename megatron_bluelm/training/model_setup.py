@@ -247,7 +247,7 @@ def use_deferred_clip() -> None:
     def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
         params = [parameters] if torch.is_tensor(parameters) else list(parameters)
         owner = _clip_owner(params) if DEFER_CLIP and not use_decoupled_grad else None
-        if owner is None:
+        if owner is None or not math.isfinite(total_norm):  # a non-finite norm: megatron-core's own handling
             return current(params, max_norm, total_norm, use_decoupled_grad)
         coeff = max_norm / (total_norm + 1.0e-6)  # megatron-core's coefficient, applied where it applies
         owner._bluelm_clip_coeff = coeff if coeff < 1.0 else None
