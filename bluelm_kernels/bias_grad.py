@@ -116,9 +116,7 @@ def gelu_tanh_backward_bias(dg, x, bias_dtype, acc=None):
         dg2, x2, dx, part, m, n, dg2.stride(0), x2.stride(0), dx.stride(0), rows, BLOCK_M=GELU_TUNE["rows"],
         BLOCK_N=bn, num_warps=GELU_TUNE["warps"])
     out = acc if acc is not None else torch.empty(n, device=x2.device, dtype=bias_dtype)
-    fn = TUNE["final_cols"]
-    _colsum_final_kernel[(triton.cdiv(n, fn),)](part, out, p, n, ACCUMULATE=acc is not None,
-                                                BLOCK_P=TUNE["final_rows"], BLOCK_N=fn, num_warps=4)
+    _sum_parts(part, out, accumulate=acc is not None)
     return dx.view(x.shape), (None if acc is not None else out)
 
 
@@ -158,6 +156,12 @@ def _launch(dy2, out, accumulate):
     bn = TUNE["cols"]
     _colsum_part_kernel[(p, triton.cdiv(n, bn))](dy2, part, m, n, dy2.stride(0), rows, BLOCK_M=TUNE["rows"],
                                                  BLOCK_N=bn, num_warps=TUNE["warps"])
+    _sum_parts(part, out, accumulate)
+
+
+def _sum_parts(part, out, accumulate):
+    """out (= or +=) the column sums of the partials part [P, N], in a fixed order."""
+    p, n = part.shape
     fn = TUNE["final_cols"]
     _colsum_final_kernel[(triton.cdiv(n, fn),)](part, out, p, n, ACCUMULATE=accumulate,
                                                 BLOCK_P=TUNE["final_rows"], BLOCK_N=fn, num_warps=4)
