@@ -2,9 +2,10 @@
 
     db = sum over rows of dy          (returned in the bias's dtype, or added to its fp32 main_grad)
 
-PyTorch's ``dy.sum(0)`` over the ViT's [21632, 1152..4304] bf16 gradients runs at about half the copy
-bandwidth on an H200 (5.4 ms a micro-batch of the multimodal model for the 108 bias gradients of
-its 27 layers). Here: a first launch where each program sums a contiguous range of rows over a
+PyTorch's ``dy.sum(0)`` over the ViT's [21632, 1152..4304] bf16 gradients took 5.4 ms of each
+micro-batch of the multimodal model on an H200 (the 108 bias gradients of its 27 layers, about half the
+copy bandwidth in the step's profile), and DDP's hook then added each to ``main_grad`` in a launch of
+its own. Here: a first launch where each program sums a contiguous range of rows over a
 BLOCK_N-column strip into fp32 registers and writes one row of partials [programs, N], then a
 second, small launch that sums the partials of each column in a fixed order and either stores the
 result in the bias's dtype or adds it to an fp32 accumulator (DDP's ``main_grad``). Fixed partition,

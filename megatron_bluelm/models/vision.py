@@ -135,8 +135,8 @@ class _BiasEpilogueLinear(LinearWithGradAccumulationAndAsyncCommunication):
     @staticmethod
     def backward(ctx, grad_output):
         """megatron-core's backward for the input and weight gradients; the bias gradient by
-        ``bluelm_kernels.bias_grad`` (fp32 column sums at the copy bandwidth, PyTorch's ``sum(0)`` runs
-        at about half of it on these shapes), added straight to ``main_grad`` with the fusion on."""
+        ``bluelm_kernels.bias_grad`` (fp32 column sums; on an H200 0.144 ms a layer for the four biases
+        against 0.201 for ``sum(0)`` and DDP's add), added straight to ``main_grad`` with the fusion on."""
         from bluelm_kernels.bias_grad import column_sum, column_sum_into_
         from megatron_bluelm.models.embedding import placeholder_grad
 
