@@ -29,8 +29,11 @@ def column_sum_ref(dy2, dtype=None):
 
 
 @triton.jit
-def _colsum_part_kernel(DY, PART, M, N, stride_m, ROWS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # program (p, c): rows [p * ROWS, (p + 1) * ROWS) of column strip c, summed in fp32
+def _colsum_part_kernel(DY, X, DX, PART, M, N, stride_dy, stride_x, stride_dx, ROWS, GELU: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # program (p, c): rows [p * ROWS, (p + 1) * ROWS) of column strip c summed in fp32 into PART[p]: of dy,
+    # or (GELU) of dx = dy * gelu_tanh'(x), written to DX, the sums taken of dx as rounded (what the
+    # linear's GEMMs read)
     p = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -38,9 +41,19 @@ def _colsum_part_kernel(DY, PART, M, N, stride_m, ROWS, BLOCK_M: tl.constexpr, B
     end = tl.minimum(start + ROWS, M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for r in range(start, end, BLOCK_M):
-        rows = (r + tl.arange(0, BLOCK_M)).to(tl.int64)
-        mask = (rows[:, None] < end) & cmask[None, :]
-        acc += tl.load(DY + rows[:, None] * stride_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rows = (r + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+        mask = (rows < end) & cmask[None, :]
+        g = tl.load(DY + rows * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if GELU:
+            # torch's approximate="tanh": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+            x = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x_sq = x * x
+            t = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (x + 0.044715 * x_sq * x)) - 1.0  # tanh
+            dx = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x_sq))
+            dx = dx.to(DX.dtype.element_ty)
+            tl.store(DX + rows * stride_dx + cols[None, :], dx, mask=mask)
+            g = dx.to(tl.float32)
+        acc += g
     tl.store(PART + p.to(tl.int64) * N + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
@@ -59,32 +72,6 @@ def _colsum_final_kernel(PART, OUT, P, N, ACCUMULATE: tl.constexpr, BLOCK_P: tl.
     if ACCUMULATE:
         total += tl.load(OUT + cols, mask=cmask, other=0.0)
     tl.store(OUT + cols, total.to(OUT.dtype.element_ty), mask=cmask)
-
-
-@triton.jit
-def _gelu_tanh_bwd_colsum_kernel(DG, X, DX, PART, M, N, stride_dg, stride_x, stride_dx, ROWS,
-                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # dx = dg * gelu_tanh'(x) over rows [p * ROWS, (p + 1) * ROWS) of a column strip, and the strip's
-    # fp32 column sums of dx as rounded (what the linear's GEMMs read) into PART[p]
-    p = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    start = p * ROWS
-    end = tl.minimum(start + ROWS, M)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for r in range(start, end, BLOCK_M):
-        rows = (r + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
-        mask = (rows < end) & cmask[None, :]
-        x = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dg = tl.load(DG + rows * stride_dg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        # torch's approximate="tanh": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-        x_sq = x * x
-        t = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (x + 0.044715 * x_sq * x)) - 1.0  # tanh
-        dx = dg * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x_sq))
-        dx = dx.to(DX.dtype.element_ty)
-        tl.store(DX + rows * stride_dx + cols[None, :], dx, mask=mask)
-        acc += dx.to(tl.float32)
-    tl.store(PART + p.to(tl.int64) * N + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
 def gelu_tanh_backward_ref(dg, x):
@@ -110,12 +97,7 @@ def gelu_tanh_backward_bias(dg, x, bias_dtype, acc=None):
             return dx.view(x.shape), None
         return dx.view(x.shape), column_sum_ref(dx, bias_dtype)
     dx = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
-    p, rows = _programs(m, n, x2.device, GELU_TUNE)
-    part = torch.empty(p, n, device=x2.device, dtype=torch.float32)
-    bn = GELU_TUNE["cols"]
-    _gelu_tanh_bwd_colsum_kernel[(p, triton.cdiv(n, bn))](
-        dg2, x2, dx, part, m, n, dg2.stride(0), x2.stride(0), dx.stride(0), rows, BLOCK_M=GELU_TUNE["rows"],
-        BLOCK_N=bn, num_warps=GELU_TUNE["warps"])
+    part = _column_parts(dg2, GELU_TUNE, x2, dx)
     out = acc if acc is not None else torch.empty(n, device=x2.device, dtype=bias_dtype)
     _sum_parts(part, out, accumulate=acc is not None)
     return dx.view(x.shape), (None if acc is not None else out)
@@ -150,14 +132,22 @@ def _programs(m, n, device, tune=TUNE):
     return triton.cdiv(m, rows), rows
 
 
-def _launch(dy2, out, accumulate):
+def _column_parts(dy2, tune, x2=None, dx=None):
+    """The [programs, N] fp32 partial column sums of dy2 [M, N] (with x2: of dx = dy2 * gelu_tanh'(x2),
+    written to dx) under the launch shape ``tune``."""
     m, n = dy2.shape
-    p, rows = _programs(m, n, dy2.device)
+    p, rows = _programs(m, n, dy2.device, tune)
     part = torch.empty(p, n, device=dy2.device, dtype=torch.float32)
-    bn = TUNE["cols"]
-    _colsum_part_kernel[(p, triton.cdiv(n, bn))](dy2, part, m, n, dy2.stride(0), rows, BLOCK_M=TUNE["rows"],
-                                                 BLOCK_N=bn, num_warps=TUNE["warps"])
-    _sum_parts(part, out, accumulate)
+    gelu = x2 is not None
+    x2, dx = (x2, dx) if gelu else (dy2, dy2)  # unread without GELU
+    _colsum_part_kernel[(p, triton.cdiv(n, tune["cols"]))](
+        dy2, x2, dx, part, m, n, dy2.stride(0), x2.stride(0), dx.stride(0), rows, GELU=gelu,
+        BLOCK_M=tune["rows"], BLOCK_N=tune["cols"], num_warps=tune["warps"])
+    return part
+
+
+def _launch(dy2, out, accumulate):
+    _sum_parts(_column_parts(dy2, TUNE), out, accumulate)
 
 
 def _sum_parts(part, out, accumulate):
