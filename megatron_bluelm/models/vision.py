@@ -138,22 +138,35 @@ class _BiasEpilogueLinear(LinearWithGradAccumulationAndAsyncCommunication):
         ``bluelm_kernels.bias_grad`` (fp32 column sums; on an H200 0.144 ms a layer for the four biases
         against 0.201 for ``sum(0)`` and DDP's add), added straight to ``main_grad`` with the fusion on."""
         from bluelm_kernels.bias_grad import column_sum, column_sum_into_
-        from megatron_bluelm.models.embedding import placeholder_grad
 
         bias, ctx.bias = ctx.bias, None
         if not _BiasEpilogueLinear.bias_kernel:
             return LinearWithGradAccumulationAndAsyncCommunication.backward(ctx, grad_output)
-        ctx.use_bias = False  # megatron-core's backward then skips its dy.sum(0)
-        grads = list(LinearWithGradAccumulationAndAsyncCommunication.backward(ctx, grad_output))
-        if not ctx.needs_input_grad[2]:
-            grads[2] = None
-        elif ctx.bias_into_main_grad:
-            column_sum_into_(bias.main_grad, grad_output)
-            bias.grad_added_to_main_grad = True
-            grads[2] = placeholder_grad(bias)
-        else:
-            grads[2] = column_sum(grad_output, bias.dtype)
-        return tuple(grads)
+        into = _bias_main_grad(ctx, bias)
+        if into is not None:
+            column_sum_into_(into, grad_output)
+        grad_bias = column_sum(grad_output, bias.dtype) if into is None and ctx.needs_input_grad[2] else None
+        return _linear_backward(ctx, grad_output, bias, into, grad_bias)
+
+
+def _bias_main_grad(ctx, bias):
+    """The bias's fp32 main_grad where its gradient goes there (the fusion on, the bias trained), else None."""
+    return bias.main_grad if ctx.bias_into_main_grad and ctx.needs_input_grad[2] else None
+
+
+def _linear_backward(ctx, grad_output, bias, into, grad_bias):
+    """megatron-core's input and weight gradients for ``grad_output``, with the bias gradient computed
+    by the caller: already in ``into`` (main_grad; megatron-core's placeholder to autograd) or ``grad_bias``."""
+    from megatron_bluelm.models.embedding import placeholder_grad
+
+    ctx.use_bias = False  # megatron-core's backward then skips its dy.sum(0)
+    grads = list(LinearWithGradAccumulationAndAsyncCommunication.backward(ctx, grad_output))
+    if into is not None:
+        bias.grad_added_to_main_grad = True
+        grads[2] = placeholder_grad(bias)
+    else:
+        grads[2] = grad_bias if ctx.needs_input_grad[2] else None
+    return tuple(grads)
 
 
 class _BiasGeluLinear(_BiasEpilogueLinear):
@@ -175,23 +188,13 @@ class _BiasGeluLinear(_BiasEpilogueLinear):
     @staticmethod
     def backward(ctx, grad_output):
         from bluelm_kernels.bias_grad import gelu_tanh_backward_bias
-        from megatron_bluelm.models.embedding import placeholder_grad
 
         h, bias = ctx.pre_activation, ctx.bias
         ctx.pre_activation = ctx.bias = None
-        into = bias.main_grad if ctx.bias_into_main_grad and ctx.needs_input_grad[2] else None
+        into = _bias_main_grad(ctx, bias)
         grad_h, grad_bias = gelu_tanh_backward_bias(grad_output, h, bias.dtype, into)
         del h
-        ctx.use_bias = False
-        grads = list(LinearWithGradAccumulationAndAsyncCommunication.backward(ctx, grad_h))
-        if not ctx.needs_input_grad[2]:
-            grads[2] = None
-        elif into is not None:
-            bias.grad_added_to_main_grad = True
-            grads[2] = placeholder_grad(bias)
-        else:
-            grads[2] = grad_bias
-        return tuple(grads)
+        return _linear_backward(ctx, grad_h, bias, into, grad_bias)
 
 
 class EpilogueColumnParallelLinear(ColumnParallelLinear):
