@@ -36,3 +36,15 @@ def assert_same(fn, ref, inputs, tol=1e-5):
     for i, (a, b) in enumerate(zip(g1, g2)):
         assert a is not None and b is not None, f"missing grad for input {i}"
         assert rel_err(a, b) < tol, f"grad {i} rel err {rel_err(a, b)}"
+
+
+def graph_node_types(t):
+    """The type name of every node of t's autograd graph (one entry a node)."""
+    seen, todo, names = set(), [t.grad_fn], []
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            names.append(type(fn).__name__)
+            todo += [n for n, _ in fn.next_functions]
+    return names

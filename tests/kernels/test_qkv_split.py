@@ -56,28 +56,18 @@ def _vit_fused_vs_torch():
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "multimodal"))
-    from test_vision_fused import _vit
+    from _kernel_check import graph_node_types
+    from test_vision_fused import _backward, _random_vit, _vit
 
-    torch.manual_seed(0)
     out = {}
-    ref, _ = _vit("torch")
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.2)
+    ref, _ = _random_vit("torch")
     pixels = torch.randn(2, 3, 112, 112)
     for backend in ("torch", "fused"):
         vit = ref if backend == "torch" else _vit("fused")[0]
         vit.load_state_dict(ref.state_dict())
         vit.train()
-        feats = vit(pixels)
-        graph, todo = set(), [feats.grad_fn]
-        while todo:
-            fn = todo.pop()
-            if fn is not None and fn not in graph:
-                graph.add(fn)
-                todo += [n for n, _ in fn.next_functions]
-        (feats * torch.linspace(-1, 1, feats.shape[-1])).sum().backward()
-        out[backend] = {"features": feats.detach(), "nodes": {type(fn).__name__ for fn in graph},
+        feats = _backward(vit, pixels)
+        out[backend] = {"features": feats.detach(), "nodes": set(graph_node_types(feats)),
                         "grads": {n: p.grad.clone() for n, p in vit.named_parameters()}}
     return out
 

@@ -3,18 +3,8 @@ layers with the residual adds in the norms' kernels compute megatron-core's laye
 gradients, one residual add instead of two in the graph); where megatron-core's forward does more
 (hidden dropout in training) the layer is megatron-core's."""
 import torch
+from _kernel_check import graph_node_types
 from distributed import run_distributed
-
-
-def _graph_nodes(t):
-    seen, todo, names = set(), [t.grad_fn], []
-    while todo:
-        fn = todo.pop()
-        if fn is not None and fn not in seen:
-            seen.add(fn)
-            names.append(type(fn).__name__)
-            todo += [n for n, _ in fn.next_functions]
-    return names
 
 
 def _layers_fused_vs_megatron():
@@ -54,14 +44,14 @@ def _layers_fused_vs_megatron():
             layer.zero_grad()
             x = x0.clone().requires_grad_()
             y, _ = layer(hidden_states=x, attention_mask=None, rotary_pos_emb=freqs)
-            nodes = _graph_nodes(y)
+            nodes = graph_node_types(y)
             (y * torch.linspace(-1, 1, 48)).sum().backward()
             runs[fusion] = {"y": y.detach(), "x_grad": x.grad, "adds": nodes.count("AddBackward0"),
                             "grads": {n: p.grad.clone() for n, p in layer.named_parameters()}}
         ResidualNormLayer.fusion = True
         layer.hidden_dropout = 0.1  # megatron-core's bias-dropout-add then: its forward, two adds
         y, _ = layer(hidden_states=x0.clone().requires_grad_(), attention_mask=None, rotary_pos_emb=freqs)
-        runs["dropout_adds"] = _graph_nodes(y).count("AddBackward0")
+        runs["dropout_adds"] = graph_node_types(y).count("AddBackward0")
         out[name] = runs
     return out
 

@@ -4,7 +4,7 @@ rotation arithmetic; the gradient slots are written instead of concatenated), an
 in the attention's backward."""
 import pytest
 import torch
-from _kernel_check import rel_err
+from _kernel_check import graph_node_types, rel_err
 from distributed import run_distributed
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
@@ -138,18 +138,13 @@ def _attention_fused_vs_unfused():
             attn.zero_grad()
             x = x0.clone().requires_grad_()
             y, _ = attn(x, None, rotary_pos_emb=freqs)
-            graph, todo = set(), [y.grad_fn]
-            while todo:  # the autograd graph's node types
-                fn = todo.pop()
-                if fn is not None and fn not in graph:
-                    graph.add(fn)
-                    todo += [n for n, _ in fn.next_functions]
+            nodes = graph_node_types(y)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
             runs[variant] = {
                 "y": y.detach(), "x_grad": x.grad,
                 "grads": {n: p.grad.clone() for n, p in attn.named_parameters()},
-                "nodes": sorted({type(fn).__name__ for fn in graph}),
+                "nodes": sorted(set(nodes)),
                 "cats": sum(e.count for e in prof.key_averages() if e.key == "aten::cat"),
             }
         out[name] = runs

@@ -30,14 +30,27 @@ def _vit(backend, recompute=None):
     return VisionEncoder(vcfg, cfg.vision, backend), vcfg
 
 
+def _random_vit(backend, recompute=None):
+    """_vit with every parameter drawn from N(0, 0.2), seed 0 (away from the init's near-identity)."""
+    torch.manual_seed(0)
+    vit, vcfg = _vit(backend, recompute)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.normal_(0, 0.2)
+    return vit, vcfg
+
+
+def _backward(vit, pixels):
+    """The features of pixels, after backward of a fixed linear function of them."""
+    feats = vit(pixels)
+    (feats * torch.linspace(-1, 1, feats.shape[-1])).sum().backward()
+    return feats
+
+
 def _features_and_grads():
     from megatron_bluelm.models.vision import EpilogueColumnParallelLinear, EpilogueRowParallelLinear, FusedLayerNorm
 
-    torch.manual_seed(0)
-    ref, _ = _vit("torch")
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.2)
+    ref, _ = _random_vit("torch")
     out = {}
     pixels = torch.randn(3, 3, 112, 112)
     for name, (backend, recompute) in {"torch": ("torch", None), "fused": ("fused", None),
@@ -57,8 +70,7 @@ def _features_and_grads():
             assert (vcfg.recompute_granularity == "full") == (recompute == "full")
         vit.train()
         vit.zero_grad()
-        feats = vit(pixels)
-        (feats * torch.linspace(-1, 1, feats.shape[-1])).sum().backward()
+        feats = _backward(vit, pixels)
         out[name] = {"features": feats.detach(),
                      "grads": {n: p.grad.clone() for n, p in vit.named_parameters()}}
     return out
@@ -85,20 +97,11 @@ def _bias_grads_into_main_grad():
     from megatron_bluelm.models.vision import EpilogueColumnParallelLinear, EpilogueRowParallelLinear
     from megatron_bluelm.training.model_setup import use_fused_wgrad_accumulation
 
-    torch.manual_seed(0)
-    vit, vcfg = _vit("fused")
-    with torch.no_grad():
-        for p in vit.parameters():
-            p.normal_(0, 0.2)
+    vit, vcfg = _random_vit("fused")
     vit.train()
     pixels = [torch.randn(2, 3, 112, 112) for _ in range(2)]  # two micro-batches: accumulation
-
-    def backward(px):
-        feats = vit(px)
-        (feats * torch.linspace(-1, 1, feats.shape[-1])).sum().backward()
-
     for px in pixels:  # the reference: autograd's .grad, summed over the micro-batches
-        backward(px)
+        _backward(vit, px)
     want = {n: p.grad.float().clone() for n, p in vit.named_parameters()}
     vit.zero_grad(set_to_none=True)
     for p in vit.parameters():  # what megatron-core's DDP gives every parameter
@@ -107,7 +110,7 @@ def _bias_grads_into_main_grad():
     linears = [m for m in vit.modules() if isinstance(m, (EpilogueColumnParallelLinear, EpilogueRowParallelLinear))]
     assert use_fused_wgrad_accumulation([vit]) >= len(linears) == 4 * vcfg.num_layers
     for px in pixels:
-        backward(px)
+        _backward(vit, px)
         for p in vit.parameters():  # DDP's backward hook: a real .grad is added, a placeholder is not
             if p.grad is not None and not p.grad_added_to_main_grad:
                 p.main_grad.add_(p.grad)
